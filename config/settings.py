@@ -1,0 +1,127 @@
+"""One typed settings object, read from the environment (``BLOOMQ_*``).
+
+Every knob is documented once, in the README's configuration table; a bad value fails loudly and names
+the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A BLOOMQ_* environment variable has a value that cannot be used."""
+
+
+def _read(env: Mapping[str, str], name: str, default: T, cast: Callable[[str], T]) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return cast(raw.strip())
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name}={raw!r} is not valid: {exc}") from exc
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a TCP port between 1 and 65535")
+    return value
+
+
+def _model_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _dtype(raw: str) -> str:
+    value = raw.lower()
+    if value not in DTYPES:
+        raise ValueError(f"must be one of {', '.join(DTYPES)}")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return value
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything bloomq reads from its environment."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model: str = "bigscience/bloom-560m"
+    extra_models: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 5000
+    job_retention_seconds: int = 24 * 3600
+    visibility_timeout_seconds: int = 6 * 3600
+    default_max_new_tokens: int = 64
+    dtype: str = "auto"
+    heartbeat_seconds: float = 5.0
+    log_level: str = "INFO"
+    secret_key: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            redis_url=_read(env, "BLOOMQ_REDIS_URL", d.redis_url, str),
+            model=_read(env, "BLOOMQ_MODEL", d.model, str),
+            extra_models=_read(env, "BLOOMQ_MODELS", d.extra_models, _model_list),
+            host=_read(env, "BLOOMQ_HOST", d.host, str),
+            port=_read(env, "BLOOMQ_PORT", d.port, _port),
+            job_retention_seconds=_read(env, "BLOOMQ_JOB_RETENTION", d.job_retention_seconds, _positive_int),
+            visibility_timeout_seconds=_read(
+                env, "BLOOMQ_VISIBILITY_TIMEOUT", d.visibility_timeout_seconds, _positive_int
+            ),
+            default_max_new_tokens=_read(
+                env, "BLOOMQ_DEFAULT_MAX_NEW_TOKENS", d.default_max_new_tokens, _positive_int
+            ),
+            dtype=_read(env, "BLOOMQ_DTYPE", d.dtype, _dtype),
+            heartbeat_seconds=_read(env, "BLOOMQ_HEARTBEAT_SECONDS", d.heartbeat_seconds, _positive_float),
+            log_level=_read(env, "BLOOMQ_LOG_LEVEL", d.log_level, _log_level),
+            secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
+        )
+
+    @property
+    def model_refs(self) -> tuple[str, ...]:
+        """The default model first, then any extra configured models, without repeats."""
+        refs: list[str] = []
+        for ref in (self.model, *self.extra_models):
+            if ref not in refs:
+                refs.append(ref)
+        return tuple(refs)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (handy in tests)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)

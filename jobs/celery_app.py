@@ -1,0 +1,35 @@
+"""The Celery app both sides use, built from settings (never at import time)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import Settings
+
+TASK_GENERATE = "bloomq.generate"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on ``settings.redis_url``: late acks, one message prefetched, results in our store."""
+    app = Celery("bloomq", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        # Our job store holds results and status; Celery's "unknown id looks PENDING" never applies.
+        task_ignore_result=True,
+        # A job is acknowledged only once it has a final result, so a worker that dies mid-job leaves
+        # the message in Redis's unacked set, to be redelivered after the visibility timeout.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def send_generate(app: Celery, job_id: str, queue: str) -> None:
+    """Queue a generation job by task name (the web never imports the task)."""
+    app.send_task(TASK_GENERATE, args=[job_id], queue=queue, routing_key=queue)

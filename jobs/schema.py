@@ -1,0 +1,174 @@
+"""The job contract shared by web and worker: request, parameters, status and the job resource."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_SEED = 2**63
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A random job id (uuid4: 122 random bits)."""
+    return str(uuid.uuid4())
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has its one final result."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class FinishReason(str, Enum):
+    """Why generation stopped."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+
+class GenerateParameters(BaseModel):
+    """Generation parameters, with the Hugging Face / TGI names."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate, not counting the prompt.")
+    max_length: int | None = Field(
+        None, ge=1, description="Prompt plus new tokens, as in transformers; max_new_tokens wins when both are set."
+    )
+    do_sample: bool | None = Field(
+        None, description="Sample instead of greedy. Unset: sample when a sampling parameter is set."
+    )
+    temperature: float | None = Field(None, ge=0, description="0 means greedy.")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, description="1.0 is no penalty; 2.0 as in the BLOOM tutorial.")
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="Makes sampling reproducible.")
+    stop: list[StopString] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation (not returned)."
+    )
+    return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+
+    @property
+    def sampling(self) -> bool:
+        """Whether this request samples (True) or decodes greedily (False)."""
+        if self.temperature == 0:
+            return False  # temperature 0 is the conventional spelling of greedy
+        if self.do_sample is not None:
+            return self.do_sample
+        return (
+            (self.temperature is not None and self.temperature != 1.0)
+            or (self.top_k is not None and self.top_k > 1)
+            or (self.top_p is not None and self.top_p < 1.0)
+            or (self.typical_p is not None and self.typical_p < 1.0)
+        )
+
+    def normalised(self, default_max_new_tokens: int) -> GenerateParameters:
+        """These parameters with the decoding mode made explicit and a length limit filled in."""
+        changes: dict[str, Any] = {"do_sample": self.sampling}
+        if self.max_new_tokens is None and self.max_length is None:
+            changes["max_new_tokens"] = default_max_new_tokens
+        return self.model_copy(update=changes)
+
+
+class JobRequest(BaseModel):
+    """The body of ``POST /api/v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    inputs: Annotated[str, StringConstraints(min_length=1)] = Field(description="The prompt.")
+    model: str | None = Field(None, description="A model name; the default model when absent.")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class JobOutput(BaseModel):
+    """What a finished (or running) job has produced."""
+
+    generated_text: str
+    generated_tokens: int
+    finish_reason: FinishReason | None = None
+    seed: int | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    type: str
+    message: str
+
+
+class JobMetrics(BaseModel):
+    """Timings, in seconds."""
+
+    queue_seconds: float | None = None
+    inference_seconds: float | None = None
+    seconds_per_token: float | None = None
+
+
+class Job(BaseModel):
+    """One generation job as the store keeps it."""
+
+    id: str
+    status: JobStatus = JobStatus.QUEUED
+    model: str
+    inputs: str
+    parameters: GenerateParameters
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    output: JobOutput | None = None
+    error: JobError | None = None
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+    worker: str | None = None
+    attempts: int = Field(0, description="How many times a worker has started this job.")
+
+    @field_serializer("created_at", "started_at", "finished_at")
+    def _iso_utc(self, value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Job:
+        """Inverse of :meth:`to_json`."""
+        return cls.model_validate_json(raw)
+
+    def to_resource(self, self_url: str, page_url: str) -> dict[str, Any]:
+        """The public JSON resource, with links."""
+        body = self.model_dump(mode="json")
+        body["urls"] = {"self": self_url, "page": page_url}
+        return body
+
+
+class JobResource(Job):
+    """The job as the API returns it (documentation schema)."""
+
+    urls: dict[str, str]

@@ -1,0 +1,59 @@
+"""Live-worker announcements: each worker refreshes a short-lived record in Redis while it runs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import redis
+from pydantic import BaseModel, Field
+
+from jobs.schema import utcnow
+
+WORKER_SET = "bloomq:workers"
+WORKER_KEY_PREFIX = "bloomq:worker:"
+
+
+class WorkerInfo(BaseModel):
+    """What a worker says about itself."""
+
+    name: str
+    model: str
+    host: str
+    device: str
+    dtype: str
+    pid: int
+    started_at: datetime = Field(default_factory=utcnow)
+    last_seen: datetime = Field(default_factory=utcnow)
+
+
+class WorkerDirectory:
+    """Announce workers and list the live ones."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def announce(self, info: WorkerInfo, ttl_seconds: float) -> None:
+        """Record ``info`` as live for ``ttl_seconds``."""
+        info = info.model_copy(update={"last_seen": utcnow()})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(WORKER_KEY_PREFIX + info.name, info.model_dump_json(), px=int(ttl_seconds * 1000))
+        pipe.sadd(WORKER_SET, info.name)
+        pipe.execute()
+
+    def withdraw(self, name: str) -> None:
+        """Remove a worker's record at once (clean shutdown)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(WORKER_KEY_PREFIX + name)
+        pipe.srem(WORKER_SET, name)
+        pipe.execute()
+
+    def live(self) -> list[WorkerInfo]:
+        """Workers whose record has not expired; expired names are pruned from the set."""
+        names = sorted(n.decode() for n in self.redis.smembers(WORKER_SET))
+        if not names:
+            return []
+        raws = self.redis.mget([WORKER_KEY_PREFIX + n for n in names])
+        dead = [n for n, raw in zip(names, raws, strict=True) if raw is None]
+        if dead:
+            self.redis.srem(WORKER_SET, *dead)
+        return [WorkerInfo.model_validate_json(raw) for raw in raws if raw is not None]

@@ -1,0 +1,93 @@
+"""The HTML pages: a form to submit a prompt and a page that follows one job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from pydantic import ValidationError
+from werkzeug.datastructures import MultiDict
+
+from jobs.schema import JobRequest
+from web.errors import ApiError, field_errors
+from web.service import JobService
+
+views = Blueprint("views", __name__)
+
+STORY_TEMPLATE = "This is a creative story about {title}.\n"
+
+# Form field -> how to read it. Empty fields are left out, so the API's defaults apply.
+_INT_FIELDS = ("max_new_tokens", "top_k", "seed")
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty")
+
+
+def _service() -> JobService:
+    return current_app.extensions["bloomq"]
+
+
+def story_prompt(title: str) -> str:
+    """The "Creative story" preset."""
+    return STORY_TEMPLATE.format(title=title.strip())
+
+
+def form_to_request(form: MultiDict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The form as a JobRequest body, plus errors for fields that are not even numbers."""
+    errors: dict[str, str] = {}
+    if form.get("preset") == "story":
+        title = form.get("title", "").strip()
+        inputs = story_prompt(title) if title else ""
+        if not title:
+            errors["title"] = "give the story a title"
+    else:
+        inputs = form.get("inputs", "")
+    params: dict[str, Any] = {}
+    for name in _INT_FIELDS + _FLOAT_FIELDS:
+        raw = form.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            params[name] = int(raw) if name in _INT_FIELDS else float(raw)
+        except ValueError:
+            errors[f"parameters.{name}"] = "must be a whole number" if name in _INT_FIELDS else "must be a number"
+    if form.get("do_sample"):
+        params["do_sample"] = True
+    stops = [line for line in form.get("stop", "").splitlines() if line]
+    if stops:
+        params["stop"] = stops
+    body: dict[str, Any] = {"inputs": inputs, "parameters": params}
+    if form.get("model"):
+        body["model"] = form["model"]
+    return body, errors
+
+
+@views.get("/")
+def index() -> str:
+    """The submission form."""
+    return render_template("index.html", models=_service().models(), form={}, errors={})
+
+
+@views.post("/")
+def submit_form() -> Response | tuple[str, int]:
+    """Submit the form; redirect to the job page, or show the form again with messages."""
+    body, errors = form_to_request(request.form)
+    if not errors:
+        try:
+            job = _service().submit(JobRequest.model_validate(body))
+            return redirect(url_for("views.job_page", job_id=job.id), code=303)
+        except ValidationError as exc:
+            errors = {f["name"]: f["message"] for f in field_errors(exc)}
+        except ApiError as exc:
+            if not exc.fields:
+                raise
+            errors = {f["name"]: f["message"] for f in exc.fields}
+    return (
+        render_template("index.html", models=_service().models(), form=request.form, errors=errors),
+        422,
+    )
+
+
+@views.get("/jobs/<job_id>")
+def job_page(job_id: str) -> str:
+    """One job: status, then text, refreshed in place."""
+    job = _service().get(job_id)
+    return render_template("job.html", job=job, api_url=url_for("api.get_job", job_id=job.id))

@@ -1,0 +1,1 @@
+"""The bloomq worker: launcher, Celery task, model loading and the generation engine."""

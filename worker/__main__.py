@@ -1,0 +1,5 @@
+import sys
+
+from worker.launcher import main
+
+sys.exit(main())

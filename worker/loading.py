@@ -1,0 +1,70 @@
+"""Load a BLOOM checkpoint once per worker process, on the device it was given."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from config.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, ready on ``device``."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the original error is chained as ``__cause__``."""
+
+
+def pick_device(requested: str) -> torch.device:
+    """``cuda`` or ``cpu``; ``auto`` takes the GPU when there is one."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was given but no CUDA device is visible to this process")
+    return torch.device("cuda:0" if requested == "cuda" else requested)
+
+
+def pick_dtype(device: torch.device, policy: str) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that support it, else fp16 -- unless the policy names a dtype."""
+    if policy != "auto":
+        return _DTYPES[policy]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype_policy: str = "auto") -> LoadedModel:
+    """Load ``spec``'s model and tokenizer with ``from_pretrained``; raise ModelLoadError on failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = spec.dtype if dtype_policy == "auto" else dtype_policy
+    dtype = pick_dtype(device, policy)
+    log.info("loading %s from %s on %s as %s", spec.name, spec.source, device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.source)
+        # BLOOM has no SDPA path in transformers 5; eager attention is the supported one.
+        model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load model {spec.source!r}: {exc}\n"
+            "If this machine has no access to the Hugging Face hub, point BLOOMQ_MODEL (or --model) at a "
+            "local directory holding the checkpoint, e.g. one written by `python -m worker.tiny DIR` or "
+            "downloaded elsewhere with `huggingface-cli download bigscience/bloom-560m --local-dir DIR`."
+        ) from exc
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
