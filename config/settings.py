@@ -55,8 +55,9 @@ def _model_list(raw: str) -> tuple[str, ...]:
 
 def _dtype(raw: str) -> str:
     value = raw.lower()
+    value = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(value, value)
     if value not in DTYPES:
-        raise ValueError(f"must be one of {', '.join(DTYPES)}")
+        raise ValueError(f"must be one of {', '.join(DTYPES)} (or fp32, fp16, bf16)")
     return value
 
 

@@ -85,7 +85,7 @@ class JobStore:
 
     def succeed(self, job_id: str, output: JobOutput, inference_seconds: float) -> Job | None:
         """Record the final output; None when the job already had a final result (it is kept)."""
-        per_token = inference_seconds / output.generated_tokens if output.generated_tokens else None
+        per_token = round(inference_seconds / output.generated_tokens, 9) if output.generated_tokens else None
         return self._finish(
             job_id,
             JobStatus.SUCCEEDED,

@@ -1,0 +1,148 @@
+"""The REST API against a real Redis, with no worker running (jobs stay queued)."""
+
+import json
+import uuid
+
+import pytest
+
+from config.settings import Settings
+from web import create_app
+
+
+def _submit(client, body, **kwargs):
+    return client.post("/api/v1/jobs", json=body, **kwargs)
+
+
+def test_submit_returns_202_location_and_the_job_resource(client, redis_client):
+    response = _submit(client, {"inputs": "Hello", "parameters": {"max_new_tokens": 5}})
+    assert response.status_code == 202
+    body = response.get_json()
+    assert response.headers["Location"] == f"/api/v1/jobs/{body['id']}"
+    assert uuid.UUID(body["id"]).version == 4
+    assert body["status"] == "queued"
+    assert body["model"] == "tiny-bloom"
+    assert body["parameters"]["max_new_tokens"] == 5 and body["parameters"]["do_sample"] is False
+    assert body["output"] is None and body["error"] is None and body["worker"] is None
+    assert body["urls"] == {"self": f"/api/v1/jobs/{body['id']}", "page": f"/jobs/{body['id']}"}
+    assert body["created_at"].endswith("Z") and body["started_at"] is None
+    # The message went to the model's own queue, carrying only the id.
+    message = json.loads(redis_client.lindex("bloomq.tiny-bloom", 0))
+    assert message["headers"]["task"] == "bloomq.generate"
+    assert body["id"] in message["headers"]["argsrepr"]
+
+
+def test_poll_returns_the_same_job(client):
+    job = _submit(client, {"inputs": "Hello"}).get_json()
+    polled = client.get(f"/api/v1/jobs/{job['id']}")
+    assert polled.status_code == 200
+    assert polled.get_json() == job
+    assert job["parameters"]["max_new_tokens"] == 64  # the default
+
+
+def test_tutorial_parameters_are_accepted(client):
+    params = {"max_length": 200, "top_k": 1, "temperature": 0, "repetition_penalty": 2.0, "seed": 2024}
+    response = _submit(client, {"inputs": "Hello", "parameters": params})
+    assert response.status_code == 202
+    assert response.get_json()["parameters"]["do_sample"] is False
+
+
+def test_a_job_can_name_another_known_model(client, redis_client):
+    response = _submit(client, {"inputs": "Hello", "model": "bloom-1b7"})
+    assert response.status_code == 202
+    assert response.get_json()["model"] == "bloom-1b7"
+    assert redis_client.llen("bloomq.bloom-1b7") == 1
+
+
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid"])
+def test_unknown_job_is_a_json_404(client, job_id):
+    response = client.get(f"/api/v1/jobs/{job_id}")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["type"] == "not_found"
+
+
+def test_expired_job_is_a_404(client, redis_client):
+    job = _submit(client, {"inputs": "Hello"}).get_json()
+    redis_client.delete(f"bloomq:job:{job['id']}")
+    assert client.get(f"/api/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_malformed_json_is_a_400(client):
+    response = client.post("/api/v1/jobs", data="{not json", content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["type"] == "bad_request"
+
+
+def test_non_object_body_is_a_400(client):
+    response = client.post("/api/v1/jobs", data="[1, 2]", content_type="application/json")
+    assert response.status_code == 400
+    assert "object" in response.get_json()["error"]["message"]
+
+
+def test_wrong_content_type_is_a_415(client):
+    response = client.post("/api/v1/jobs", data="inputs=hi", content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 415
+    assert response.is_json
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"parameters": {}}, "inputs"),
+        ({"inputs": ""}, "inputs"),
+        ({"inputs": "hi", "parameters": {"top_p": 2}}, "parameters.top_p"),
+        ({"inputs": "hi", "parameters": {"temperature": -1}}, "parameters.temperature"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, "parameters.max_new_tokens"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 100000}}, "parameters.max_new_tokens"),
+        ({"inputs": "hi", "parameters": {"max_length": 100000}}, "parameters.max_length"),
+        ({"inputs": "hi", "parameters": {"num_beams": 4}}, "parameters.num_beams"),
+        ({"inputs": "hi", "model": "gpt2"}, "model"),
+        ({"inputs": "hi", "extra": 1}, "extra"),
+    ],
+)
+def test_invalid_fields_are_a_422_naming_the_field(client, redis_client, body, field):
+    response = _submit(client, body)
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert error["type"] == "validation_error"
+    assert field in [f["name"] for f in error["fields"]]
+    assert redis_client.keys("bloomq:job:*") == []  # nothing half-written
+
+
+def test_unknown_route_and_wrong_method_are_json(client):
+    assert client.get("/api/v1/nope").get_json()["error"]["type"] == "not_found"
+    response = client.delete("/api/v1/jobs")
+    assert response.status_code == 405 and response.is_json
+
+
+def test_models_lists_configured_models_with_depth_and_workers(client):
+    _submit(client, {"inputs": "a"})
+    _submit(client, {"inputs": "b"})
+    models = {m["name"]: m for m in client.get("/api/v1/models").get_json()["models"]}
+    assert set(models) == {"tiny-bloom", "bloom-1b7"}
+    assert models["tiny-bloom"]["default"] is True
+    assert models["tiny-bloom"]["queue_depth"] == 2
+    assert models["tiny-bloom"]["workers"] == 0
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readiness_is_503_json_when_redis_is_down(redis_server):
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", model="/models/tiny-bloom"))
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["status"] == "unavailable"
+    submit = _submit(client, {"inputs": "hi"})
+    assert submit.status_code == 503 and submit.get_json()["error"]["type"] == "unavailable"
+
+
+def test_multilingual_text_is_stored_and_returned_intact(client):
+    prompt = "Grüße, 你好世界, مرحبا بالعالم, नमस्ते, print('hi')"
+    job = _submit(client, {"inputs": prompt}).get_json()
+    raw = client.get(f"/api/v1/jobs/{job['id']}").get_data(as_text=True)
+    assert prompt in raw  # readable UTF-8, not \\u escapes
+    assert json.loads(raw)["inputs"] == prompt

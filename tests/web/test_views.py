@@ -1,0 +1,51 @@
+"""The HTML form and job page (server side; the browser behaviour is covered end to end)."""
+
+from web.views import story_prompt
+
+
+def test_form_lists_models_and_parameters(client):
+    page = client.get("/").get_data(as_text=True)
+    assert 'name="inputs"' in page and 'name="max_new_tokens"' in page
+    assert "tiny-bloom" in page and "Creative story" in page
+
+
+def test_form_submission_redirects_to_the_job_page(client):
+    response = client.post("/", data={"inputs": "Hello there", "max_new_tokens": "8", "temperature": "0"})
+    assert response.status_code == 303
+    job_id = response.headers["Location"].rsplit("/", 1)[-1]
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert job["inputs"] == "Hello there"
+    assert job["parameters"]["max_new_tokens"] == 8
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert job_id in page and "queued" in page and 'dir="auto"' in page
+
+
+def test_story_preset_builds_the_prompt_from_the_title(client):
+    response = client.post("/", data={"preset": "story", "title": "a dragon who bakes", "inputs": "ignored"})
+    job_id = response.headers["Location"].rsplit("/", 1)[-1]
+    job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert job["inputs"] == "This is a creative story about a dragon who bakes.\n"
+    assert story_prompt(" x ") == "This is a creative story about x.\n"
+
+
+def test_invalid_form_shows_messages_next_to_the_fields(client, redis_client):
+    response = client.post("/", data={"inputs": "hi", "top_p": "5", "seed": "abc"})
+    assert response.status_code == 422
+    page = response.get_data(as_text=True)
+    assert 'data-field="parameters.seed"' in page and "whole number" in page
+    assert ">hi</textarea>" in page  # the prompt keeps what was typed
+    response = client.post("/", data={"inputs": "hi", "top_p": "5"})
+    assert 'data-field="parameters.top_p"' in response.get_data(as_text=True)
+    assert redis_client.keys("bloomq:job:*") == []
+
+
+def test_story_without_title_is_refused(client):
+    response = client.post("/", data={"preset": "story", "title": "  "})
+    assert response.status_code == 422
+    assert 'data-field="title"' in response.get_data(as_text=True)
+
+
+def test_unknown_job_page_is_an_html_404(client):
+    response = client.get("/jobs/00000000-0000-4000-8000-000000000000")
+    assert response.status_code == 404
+    assert "text/html" in response.content_type

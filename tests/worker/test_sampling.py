@@ -1,0 +1,84 @@
+"""Our batched logits transforms against transformers' own processors, row by row."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from jobs.schema import GenerateParameters
+from worker.sampling import RowSampling, TokenChooser, _top_k, _top_p, _typical
+
+VOCAB = 97
+
+
+@pytest.fixture()
+def logits() -> torch.Tensor:
+    return torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0)) * 4
+
+
+def test_top_k_matches_transformers_per_row(logits):
+    ks = [1, 5, 40]
+    ours = _top_k(logits, torch.tensor(ks))
+    for row, k in enumerate(ks):
+        theirs = TopKLogitsWarper(top_k=k)(None, logits[row : row + 1])
+        assert torch.equal(ours[row : row + 1], theirs)
+
+
+def test_top_p_matches_transformers_per_row(logits):
+    ps = [0.1, 0.5, 0.95]
+    ours = _top_p(logits, torch.tensor([[p] for p in ps]))
+    for row, p in enumerate(ps):
+        theirs = TopPLogitsWarper(top_p=p)(None, logits[row : row + 1])
+        assert torch.equal(ours[row : row + 1], theirs)
+
+
+def test_typical_p_matches_transformers_per_row(logits):
+    ps = [0.2, 0.6, 0.9]
+    ours = _typical(logits, torch.tensor([[p] for p in ps]))
+    for row, p in enumerate(ps):
+        theirs = TypicalLogitsWarper(mass=p)(None, logits[row : row + 1])
+        assert torch.equal(ours[row : row + 1], theirs)
+
+
+def test_repetition_penalty_and_temperature_match_transformers(logits):
+    seen_ids = torch.tensor([[3, 7, 7, 50]])
+    rows = [RowSampling.from_parameters(GenerateParameters(repetition_penalty=2.0, temperature=0.7, seed=1))]
+    chooser = TokenChooser(rows, torch.device("cpu"))
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    seen[0, seen_ids[0]] = True
+    ours = chooser._warp(chooser._penalise(logits[:1], seen))
+    theirs = TemperatureLogitsWarper(0.7)(seen_ids, RepetitionPenaltyLogitsProcessor(2.0)(seen_ids, logits[:1].clone()))
+    assert torch.allclose(ours, theirs)
+
+
+def test_greedy_rows_take_the_argmax_and_ignore_sampling_rows(logits):
+    rows = [
+        RowSampling.from_parameters(GenerateParameters()),
+        RowSampling.from_parameters(GenerateParameters(do_sample=True, seed=5)),
+        RowSampling.from_parameters(GenerateParameters(temperature=0)),
+    ]
+    chosen = TokenChooser(rows, torch.device("cpu")).choose(logits, torch.zeros(3, VOCAB, dtype=torch.bool))
+    assert chosen[0] == logits[0].argmax() and chosen[2] == logits[2].argmax()
+
+
+def test_a_seeded_row_samples_the_same_whatever_its_batch_mates(logits):
+    target = GenerateParameters(do_sample=True, top_k=20, seed=1234)
+    alone = TokenChooser([RowSampling.from_parameters(target)], torch.device("cpu"))
+    mates = [GenerateParameters(do_sample=True, seed=9), target, GenerateParameters()]
+    batched = TokenChooser([RowSampling.from_parameters(p) for p in mates], torch.device("cpu"))
+    seen = torch.zeros(3, VOCAB, dtype=torch.bool)
+    alone_tokens = [int(alone.choose(logits[1:2], seen[:1])[0]) for _ in range(10)]
+    batched_tokens = [int(batched.choose(logits, seen)[1]) for _ in range(10)]
+    assert alone_tokens == batched_tokens
+    assert len(set(alone_tokens)) > 1  # it really sampled
+
+
+def test_sampling_without_a_seed_picks_and_reports_one():
+    row = RowSampling.from_parameters(GenerateParameters(do_sample=True))
+    assert row.seed is not None and 0 <= row.seed < 2**63
+    assert RowSampling.from_parameters(GenerateParameters()).seed is None
