@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,17 @@ class LoadedModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+
+
+_HINT = (
+    "If this machine cannot reach the Hugging Face hub, point BLOOMQ_MODEL (or --model) at a local "
+    "directory holding the checkpoint: one written by `make tiny` / `python -m worker.tiny DIR`, or one "
+    "downloaded elsewhere with `hf download bigscience/bloom-560m --local-dir DIR`."
+)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).exists()
 
 
 class ModelLoadError(RuntimeError):
@@ -51,6 +63,8 @@ def load_model(spec: ModelSpec, device: torch.device, dtype_policy: str = "auto"
     """Load ``spec``'s model and tokenizer with ``from_pretrained``; raise ModelLoadError on failure."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if _looks_like_path(spec.source) and not Path(spec.source).is_dir():
+        raise ModelLoadError(f"model directory {spec.source!r} does not exist.\n{_HINT}")
     policy = spec.dtype if dtype_policy == "auto" else dtype_policy
     dtype = pick_dtype(device, policy)
     log.info("loading %s from %s on %s as %s", spec.name, spec.source, device, dtype)
@@ -59,12 +73,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype_policy: str = "auto"
         # BLOOM has no SDPA path in transformers 5; eager attention is the supported one.
         model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not load model {spec.source!r}: {exc}\n"
-            "If this machine has no access to the Hugging Face hub, point BLOOMQ_MODEL (or --model) at a "
-            "local directory holding the checkpoint, e.g. one written by `python -m worker.tiny DIR` or "
-            "downloaded elsewhere with `huggingface-cli download bigscience/bloom-560m --local-dir DIR`."
-        ) from exc
+        raise ModelLoadError(f"could not load model {spec.source!r}: {exc}\n{_HINT}") from exc
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)

@@ -86,15 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
     from worker.engine import Engine
-    from worker.loading import ModelLoadError, load_model, pick_device
+    from worker.loading import load_model, pick_device
     from worker.tasks import JobRunner, register_tasks
 
-    try:
-        device = pick_device(args.device)
-        loaded = load_model(spec, device, settings.dtype)
-    except ModelLoadError as exc:
-        log.error("%s", exc)
-        raise
+    # A load failure propagates: the process exits non-zero with the original error, before it has
+    # subscribed to the queue, so the model's jobs stay queued for a worker that can serve them.
+    device = pick_device(args.device)
+    loaded = load_model(spec, device, settings.dtype)
     device_label = "cpu" if device.type == "cpu" else "gpu" + os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     name = args.name or default_worker_name(spec.name, device_label)
 

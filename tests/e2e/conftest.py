@@ -1,0 +1,81 @@
+"""The whole stack as real processes: redis-server, the worker launcher, gunicorn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ARTIFACTS
+from tests.support import Proc, RedisServer, free_port, live_workers, start_web, start_worker, wait_for
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    model: str
+    logs: Path
+    web: Proc | None = None
+    workers: list[Proc] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_web(self) -> None:
+        self.web = start_web(self.redis.url, self.model, self.logs / "web.log", self.port, **self.env)
+        wait_for(lambda: _ready(self.url), timeout=30, what="the web to answer /readyz")
+
+    def start_worker(self, wait: bool = True) -> Proc:
+        worker = start_worker(self.redis.url, self.model, self.logs / f"worker-{len(self.workers)}.log", **self.env)
+        self.workers.append(worker)
+        if wait:
+            expected = sum(1 for w in self.workers if w.alive())
+            wait_for(lambda: live_workers(self.url) >= expected, timeout=90, what="the worker to announce itself")
+        return worker
+
+    def submit(self, inputs: str, **body) -> dict:
+        response = requests.post(f"{self.url}/api/v1/jobs", json={"inputs": inputs, **body}, timeout=10)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.web:
+            self.web.stop()
+        self.redis.stop()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, **env: str) -> Stack:
+    name = request.node.name
+    logs = ARTIFACTS / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*.log"):
+        old.unlink()
+    redis = RedisServer(tmp_path_factory.mktemp(f"redis-{name}")).start()
+    return Stack(redis=redis, model=str(model), logs=logs, env=env)
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
+    """One running stack (a worker and the web) shared by a test module."""
+    s = make_stack(request, tmp_path_factory, tiny_model_dir)
+    try:
+        s.start_web()
+        s.start_worker()
+        yield s
+    finally:
+        s.stop()

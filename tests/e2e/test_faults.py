@@ -1,0 +1,72 @@
+"""What happens when a worker dies mid-job, or cannot load its model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+import requests
+
+from tests.e2e.conftest import make_stack
+from tests.support import wait_for, wait_for_job
+from worker.tiny import build_tiny_bloom
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory):
+    """A bigger random BLOOM (~10 ms a token here), so a long job is still running when it is killed."""
+    return build_tiny_bloom(tmp_path_factory.mktemp("models") / "slow-bloom", hidden_size=512, n_layer=8, n_head=8)
+
+
+def test_worker_killed_mid_job_the_job_still_succeeds_exactly_once(request, tmp_path_factory, slow_model_dir):
+    # A visibility timeout longer than any job in this test, but short enough to keep the test quick.
+    stack = make_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_VISIBILITY_TIMEOUT="15")
+    try:
+        stack.start_web()
+        first = stack.start_worker()
+        job = stack.submit("Once upon a time", parameters={"max_new_tokens": 600})
+        wait_for(
+            lambda: requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"] == "running",
+            timeout=30,
+            what="the job to start",
+        )
+        time.sleep(0.5)
+        first.kill()  # SIGKILL, launcher and worker process alike
+        assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"] == "running"
+
+        stack.start_worker()
+        done = wait_for_job(stack.url, job["id"], timeout=90)
+        assert done["status"] == "succeeded"
+        assert done["output"]["generated_tokens"] == 600
+        assert done["attempts"] == 2  # started on the killed worker, finished on the new one
+
+        # Exactly once: the message was acknowledged, nothing is left to redeliver, and only one
+        # worker ever reported a result for this job.
+        client = redis.Redis.from_url(stack.redis.url)
+        assert client.llen("bloomq.slow-bloom") == 0
+        assert client.hlen("unacked") == 0
+        finished = [w.log().count(f"job {job['id']}: succeeded") for w in stack.workers]
+        assert finished == [0, 1]
+        time.sleep(2)
+        assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json() == done
+    finally:
+        stack.stop()
+
+
+def test_a_model_that_fails_to_load_stops_the_worker_and_jobs_stay_queued(request, tmp_path_factory):
+    missing = tmp_path_factory.mktemp("empty") / "no-such-bloom"
+    stack = make_stack(request, tmp_path_factory, missing)
+    try:
+        stack.start_web()
+        job = stack.submit("Hello")
+        worker = stack.start_worker(wait=False)
+        wait_for(lambda: not worker.alive(), timeout=60, what="the worker to exit")
+        assert worker.proc.returncode != 0
+        log = worker.log()
+        assert "no-such-bloom" in log and "BLOOMQ_MODEL" in log  # the original error, and what to do
+        polled = requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()
+        assert polled["status"] == "queued"
+        assert redis.Redis.from_url(stack.redis.url).llen("bloomq.no-such-bloom") == 1
+    finally:
+        stack.stop()

@@ -1,0 +1,51 @@
+"""`make run`'s stack script: starts Redis when none answers, a worker and the web; Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import redis
+import requests
+
+from tests.conftest import ARTIFACTS
+from tests.support import ROOT, free_port, live_workers, service_env, wait_for, wait_for_job
+
+
+def test_stack_serves_jobs_and_ctrl_c_stops_everything_it_started(tiny_model_dir):
+    redis_port, web_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = service_env(redis_url, str(tiny_model_dir), BLOOMQ_PORT=str(web_port))
+    log_path = ARTIFACTS / "logs" / "stack.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "scripts/stack.py"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, process_group=0)
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        wait_for(lambda: live_workers(base) >= 1, timeout=90, what="the stack to come up")
+        assert redis.Redis.from_url(redis_url).ping()  # the script started its own redis-server
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 5}}
+        job = requests.post(f"{base}/api/v1/jobs", json=body, timeout=5).json()
+        assert wait_for_job(base, job["id"])["status"] == "succeeded"
+
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(timeout=60) == 0
+        children = subprocess.run(["pgrep", "-f", str(tiny_model_dir)], capture_output=True, text=True).stdout
+        assert children.strip() == "", "a worker outlived the stack"
+        try:
+            redis.Redis.from_url(redis_url, socket_connect_timeout=0.5).ping()
+            raise AssertionError("redis-server outlived the stack")
+        except redis.ConnectionError:
+            pass
+        try:
+            requests.get(f"{base}/healthz", timeout=1)
+            raise AssertionError("the web outlived the stack")
+        except requests.ConnectionError:
+            pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(tiny_model_dir)], check=False)

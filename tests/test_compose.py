@@ -1,0 +1,67 @@
+"""docker-compose.yml is valid Compose and runs commands that exist in this project."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.support import ROOT
+
+SPEC = ROOT.parent / "shared" / "compose-spec.json"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_file_validates_against_the_compose_spec(compose):
+    if not SPEC.exists():
+        pytest.skip(f"the Compose JSON schema is not at {SPEC}")
+    jsonschema.Draft7Validator(json.loads(SPEC.read_text())).validate(compose)
+
+
+def test_redis_is_durable_and_healthchecked(compose):
+    redis = compose["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    assert "--maxmemory-policy noeviction" in command
+    assert redis["healthcheck"]["test"] and redis["volumes"]
+
+
+def test_gpu_worker_reserves_gpus_and_cpu_variant_exists(compose):
+    gpu = compose["services"]["worker"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert devices["driver"] == "nvidia" and devices["capabilities"] == ["gpu"]
+    assert "deploy" not in compose["services"]["worker-cpu"]
+    for name in ("web", "worker", "worker-cpu"):
+        assert compose["services"][name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("service", ["worker", "worker-cpu"])
+def test_worker_commands_exist(compose, service):
+    command = compose["services"][service]["command"]
+    assert command[:3] == ["python", "-m", "worker"]
+    out = subprocess.run([sys.executable, *command[1:], "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_web_command_is_the_one_the_readme_documents(compose):
+    command = compose["services"]["web"]["command"]
+    assert shlex.join(command).replace("'", "") in (ROOT / "README.md").read_text().replace("'", "")
+    assert (ROOT / command[2]).exists()  # the gunicorn config file
+    out = subprocess.run([sys.executable, "-m", "gunicorn", "--check-config", "-c", command[2], command[3]],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_dockerfile_builds_the_targets_compose_uses(compose):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for service in ("web", "worker"):
+        assert f"AS {compose['services'][service]['build']['target']}" in dockerfile
+    assert Path(ROOT / "pyproject.toml").exists()
