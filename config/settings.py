@@ -42,6 +42,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be zero or a positive number")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -86,6 +93,9 @@ class Settings:
     dtype: str = "auto"
     heartbeat_seconds: float = 5.0
     log_level: str = "INFO"
+    max_batch_size: int = 32
+    max_batch_total_tokens: int | None = None
+    batch_wait_ms: float = 0.0
     secret_key: str = field(default="", repr=False)
 
     @classmethod
@@ -109,6 +119,9 @@ class Settings:
             dtype=_read(env, "BLOOMQ_DTYPE", d.dtype, _dtype),
             heartbeat_seconds=_read(env, "BLOOMQ_HEARTBEAT_SECONDS", d.heartbeat_seconds, _positive_float),
             log_level=_read(env, "BLOOMQ_LOG_LEVEL", d.log_level, _log_level),
+            max_batch_size=_read(env, "BLOOMQ_MAX_BATCH_SIZE", d.max_batch_size, _positive_int),
+            max_batch_total_tokens=_read(env, "BLOOMQ_MAX_BATCH_TOTAL_TOKENS", d.max_batch_total_tokens, _positive_int),
+            batch_wait_ms=_read(env, "BLOOMQ_BATCH_WAIT_MS", d.batch_wait_ms, _non_negative_float),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
         )
 

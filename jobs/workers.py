@@ -22,6 +22,7 @@ class WorkerInfo(BaseModel):
     device: str
     dtype: str
     pid: int
+    batch_capacity: int = Field(1, description="How many jobs this worker runs at once.")
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow)
 

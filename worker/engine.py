@@ -1,19 +1,31 @@
-"""The generation engine: prompt + parameters in, text + finish reason out.
+"""The generation engine: iteration-level (continuous) batching over one loaded model.
 
-It owns the model and the device; it knows nothing of Celery or Redis, so it is testable on its own.
+Callers (Celery task threads) ``submit`` requests; one engine thread owns the model and the device and
+loops: admit waiting requests (prefill them, merge them into the running batch), choose every row's next
+token, retire finished rows (filter the batch), run one decode step. A short request never waits for a
+long one, and a new one joins between two steps.
+
+Knows nothing of Celery or Redis, so it is testable on its own.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from config.models import ModelSpec
 from jobs.schema import FinishReason, GenerateParameters, JobOutput
+from worker.batch import Batch, Sequence, peak_slots_alone
 from worker.loading import LoadedModel
-from worker.sampling import RowSampling, TokenChooser
+from worker.sampling import RowSampling
+
+log = logging.getLogger(__name__)
 
 
 class GenerationError(Exception):
@@ -28,6 +40,12 @@ class RequestValidationError(GenerationError):
     type = "validation_error"
 
 
+class OutOfMemory(GenerationError):
+    """The request does not fit in device memory even alone."""
+
+    type = "out_of_memory"
+
+
 @dataclass
 class GenerationResult:
     """What one request produced."""
@@ -37,53 +55,113 @@ class GenerationResult:
     seconds: float
 
 
-@dataclass
-class _Request:
-    """One request's state while it decodes."""
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching knobs (see the README's configuration table)."""
 
-    prompt: str
-    params: GenerateParameters
-    input_ids: torch.Tensor  # [1, prompt_len]
-    max_new_tokens: int
-    sampling: RowSampling
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    text: str = ""
+    max_batch_size: int = 32
+    max_batch_slots: int | None = None  # KV slots (rows x cache columns); None: derived from free memory
+    max_wait_seconds: float = 0.0
+
+
+def kv_bytes_per_slot(model: Any) -> int:
+    """Bytes one token of one row occupies in the KV cache (keys + values, all layers)."""
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.n_layer * config.hidden_size * itemsize
+
+
+def default_slot_budget(model: Any, device: torch.device) -> int:
+    """KV slots that fit in the memory left after loading the model."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        available = free * 0.8  # the rest is for activations, logits and allocator slack
+    else:
+        available = _mem_available_bytes() * 0.5
+    return max(1, int(available // kv_bytes_per_slot(model)))
+
+
+def _mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class Engine:
-    """Generates text for requests with one loaded model."""
+    """Generates text for many requests at once with one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, spec: ModelSpec) -> None:
+    def __init__(self, loaded: LoadedModel, spec: ModelSpec, config: EngineConfig | None = None) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.spec = spec
-        self.eos_token_id = self.model.generation_config.eos_token_id
-        if self.eos_token_id is None:
-            self.eos_token_id = self.tokenizer.eos_token_id
+        self.config = config or EngineConfig()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_id = eos if eos is not None else self.tokenizer.eos_token_id
+        pad = self.model.generation_config.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.max_slots = self.config.max_batch_slots or default_slot_budget(self.model, self.device)
+        self.batch: Batch | None = None
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cond = threading.Condition()
+        self._cap = self.config.max_batch_size  # lowered after an out-of-memory, restored when idle
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    # -- the caller's side -------------------------------------------------------------------------
 
     def generate(self, prompt: str, params: GenerateParameters) -> GenerationResult:
-        """Run one request to completion."""
-        started = time.perf_counter()
-        request = self._prepare(prompt, params)
-        with torch.inference_mode():
-            self._decode(request)
-        text = request.text
-        if params.return_full_text:
-            text = prompt + text
+        """Run one request to completion (blocking the calling thread, not the engine)."""
+        seq = self.submit(prompt, params)
+        seq.done.wait()
+        return self.result(seq)
+
+    def submit(self, prompt: str, params: GenerateParameters) -> Sequence:
+        """Validate and queue a request; the returned sequence's ``done`` is set when it finishes."""
+        seq = self._prepare(prompt, params)
+        with self._cond:
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        self._ensure_running()
+        return seq
+
+    def result(self, seq: Sequence) -> GenerationResult:
+        """The finished sequence as a result, or its error raised."""
+        if seq.error is not None:
+            raise seq.error
+        text = seq.text
+        if seq.params.return_full_text:
+            text = seq.prompt + text
         output = JobOutput(
             generated_text=text,
-            generated_tokens=len(request.tokens),
-            finish_reason=request.finish_reason,
-            seed=request.sampling.seed,
+            generated_tokens=len(seq.tokens),
+            finish_reason=seq.finish_reason,
+            seed=seq.sampling.seed,
         )
-        return GenerationResult(output, request.input_ids.shape[1], time.perf_counter() - started)
+        seconds = (seq.finished_at or time.perf_counter()) - (seq.started_at or seq.submitted_at)
+        return GenerationResult(output, seq.prompt_len, seconds)
 
-    def _prepare(self, prompt: str, params: GenerateParameters) -> _Request:
-        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-        prompt_len = int(input_ids.shape[1])
+    def stop(self) -> None:
+        """Stop the engine thread (requests still waiting are failed)."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _prepare(self, prompt: str, params: GenerateParameters) -> Sequence:
+        prompt_ids = self.tokenizer(prompt).input_ids
+        prompt_len = len(prompt_ids)
         if prompt_len == 0:
             raise RequestValidationError("inputs: the prompt encodes to no tokens")
         if prompt_len > self.spec.max_input_tokens:
@@ -94,7 +172,8 @@ class Engine:
         if params.max_new_tokens is not None:
             max_new = params.max_new_tokens
         else:
-            assert params.max_length is not None  # normalised parameters always carry one of the two
+            if params.max_length is None:
+                raise RequestValidationError("parameters: give max_new_tokens or max_length")
             max_new = params.max_length - prompt_len
             if max_new < 1:
                 raise RequestValidationError(
@@ -106,55 +185,173 @@ class Engine:
                 f"parameters.max_new_tokens: prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) "
                 f"must be <= {self.spec.max_total_tokens}"
             )
-        return _Request(
+        sampling = RowSampling.from_parameters(params)
+        return Sequence(
             prompt=prompt,
             params=params,
-            input_ids=input_ids.to(self.device),
+            prompt_ids=list(prompt_ids),
             max_new_tokens=max_new,
-            sampling=RowSampling.from_parameters(params),
+            sampling=sampling,
+            stop=list(params.stop),
+            eos_token_id=self.eos_token_id,
+            generator=sampling.generator(self.device),
         )
 
-    def _decode(self, request: _Request) -> None:
-        chooser = TokenChooser([request.sampling], self.device)
-        ids = request.input_ids
-        attention_mask = torch.ones_like(ids)
-        seen = torch.zeros((1, self.vocab_size), dtype=torch.bool, device=self.device)
-        seen[0, ids[0]] = True
-        out = self.model(input_ids=ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        while True:
-            logits = out.logits[:, -1, :].float()
-            token = chooser.choose(logits, seen)
-            token_id = int(token[0])
-            request.tokens.append(token_id)
-            seen[0, token_id] = True
-            if self._finished(request, token_id):
-                return
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((1, 1))], dim=1)
-            out = self.model(
-                input_ids=token.view(1, 1),
-                attention_mask=attention_mask,
-                cache=out.cache,
-                use_cache=True,
-            )
+    def _ensure_running(self) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="bloomq-engine", daemon=True)
+                self._thread.start()
 
-    def _finished(self, request: _Request, token_id: int) -> bool:
-        """Update the request's text and say whether it is done."""
-        request.text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
-        if token_id == self.eos_token_id:
-            request.finish_reason = FinishReason.EOS_TOKEN
-            return True
-        cut = _first_stop(request.text, request.params.stop)
-        if cut is not None:
-            request.text = request.text[:cut]
-            request.finish_reason = FinishReason.STOP_SEQUENCE
-            return True
-        if len(request.tokens) >= request.max_new_tokens:
-            request.finish_reason = FinishReason.LENGTH
-            return True
-        return False
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._admit()
+                    if self.batch is None:
+                        with self._cond:
+                            if not self._waiting and not self._stopping.is_set():
+                                self._cond.wait(timeout=0.5)
+                        continue
+                    self._step()
+                except Exception as exc:  # never leave callers waiting on a dead engine thread
+                    log.exception("engine iteration failed")
+                    seqs, self.batch = (self.batch.seqs if self.batch else []), None
+                    for seq in seqs:
+                        seq.finish(error=GenerationError(f"engine error: {type(exc).__name__}: {exc}"))
+        with self._cond:
+            pending = list(self._waiting)
+            self._waiting.clear()
+        for seq in pending + (self.batch.seqs if self.batch else []):
+            seq.finish(error=GenerationError("the worker is shutting down"))
+
+    def _admit(self) -> None:
+        """Move waiting sequences into the batch, as many as the batch size and memory budget allow."""
+        with self._cond:
+            if not self._waiting:
+                return
+            if self.batch is None:
+                self._cap = max(self._cap, 1)  # after a lone retry was ordered, admit it alone
+                self._wait_for_batch_to_fill()
+            running = len(self.batch) if self.batch is not None else 0
+            picked: list[Sequence] = []
+            while self._waiting and running + len(picked) < self._cap:
+                candidate = [*picked, self._waiting[0]]
+                if self.batch is not None:
+                    slots = self.batch.peak_slots(candidate)
+                else:
+                    slots = peak_slots_alone(candidate)
+                if slots > self.max_slots and (self.batch is not None or picked):
+                    break  # first come, first served: later requests wait rather than overtake
+                picked.append(self._waiting.popleft())
+        if picked:
+            self._prefill(picked)
+
+    def _wait_for_batch_to_fill(self) -> None:
+        """With an idle engine, give a burst of requests ``max_wait_seconds`` to arrive together."""
+        deadline = self._waiting[0].submitted_at + self.config.max_wait_seconds
+        while len(self._waiting) < self._cap and not self._stopping.is_set():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(timeout=left)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        try:
+            new = Batch.prefill(self.model, seqs, self.pad_token_id, self.vocab_size)
+        except Exception as exc:  # out of memory or a bad tensor: retry smaller, then fail alone
+            self._recover(seqs, exc)
+            return
+        self.batch = new if self.batch is None else Batch.concatenate([self.batch, new])
+
+    def _step(self) -> None:
+        """Choose, retire, decode: one token for every row."""
+        batch = self.batch
+        assert batch is not None
+        self.batch_sizes[len(batch)] += 1
+        try:
+            tokens = batch.choose()
+        except Exception as exc:
+            self.batch = None
+            self._recover(batch.seqs, exc)
+            return
+        keep = []
+        for row, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
+            seq.tokens.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is None:
+                keep.append(row)
+            else:
+                seq.text = self._final_text(seq, reason)
+                seq.finish(reason)
+        self.batch = batch.filter(keep)
+        if self.batch is None:
+            with self._cond:
+                if not self._waiting:
+                    self._cap = self.config.max_batch_size  # drained cleanly: full size again
+            return
+        try:
+            self.batch.forward(self.model)
+            self.steps += 1
+        except Exception as exc:
+            seqs, self.batch = self.batch.seqs, None
+            self._recover(seqs, exc)
+
+    def _recover(self, seqs: list[Sequence], exc: Exception) -> None:
+        """After a failed forward: a lone sequence fails; a group goes back to be retried in halves."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            _free_device_memory(self.device)
+        if len(seqs) == 1 and self.batch is None:
+            seq = seqs[0]
+            log.warning("a request failed alone: %s: %s", type(exc).__name__, exc)
+            if isinstance(exc, torch.OutOfMemoryError):
+                error: BaseException = OutOfMemory(
+                    f"out of device memory for this request alone ({seq.prompt_len} prompt tokens + "
+                    f"{seq.max_new_tokens} new): {exc}"
+                )
+            else:
+                error = exc
+            seq.finish(error=error)
+            return
+        # Retry with half as many rows at a time; a sequence restarts from its prompt (a greedy one gives
+        # the same tokens again, a sampled one replays its seed).
+        self._cap = max(1, (len(seqs) + (len(self.batch) if self.batch else 0)) // 2)
+        log.warning("%s with %d rows; retrying with at most %d", type(exc).__name__, len(seqs), self._cap)
+        if len(seqs) == 1:
+            self._cap = 0  # admit nothing until the running batch drains, then retry it alone
+        for seq in seqs:
+            seq.reset(self.device)
+        with self._cond:
+            self._waiting.extendleft(reversed(seqs))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token == seq.eos_token_id:
+            return FinishReason.EOS_TOKEN
+        if seq.stop:
+            seq.text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            if _first_stop(seq.text, seq.stop) is not None:
+                return FinishReason.STOP_SEQUENCE
+        if seq.remaining <= 0:
+            return FinishReason.LENGTH
+        return None
+
+    def _final_text(self, seq: Sequence, reason: FinishReason) -> str:
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        if reason is FinishReason.STOP_SEQUENCE:
+            cut = _first_stop(text, seq.stop)
+            if cut is not None:
+                text = text[:cut]
+        return text
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
     """The index where the earliest stop sequence begins in ``text``, if any."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def _free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

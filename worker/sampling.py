@@ -59,7 +59,12 @@ class RowSampling:
 class TokenChooser:
     """Per-row logits processing and token choice for a fixed set of rows."""
 
-    def __init__(self, rows: Sequence[RowSampling], device: torch.device) -> None:
+    def __init__(
+        self,
+        rows: Sequence[RowSampling],
+        device: torch.device,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> None:
         self.rows = list(rows)
         self.device = device
         col = {"device": device, "dtype": torch.float32}
@@ -69,7 +74,9 @@ class TokenChooser:
         self.top_p = torch.tensor([[r.top_p] for r in rows], **col)
         self.typical_p = torch.tensor([[r.typical_p] for r in rows], **col)
         self.sample_mask = torch.tensor([r.do_sample for r in rows], device=device, dtype=torch.bool)
-        self.generators = [r.generator(device) for r in rows]
+        # Generators belong to the requests (they carry each row's random stream across steps and
+        # batches); fresh ones are made only when the caller has none.
+        self.generators = list(generators) if generators is not None else [r.generator(device) for r in rows]
         self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         self.any_sample = any(r.do_sample for r in rows)
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_spec(settings, args.model or settings.model)
 
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
-    from worker.engine import Engine
+    from worker.engine import Engine, EngineConfig
     from worker.loading import load_model, pick_device
     from worker.tasks import JobRunner, register_tasks
 
@@ -97,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or default_worker_name(spec.name, device_label)
 
     client = connect(settings.redis_url)
-    runner = JobRunner(JobStore(client, settings.job_retention_seconds), Engine(loaded, spec), name)
+    engine = Engine(
+        loaded,
+        spec,
+        EngineConfig(
+            max_batch_size=settings.max_batch_size,
+            max_batch_slots=settings.max_batch_total_tokens,
+            max_wait_seconds=settings.batch_wait_ms / 1000,
+        ),
+    )
+    log.info("engine: up to %d jobs per batch, %d KV token slots", settings.max_batch_size, engine.max_slots)
+    runner = JobRunner(JobStore(client, settings.job_retention_seconds), engine, name)
     app = make_celery(settings)
     register_tasks(app, runner)
 
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         device=str(device) if device.type == "cpu" else f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '0')}",
         dtype=str(loaded.dtype).removeprefix("torch."),
         pid=os.getpid(),
+        batch_capacity=settings.max_batch_size,
     )
     heartbeat = Heartbeat(WorkerDirectory(client), info, settings.heartbeat_seconds)
 
@@ -120,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         app.worker_main(
             [
                 "worker",
-                # One process, one thread: the model is already loaded here and CUDA must never fork.
-                "--pool=solo",
+                # Threads, never a fork: the model is already loaded (maybe on CUDA) in this process. Each
+                # thread hands its job to the one engine thread, which batches them.
+                "--pool=threads",
+                f"--concurrency={settings.max_batch_size}",
                 f"--queues={spec.queue}",
                 f"--hostname={name}",
                 f"--loglevel={settings.log_level}",
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         heartbeat.stop()
+        engine.stop()
     return 0
 
 

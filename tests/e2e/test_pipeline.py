@@ -128,3 +128,17 @@ def test_a_job_the_worker_rejects_fails_with_a_validation_error(stack):
     assert done["error"]["type"] == "validation_error" and "max_length" in done["error"]["message"]
     ok = wait_for_job(stack.url, stack.submit("still serving", parameters={"max_new_tokens": 3})["id"])
     assert ok["status"] == "succeeded"
+
+
+def test_concurrent_jobs_are_batched_and_each_matches_direct_generate(stack, reference):
+    lengths = [150, 40, 90, 10, 120, 60]
+    jobs = [stack.submit(p, parameters={"max_new_tokens": n}) for p, n in zip(PROMPTS + ["x"], lengths)]
+    done = [wait_for_job(stack.url, j["id"]) for j in jobs]
+    for job, prompt, n in zip(done, PROMPTS + ["x"], lengths, strict=True):
+        assert job["status"] == "succeeded"
+        assert job["output"]["generated_text"] == reference(prompt, max_new_tokens=n)
+    spans = sorted((j["started_at"], j["finished_at"]) for j in done)
+    overlapping = sum(1 for a, b in zip(spans, spans[1:]) if b[0] < a[1])
+    assert overlapping > 0  # some jobs ran at the same time in one worker process
+    workers = requests.get(f"{stack.url}/api/v1/workers", timeout=5).json()["workers"]
+    assert len(workers) == 1 and workers[0]["batch_capacity"] > 1

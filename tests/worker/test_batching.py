@@ -1,0 +1,180 @@
+"""Continuous batching on a real tiny BLOOM: every job's tokens equal a standalone generate()."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from config.models import resolve_model
+from jobs.schema import GenerateParameters
+from worker.engine import Engine, EngineConfig, OutOfMemory
+from worker.loading import load_model, pick_device
+
+PROMPTS = [
+    "Once upon a time there was a little robot",
+    "从前有一座山",
+    "كان يا ما كان في قديم الزمان رجل حكيم",
+    "def fibonacci(n):",
+    "x",
+    "The quick brown fox jumps over the lazy dog. The dog did not mind.",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    spec = resolve_model(str(tiny_model_dir))
+    return spec, load_model(spec, pick_device("cpu"))
+
+
+def make_engine(loaded, **config) -> Engine:
+    spec, model = loaded
+    return Engine(model, spec, EngineConfig(**config))
+
+
+@pytest.fixture()
+def engine(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    yield eng
+    eng.stop()
+
+
+def reference(engine: Engine, prompt: str, **kwargs) -> str:
+    ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = engine.model.generate(ids, do_sample=False, **kwargs)
+    return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def params(**kwargs) -> GenerateParameters:
+    return GenerateParameters(**kwargs).normalised(64)
+
+
+def test_jobs_submitted_together_batch_and_match_generate(engine):
+    lengths = [40, 7, 25, 60, 3, 33]
+    seqs = [
+        engine.submit(p, params(max_new_tokens=n, repetition_penalty=1.3)) for p, n in zip(PROMPTS, lengths)
+    ]
+    for seq, prompt, n in zip(seqs, PROMPTS, lengths, strict=True):
+        assert seq.done.wait(60)
+        text = engine.result(seq).output.generated_text
+        assert text == reference(engine, prompt, max_new_tokens=n, repetition_penalty=1.3)
+    assert max(engine.batch_sizes) > 1  # they really shared steps
+
+
+def test_jobs_joining_mid_flight_match_generate(engine):
+    first = engine.submit(PROMPTS[0], params(max_new_tokens=120))
+    time.sleep(0.02)
+    while engine.steps < 10:
+        time.sleep(0.001)
+    later = []
+    for i, prompt in enumerate(PROMPTS[1:], start=1):
+        later.append((prompt, 5 + 9 * i, engine.submit(prompt, params(max_new_tokens=5 + 9 * i))))
+        steps = engine.steps
+        while engine.steps < steps + 3 and not first.done.is_set():
+            time.sleep(0.001)
+    assert first.done.wait(60)
+    assert engine.result(first).output.generated_text == reference(engine, PROMPTS[0], max_new_tokens=120)
+    for prompt, n, seq in later:
+        assert seq.done.wait(60)
+        assert engine.result(seq).output.generated_text == reference(engine, prompt, max_new_tokens=n)
+    assert max(engine.batch_sizes) > 1
+
+
+def test_a_short_job_does_not_wait_for_a_long_one(engine):
+    long = engine.submit(PROMPTS[0], params(max_new_tokens=800))
+    while engine.steps < 5:
+        time.sleep(0.001)
+    short = engine.submit(PROMPTS[1], params(max_new_tokens=5))
+    assert short.done.wait(30)
+    assert not long.done.is_set()  # the short one left the batch while the long one kept going
+    assert long.done.wait(120)
+
+
+def test_seeded_sampling_gives_the_same_text_alone_or_batched(loaded):
+    sampled = params(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=31, max_new_tokens=30)
+    alone_engine = make_engine(loaded, max_batch_size=1)
+    alone = alone_engine.generate("Hello there", sampled).output.generated_text
+    alone_engine.stop()
+    batched_engine = make_engine(loaded, max_batch_size=8)
+    mates = [batched_engine.submit(p, params(do_sample=True, seed=i, max_new_tokens=20)) for i, p in enumerate(PROMPTS)]
+    target = batched_engine.submit("Hello there", sampled)
+    assert target.done.wait(60) and all(m.done.wait(60) for m in mates)
+    assert batched_engine.result(target).output.generated_text == alone
+    assert max(batched_engine.batch_sizes) > 1
+    batched_engine.stop()
+
+
+def test_batch_size_one_runs_jobs_one_at_a_time(loaded):
+    eng = make_engine(loaded, max_batch_size=1)
+    seqs = [eng.submit(p, params(max_new_tokens=10)) for p in PROMPTS[:4]]
+    assert all(s.done.wait(60) for s in seqs)
+    assert set(eng.batch_sizes) == {1}
+    eng.stop()
+
+
+def test_memory_budget_holds_jobs_back_until_they_fit(loaded):
+    # Room for about two of these jobs at a time.
+    eng = make_engine(loaded, max_batch_size=8, max_batch_slots=2 * (12 + 30) + 10)
+    seqs = [eng.submit(p, params(max_new_tokens=30)) for p in PROMPTS]
+    for seq, prompt in zip(seqs, PROMPTS, strict=True):
+        assert seq.done.wait(60)
+        assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=30)
+    assert max(eng.batch_sizes) == 2
+    eng.stop()
+
+
+class OOMAbove:
+    """Wraps a model: raises CUDA-style out-of-memory when a forward has too many rows or columns."""
+
+    def __init__(self, model, max_rows: int, max_columns: int = 10_000) -> None:
+        self.model, self.max_rows, self.max_columns = model, max_rows, max_columns
+        self.ooms = 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, attention_mask, **kwargs):
+        if input_ids.shape[0] > self.max_rows or attention_mask.shape[1] > self.max_columns:
+            self.ooms += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_out_of_memory_splits_the_batch_and_every_job_still_matches(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    eng.model = OOMAbove(eng.model, max_rows=2)
+    seqs = [eng.submit(p, params(max_new_tokens=20)) for p in PROMPTS]
+    for seq, prompt in zip(seqs, PROMPTS, strict=True):
+        assert seq.done.wait(60)
+        assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=20)
+    assert eng.model.ooms > 0
+    eng.stop()
+
+
+def test_a_job_too_big_even_alone_fails_clearly_and_the_rest_are_served(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    eng.model = OOMAbove(eng.model, max_rows=8, max_columns=200)
+    big = eng.submit(PROMPTS[0], params(max_new_tokens=400))
+    small = [eng.submit(p, params(max_new_tokens=15)) for p in PROMPTS[1:]]
+    assert big.done.wait(60)
+    with pytest.raises(OutOfMemory, match="alone"):
+        eng.result(big)
+    for seq, prompt in zip(small, PROMPTS[1:], strict=True):
+        assert seq.done.wait(60)
+        assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=15)
+    after = eng.generate("still serving", params(max_new_tokens=5))
+    assert after.output.generated_tokens == 5
+    eng.stop()
+
+
+def test_stop_sequences_and_eos_per_row_in_one_batch(engine):
+    full = engine.generate(PROMPTS[0], params(max_new_tokens=30)).output.generated_text
+    stop = full[5:8]
+    a = engine.submit(PROMPTS[0], params(max_new_tokens=30, stop=[stop]))
+    b = engine.submit(PROMPTS[0], params(max_new_tokens=30))
+    assert a.done.wait(30) and b.done.wait(30)
+    assert engine.result(a).output.generated_text == full[: full.index(stop)]
+    assert engine.result(a).output.finish_reason.value == "stop_sequence"
+    assert engine.result(b).output.generated_text == full

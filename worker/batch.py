@@ -1,0 +1,197 @@
+"""A batch of sequences decoding together: one object per request, tensors for the whole batch.
+
+Layout (the TGI ``CausalLMBatch`` idea, for BLOOM in transformers 5):
+
+- rows are **left-padded**: every row's newest token sits in the last column, so one decode step feeds
+  one token per row and appends one column to the attention mask and the KV cache;
+- the KV cache is a ``DynamicCache`` whose layers hold ``[batch, heads, length, head_dim]`` keys/values;
+- ALiBi needs no position ids: BLOOM builds its bias from the 2-D attention mask (cumulative sum of the
+  mask), so a row's real tokens keep positions 0..n-1 whatever padding sits to their left, and padded
+  columns are masked out. That is what lets rows of different lengths share one cache.
+
+A batch always holds the logits for every row's *next* token, so ``concatenate`` and ``filter`` can run
+between steps without an extra forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from jobs.schema import FinishReason, GenerateParameters
+from worker.sampling import RowSampling, TokenChooser
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's whole state: prompt, parameters, tokens so far, and how to hand back the result."""
+
+    prompt: str
+    params: GenerateParameters
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: RowSampling
+    stop: list[str]
+    eos_token_id: int | None
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    finished_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this sequence may still generate."""
+        return self.max_new_tokens - len(self.tokens)
+
+    def reset(self, device: torch.device) -> None:
+        """Forget progress (the sequence will be prefilled again), reseeding its random stream."""
+        self.tokens = []
+        self.text = ""
+        self.finish_reason = None
+        self.generator = self.sampling.generator(device)
+
+    def finish(self, reason: FinishReason | None = None, error: BaseException | None = None) -> None:
+        """Mark the sequence done and wake whoever waits for it."""
+        self.finish_reason = reason
+        self.error = error
+        self.finished_at = time.perf_counter()
+        self.done.set()
+
+
+class Batch:
+    """Sequences decoding together, with their shared attention mask, KV cache and pending logits."""
+
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        attention_mask: torch.Tensor,
+        cache: Any,
+        logits: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> None:
+        self.seqs = seqs
+        self.attention_mask = attention_mask  # [B, L]
+        self.cache = cache  # DynamicCache, [B, H, L, D] per layer
+        self.logits = logits  # [B, V] float32: scores for each row's next token
+        self.seen = seen  # [B, V] bool: tokens present in each row (repetition penalty)
+        self.chooser = TokenChooser([s.sampling for s in seqs], logits.device, [s.generator for s in seqs])
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def length(self) -> int:
+        """Cache length (columns), padding included."""
+        return int(self.attention_mask.shape[1])
+
+    @classmethod
+    def prefill(cls, model: Any, seqs: Seq[Sequence], pad_token_id: int, vocab_size: int) -> Batch:
+        """Run the prompts of ``seqs`` through the model, left-padded to a common length."""
+        device = model.device
+        width = max(s.prompt_len for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, width - seq.prompt_len :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            attention_mask[row, width - seq.prompt_len :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        seen = torch.zeros((len(seqs), vocab_size), dtype=torch.bool, device=device)
+        # Padding columns scatter into the pad id's slot with a 0 count, so they mark nothing as seen.
+        counts = torch.zeros((len(seqs), vocab_size), dtype=torch.long, device=device)
+        counts.scatter_add_(1, input_ids, attention_mask)
+        seen |= counts > 0
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.started_at = seq.started_at or now
+        return cls(list(seqs), attention_mask, out.cache, out.logits[:, -1, :].float(), seen)
+
+    def choose(self) -> list[int]:
+        """Pick every row's next token from the pending logits."""
+        tokens = self.chooser.choose(self.logits, self.seen)
+        self.seen[torch.arange(len(self.seqs), device=tokens.device), tokens] = True
+        self._last = tokens
+        return tokens.tolist()
+
+    def forward(self, model: Any) -> None:
+        """Feed the tokens just chosen; afterwards ``logits`` hold the scores for the next ones."""
+        ones = self.attention_mask.new_ones((len(self.seqs), 1))
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        out = model(
+            input_ids=self._last.view(-1, 1), attention_mask=self.attention_mask, cache=self.cache, use_cache=True
+        )
+        self.cache = out.cache
+        self.logits = out.logits[:, -1, :].float()
+
+    def filter(self, keep: list[int]) -> Batch | None:
+        """Keep only the rows at ``keep`` (in order); drop columns that became padding for every row."""
+        if not keep:
+            return None
+        if len(keep) == len(self.seqs):
+            return self
+        index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask.index_select(0, index)
+        first = int(mask.any(dim=0).long().argmax())  # leftmost column some remaining row uses
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        seqs = [self.seqs[i] for i in keep]
+        batch = Batch(seqs, mask[:, first:], self.cache, self.logits.index_select(0, index),
+                      self.seen.index_select(0, index))
+        batch._last = self._last.index_select(0, index)
+        return batch
+
+    @classmethod
+    def concatenate(cls, batches: Seq[Batch]) -> Batch:
+        """One batch from several, each left-padded to the longest cache."""
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.length for b in batches)
+        masks = [F.pad(b.attention_mask, (width - b.length, 0)) for b in batches]
+        cache = batches[0].cache
+        for index, layer in enumerate(cache.layers):
+            parts_k, parts_v = [], []
+            for b in batches:
+                other = b.cache.layers[index]
+                pad = (0, 0, width - b.length, 0)  # zeros on the left of the length dimension
+                parts_k.append(F.pad(other.keys, pad))
+                parts_v.append(F.pad(other.values, pad))
+            layer.keys = torch.cat(parts_k, dim=0)
+            layer.values = torch.cat(parts_v, dim=0)
+        seqs = [s for b in batches for s in b.seqs]
+        return cls(
+            seqs,
+            torch.cat(masks, dim=0),
+            cache,
+            torch.cat([b.logits for b in batches], dim=0),
+            torch.cat([b.seen for b in batches], dim=0),
+        )
+
+    def peak_slots(self, extra: Seq[Sequence] = ()) -> int:
+        """Upper bound on KV slots (rows x columns) this batch, plus ``extra`` joining now, will use."""
+        rows = len(self.seqs) + len(extra)
+        width = max([self.length, *(s.prompt_len for s in extra)])
+        remaining = max([*(s.remaining for s in self.seqs), *(s.max_new_tokens for s in extra)])
+        return rows * (width + remaining)
+
+
+def peak_slots_alone(seqs: Seq[Sequence]) -> int:
+    """KV slots a new batch of ``seqs`` would need at its peak."""
+    if not seqs:
+        return 0
+    return len(seqs) * (max(s.prompt_len for s in seqs) + max(s.max_new_tokens for s in seqs))
