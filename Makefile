@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny redis-server clean
+.PHONY: install run test tiny bench redis-server clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: install redis-server
 # A tiny random BLOOM checkpoint to try the stack without downloading weights.
 tiny: install
 	$(PY) -m worker.tiny $(TINY_DIR)
+
+# Benchmarks print tables and append them to bench/RESULTS.md; they never run in CI.
+bench: install redis-server
+	$(PY) bench/throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -9,6 +9,7 @@ delivered twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -19,11 +20,17 @@ from jobs.schema import Job, JobError, JobMetrics, JobOutput, JobStatus, utcnow
 log = logging.getLogger(__name__)
 
 JOB_KEY_PREFIX = "bloomq:job:"
+JOB_EVENTS_PREFIX = "bloomq:job-events:"
 
 
 def job_key(job_id: str) -> str:
     """The Redis key of a job record."""
     return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def job_events_channel(job_id: str) -> str:
+    """The pub/sub channel that announces a job's status changes."""
+    return f"{JOB_EVENTS_PREFIX}{job_id}"
 
 
 def connect(url: str) -> redis.Redis:
@@ -60,6 +67,24 @@ class JobStore:
         """The job, or None when it is unknown or expired."""
         raw = self.redis.hget(job_key(job_id), "doc")
         return None if raw is None else Job.from_json(raw)
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        """The job once it is terminal, or as it is after ``timeout`` seconds; None when unknown."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            # Subscribe before reading, so a change between the read and the wait is not missed.
+            pubsub.subscribe(job_events_channel(job_id))
+            job = self.get(job_id)
+            deadline = time.monotonic() + timeout
+            while job is not None and not job.status.terminal:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                pubsub.get_message(timeout=min(left, 1.0))
+                job = self.get(job_id)
+            return job
+        finally:
+            pubsub.close()
 
     def start(self, job_id: str, worker: str) -> Job | None:
         """Mark a job running on ``worker``; None when it is unknown or already has its final result."""
@@ -140,6 +165,7 @@ class JobStore:
                     pipe.multi()
                     pipe.hset(key, mapping={"status": updated.status.value, "doc": updated.to_json()})
                     pipe.expire(key, self.retention_seconds)
+                    pipe.publish(job_events_channel(job_id), updated.status.value)
                     pipe.execute()
                     return updated
                 except redis.WatchError:

@@ -57,12 +57,35 @@ def submit_job() -> Response:
     return response
 
 
+MAX_WAIT_SECONDS = 60
+
+
 @api.get(f"{PREFIX}/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    """The job resource, or 404."""
+    """The job resource, or 404. ``?wait=N`` (N <= 60) answers once the job is final or N seconds pass."""
     if not _is_uuid(job_id):
         raise ApiError(404, "not_found", f"no job {job_id!r}: job ids are UUIDs")
-    return jsonify(job_resource(service().get(job_id)))
+    wait = _wait_seconds(request.args.get("wait"))
+    svc = service()
+    job = svc.get(job_id) if wait == 0 else svc.wait(job_id, wait)
+    return jsonify(job_resource(job))
+
+
+def _wait_seconds(raw: str | None) -> float:
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ApiError(
+            422,
+            "validation_error",
+            "wait must be a number of seconds",
+            [{"name": "wait", "message": f"must be a number between 0 and {MAX_WAIT_SECONDS}"}],
+        )
+    return value
 
 
 @api.get(f"{PREFIX}/models")

@@ -52,6 +52,13 @@ class JobService:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
         return job
 
+    def wait(self, job_id: str, seconds: float) -> Job:
+        """The job once final, or after ``seconds``; a 404 ApiError when unknown."""
+        job = self.store.wait(job_id, seconds)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
+        return job
+
     def models(self) -> list[dict[str, Any]]:
         """Configured models (and any other model with live workers), with queue depth and live workers."""
         live = self.directory.live()

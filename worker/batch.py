@@ -110,15 +110,15 @@ class Batch:
             input_ids[row, width - seq.prompt_len :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
             attention_mask[row, width - seq.prompt_len :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.started_at = seq.started_at or now  # model time includes the prefill
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         seen = torch.zeros((len(seqs), vocab_size), dtype=torch.bool, device=device)
         # Padding columns scatter into the pad id's slot with a 0 count, so they mark nothing as seen.
         counts = torch.zeros((len(seqs), vocab_size), dtype=torch.long, device=device)
         counts.scatter_add_(1, input_ids, attention_mask)
         seen |= counts > 0
-        now = time.perf_counter()
-        for seq in seqs:
-            seq.started_at = seq.started_at or now
         return cls(list(seqs), attention_mask, out.cache, out.logits[:, -1, :].float(), seen)
 
     def choose(self) -> list[int]:

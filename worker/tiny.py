@@ -69,15 +69,20 @@ def build_tiny_bloom(
     n_head: int = 4,
     init_std: float = 0.5,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Save a tiny random BLOOM and its tokenizer to ``out_dir`` and return the path."""
+    """Save a random BLOOM and its tokenizer to ``out_dir`` and return the path.
+
+    ``vocab_size`` (default: the tokenizer's) can be larger than the tokenizer, to get a real BLOOM shape
+    (250880) for benchmarks; ids the tokenizer does not know decode to nothing.
+    """
     import torch
     from transformers import BloomConfig, BloomForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     config = BloomConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         n_layer=n_layer,
         n_head=n_head,
@@ -108,9 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the tokenizer's)")
+    parser.add_argument("--init-std", type=float, default=0.5, help="weight init std (0.5 gives varied text)")
     args = parser.parse_args(argv)
     path = build_tiny_bloom(
-        args.out_dir, hidden_size=args.hidden_size, n_layer=args.layers, n_head=args.heads, seed=args.seed
+        args.out_dir,
+        hidden_size=args.hidden_size,
+        n_layer=args.layers,
+        n_head=args.heads,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+        init_std=args.init_std,
     )
     print(f"wrote a tiny BLOOM checkpoint to {path}")
     print(f"try it: BLOOMQ_MODEL={path} make run")

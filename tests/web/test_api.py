@@ -146,3 +146,41 @@ def test_multilingual_text_is_stored_and_returned_intact(client):
     raw = client.get(f"/api/v1/jobs/{job['id']}").get_data(as_text=True)
     assert prompt in raw  # readable UTF-8, not \\u escapes
     assert json.loads(raw)["inputs"] == prompt
+
+
+def test_long_poll_returns_as_soon_as_the_job_is_final(client, app):
+    import threading
+    import time
+
+    from jobs.schema import JobOutput
+
+    job = _submit(client, {"inputs": "Hello"}).get_json()
+    store = app.extensions["bloomq"].store
+
+    def finish_later():
+        time.sleep(0.3)
+        store.start(job["id"], "w")
+        store.succeed(job["id"], JobOutput(generated_text="hi", generated_tokens=1, finish_reason="length"), 0.1)
+
+    threading.Thread(target=finish_later).start()
+    started = time.monotonic()
+    body = client.get(f"/api/v1/jobs/{job['id']}?wait=10").get_json()
+    elapsed = time.monotonic() - started
+    assert body["status"] == "succeeded"
+    assert 0.25 < elapsed < 5
+
+
+def test_long_poll_gives_up_after_the_wait(client):
+    import time
+
+    job = _submit(client, {"inputs": "Hello"}).get_json()
+    started = time.monotonic()
+    body = client.get(f"/api/v1/jobs/{job['id']}?wait=0.5").get_json()
+    assert body["status"] == "queued" and time.monotonic() - started >= 0.45
+
+
+@pytest.mark.parametrize("wait", ["-1", "61", "soon"])
+def test_bad_wait_is_a_422_naming_it(client, wait):
+    job = _submit(client, {"inputs": "Hello"}).get_json()
+    response = client.get(f"/api/v1/jobs/{job['id']}?wait={wait}")
+    assert response.status_code == 422 and response.get_json()["error"]["fields"][0]["name"] == "wait"
