@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.schema import FinishReason, GenerateParameters
+from worker.kvcache import growing_cache, with_room
 from worker.sampling import RowSampling, TokenChooser
 
 
@@ -113,7 +114,13 @@ class Batch:
         now = time.perf_counter()
         for seq in seqs:
             seq.started_at = seq.started_at or now  # model time includes the prefill
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=growing_cache(model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         seen = torch.zeros((len(seqs), vocab_size), dtype=torch.bool, device=device)
         # Padding columns scatter into the pad id's slot with a 0 count, so they mark nothing as seen.
         counts = torch.zeros((len(seqs), vocab_size), dtype=torch.long, device=device)
@@ -147,9 +154,15 @@ class Batch:
         index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
         mask = self.attention_mask.index_select(0, index)
         first = int(mask.any(dim=0).long().argmax())  # leftmost column some remaining row uses
+        length = self.length - first
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+            # One copy per tensor, straight into storage with room for the next tokens.
+            keys, values = layer.keys, layer.values
+            new_k = with_room((len(keep), keys.shape[1], length, keys.shape[3]), keys)
+            new_v = with_room((len(keep), values.shape[1], length, values.shape[3]), values)
+            torch.index_select(keys[:, :, first:, :], 0, index, out=new_k[:, :, :length, :])
+            torch.index_select(values[:, :, first:, :], 0, index, out=new_v[:, :, :length, :])
+            layer.replace(new_k, new_v, length)
         seqs = [self.seqs[i] for i in keep]
         batch = Batch(seqs, mask[:, first:], self.cache, self.logits.index_select(0, index),
                       self.seen.index_select(0, index))
@@ -163,17 +176,23 @@ class Batch:
             return batches[0]
         width = max(b.length for b in batches)
         masks = [F.pad(b.attention_mask, (width - b.length, 0)) for b in batches]
+        seqs = [s for b in batches for s in b.seqs]
         cache = batches[0].cache
         for index, layer in enumerate(cache.layers):
-            parts_k, parts_v = [], []
+            first_k = layer.keys
+            shape = (len(seqs), first_k.shape[1], width, first_k.shape[3])
+            new_k, new_v = with_room(shape, first_k), with_room(shape, layer.values)
+            row = 0
             for b in batches:
                 other = b.cache.layers[index]
-                pad = (0, 0, width - b.length, 0)  # zeros on the left of the length dimension
-                parts_k.append(F.pad(other.keys, pad))
-                parts_v.append(F.pad(other.values, pad))
-            layer.keys = torch.cat(parts_k, dim=0)
-            layer.values = torch.cat(parts_v, dim=0)
-        seqs = [s for b in batches for s in b.seqs]
+                rows, offset = len(b), width - b.length
+                # Left padding: zeros (masked out by the attention mask), then this batch's cache.
+                new_k[row : row + rows, :, :offset].zero_()
+                new_v[row : row + rows, :, :offset].zero_()
+                new_k[row : row + rows, :, offset:width] = other.keys
+                new_v[row : row + rows, :, offset:width] = other.values
+                row += rows
+            layer.replace(new_k, new_v, width)
         return cls(
             seqs,
             torch.cat(masks, dim=0),
