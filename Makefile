@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench redis-server clean
+.PHONY: install run test tiny bench redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,17 +15,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Install redis-server from the distribution when it is missing (needs root or sudo).
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+
+# System packages the tests need, installed from the distribution when missing (needs root or sudo):
+# redis-server for every end-to-end test, chromium for the browser tests (Playwright drives it; it cannot
+# download its own browsers here), wrk for the intake benchmark.
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "installing redis-server"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server"; $(APT_INSTALL) redis-server >/dev/null; }
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium"; $(APT_INSTALL) chromium >/dev/null; }
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; $(APT_INSTALL) wrk >/dev/null; }
 
 run: install redis-server
 	$(PY) scripts/stack.py
 
-test: install redis-server
+test: install redis-server chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # A tiny random BLOOM checkpoint to try the stack without downloading weights.
@@ -33,7 +41,7 @@ tiny: install
 	$(PY) -m worker.tiny $(TINY_DIR)
 
 # Benchmarks print tables and append them to bench/RESULTS.md; they never run in CI.
-bench: install redis-server
+bench: install redis-server wrk
 	$(PY) bench/throughput.py $(BENCH_ARGS)
 
 clean:

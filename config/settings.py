@@ -56,7 +56,7 @@ def _port(raw: str) -> int:
     return value
 
 
-def _model_list(raw: str) -> tuple[str, ...]:
+def _comma_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
@@ -96,6 +96,10 @@ class Settings:
     max_batch_size: int = 32
     max_batch_total_tokens: int | None = None
     batch_wait_ms: float = 0.0
+    max_job_seconds: float = 3600.0
+    webhook_secret: str = field(default="", repr=False)
+    webhook_allow: tuple[str, ...] = ()
+    stream_max_seconds: float = 300.0
     secret_key: str = field(default="", repr=False)
 
     @classmethod
@@ -106,7 +110,7 @@ class Settings:
         return cls(
             redis_url=_read(env, "BLOOMQ_REDIS_URL", d.redis_url, str),
             model=_read(env, "BLOOMQ_MODEL", d.model, str),
-            extra_models=_read(env, "BLOOMQ_MODELS", d.extra_models, _model_list),
+            extra_models=_read(env, "BLOOMQ_MODELS", d.extra_models, _comma_list),
             host=_read(env, "BLOOMQ_HOST", d.host, str),
             port=_read(env, "BLOOMQ_PORT", d.port, _port),
             job_retention_seconds=_read(env, "BLOOMQ_JOB_RETENTION", d.job_retention_seconds, _positive_int),
@@ -122,6 +126,10 @@ class Settings:
             max_batch_size=_read(env, "BLOOMQ_MAX_BATCH_SIZE", d.max_batch_size, _positive_int),
             max_batch_total_tokens=_read(env, "BLOOMQ_MAX_BATCH_TOTAL_TOKENS", d.max_batch_total_tokens, _positive_int),
             batch_wait_ms=_read(env, "BLOOMQ_BATCH_WAIT_MS", d.batch_wait_ms, _non_negative_float),
+            max_job_seconds=_read(env, "BLOOMQ_MAX_JOB_SECONDS", d.max_job_seconds, _positive_float),
+            webhook_secret=_read(env, "BLOOMQ_WEBHOOK_SECRET", d.webhook_secret, str),
+            webhook_allow=_read(env, "BLOOMQ_WEBHOOK_ALLOW", d.webhook_allow, _comma_list),
+            stream_max_seconds=_read(env, "BLOOMQ_STREAM_MAX_SECONDS", d.stream_max_seconds, _positive_float),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
         )
 

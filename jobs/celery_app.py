@@ -7,6 +7,9 @@ from celery import Celery
 from config.settings import Settings
 
 TASK_GENERATE = "bloomq.generate"
+TASK_WEBHOOK = "bloomq.webhook"
+WEBHOOK_QUEUE = "bloomq.webhooks"
+WEBHOOK_RETRIES = 4  # 5 attempts in all, 2, 4, 8 and 16 s apart
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -39,3 +42,8 @@ def make_celery(settings: Settings) -> Celery:
 def send_generate(app: Celery, job_id: str, queue: str) -> None:
     """Queue a generation job by task name (the web never imports the task)."""
     app.send_task(TASK_GENERATE, args=[job_id], queue=queue, routing_key=queue)
+
+
+def send_webhook(app: Celery, job_id: str, event: str) -> None:
+    """Queue a webhook delivery; any worker process delivers it, off the generation path."""
+    app.send_task(TASK_WEBHOOK, args=[job_id, event], queue=WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)

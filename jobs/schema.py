@@ -5,13 +5,15 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63
+API_JOBS_PATH = "/api/v1/jobs"  # where the web serves job resources
+PAGE_JOBS_PATH = "/jobs"  # where the web serves job pages
 
 
 def utcnow() -> datetime:
@@ -45,6 +47,12 @@ class FinishReason(str, Enum):
     LENGTH = "length"
     EOS_TOKEN = "eos_token"
     STOP_SEQUENCE = "stop_sequence"
+    CANCELED = "canceled"
+    TIMEOUT = "timeout"
+
+
+# When a job's webhook is called.
+WebhookEvent = Literal["started", "completed"]
 
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
@@ -103,6 +111,13 @@ class JobRequest(BaseModel):
     inputs: Annotated[str, StringConstraints(min_length=1)] = Field(description="The prompt.")
     model: str | None = Field(None, description="A model name; the default model when absent.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds from submission after which the job is stopped (capped by the server)."
+    )
+    webhook: str | None = Field(None, max_length=2048, description="http(s) URL to POST the job resource to.")
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["completed"], max_length=2, description="When to call the webhook."
+    )
 
 
 class JobOutput(BaseModel):
@@ -145,8 +160,12 @@ class Job(BaseModel):
     metrics: JobMetrics = Field(default_factory=JobMetrics)
     worker: str | None = None
     attempts: int = Field(0, description="How many times a worker has started this job.")
+    deadline: datetime | None = Field(None, description="When the job is stopped if not finished.")
+    cancel_requested: bool = False
+    webhook: str | None = None
+    webhook_events: list[WebhookEvent] = Field(default_factory=list)
 
-    @field_serializer("created_at", "started_at", "finished_at")
+    @field_serializer("created_at", "started_at", "finished_at", "deadline")
     def _iso_utc(self, value: datetime | None) -> str | None:
         if value is None:
             return None
@@ -161,10 +180,10 @@ class Job(BaseModel):
         """Inverse of :meth:`to_json`."""
         return cls.model_validate_json(raw)
 
-    def to_resource(self, self_url: str, page_url: str) -> dict[str, Any]:
-        """The public JSON resource, with links."""
+    def to_resource(self) -> dict[str, Any]:
+        """The public JSON resource, with links (paths on the web app)."""
         body = self.model_dump(mode="json")
-        body["urls"] = {"self": self_url, "page": page_url}
+        body["urls"] = {"self": f"{API_JOBS_PATH}/{self.id}", "page": f"{PAGE_JOBS_PATH}/{self.id}"}
         return body
 
 

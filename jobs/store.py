@@ -4,14 +4,20 @@ Celery only carries job ids; every job record lives here under ``bloomq:job:<id>
 ``status`` and the JSON ``doc``), expiring ``retention`` seconds after its last write. Transitions are
 optimistic transactions (WATCH/MULTI) so that a job gets exactly one final result even when a message is
 delivered twice.
+
+Each job also has an event log, a capped Redis Stream ``bloomq:job-stream:<id>`` (``status``, ``token``
+and a final ``done`` event), written in the same transaction as the record, which is what streaming
+clients read and resume from (``Last-Event-ID`` = the stream entry id).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import redis
 
@@ -21,6 +27,10 @@ log = logging.getLogger(__name__)
 
 JOB_KEY_PREFIX = "bloomq:job:"
 JOB_EVENTS_PREFIX = "bloomq:job-events:"
+JOB_STREAM_PREFIX = "bloomq:job-stream:"
+DEADLINES_KEY = "bloomq:deadlines"
+CANCEL_CHANNEL = "bloomq:cancels"
+STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
 
 def job_key(job_id: str) -> str:
@@ -31,6 +41,11 @@ def job_key(job_id: str) -> str:
 def job_events_channel(job_id: str) -> str:
     """The pub/sub channel that announces a job's status changes."""
     return f"{JOB_EVENTS_PREFIX}{job_id}"
+
+
+def job_stream_key(job_id: str) -> str:
+    """The Redis Stream holding a job's events."""
+    return f"{JOB_STREAM_PREFIX}{job_id}"
 
 
 def connect(url: str) -> redis.Redis:
@@ -44,6 +59,14 @@ def connect(url: str) -> redis.Redis:
     )
 
 
+class CancelOutcome:
+    """What a cancel request did."""
+
+    CANCELED = "canceled"  # it was queued: it will never run
+    REQUESTED = "cancel_requested"  # it is running: the worker stops it within one step
+    ALREADY_FINAL = "already_final"  # nothing to do
+
+
 class JobStore:
     """Create, read and advance job records."""
 
@@ -51,17 +74,7 @@ class JobStore:
         self.redis = client
         self.retention_seconds = retention_seconds
 
-    def create(self, job: Job) -> None:
-        """Store a new job (status queued)."""
-        key = job_key(job.id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"status": job.status.value, "doc": job.to_json()})
-        pipe.expire(key, self.retention_seconds)
-        pipe.execute()
-
-    def delete(self, job_id: str) -> None:
-        """Remove a job record (used when its message could not be queued)."""
-        self.redis.delete(job_key(job_id))
+    # -- reading -----------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it is unknown or expired."""
@@ -86,13 +99,47 @@ class JobStore:
         finally:
             pubsub.close()
 
+    def read_events(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str, str]]:
+        """Events after stream id ``after`` as (id, event, data), waiting up to ``block_ms`` for one."""
+        reply = self.redis.xread({job_stream_key(job_id): after}, count=200, block=block_ms)
+        events = []
+        for _key, entries in reply or []:
+            for entry_id, fields in entries:
+                events.append((_text(entry_id), _text(fields[b"event"]), _text(fields[b"data"])))
+        return events
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def create(self, job: Job) -> None:
+        """Store a new job (status queued)."""
+        key = job_key(job.id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={"status": job.status.value, "doc": job.to_json()})
+        pipe.expire(key, self.retention_seconds)
+        self._event(pipe, job.id, "status", {"status": job.status.value})
+        if job.deadline is not None:
+            pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
+        pipe.execute()
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job record (used when its message could not be queued)."""
+        self.redis.delete(job_key(job_id), job_stream_key(job_id))
+        self.redis.zrem(DEADLINES_KEY, job_id)
+
     def start(self, job_id: str, worker: str) -> Job | None:
-        """Mark a job running on ``worker``; None when it is unknown or already has its final result."""
+        """Mark a job running on ``worker``.
+
+        None when it is unknown or already has its final result; a job whose deadline passed while it
+        was queued comes back ``failed`` (expired) instead of running.
+        """
 
         def mutate(job: Job) -> Job | None:
             if job.status.terminal:
                 return None
             now = utcnow()
+            if job.status is JobStatus.QUEUED and job.deadline is not None and job.deadline <= now:
+                error = JobError(type="expired", message="the job was still queued at its deadline")
+                return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": error})
             metrics = job.metrics
             if job.attempts == 0:
                 metrics = metrics.model_copy(update={"queue_seconds": _seconds(job.created_at, now)})
@@ -108,19 +155,84 @@ class JobStore:
 
         return self._update(job_id, mutate)
 
+    def progress(self, job_id: str, output: JobOutput) -> Job | None:
+        """Record partial output of a running job; returns the job (to see a cancel request)."""
+
+        def mutate(job: Job) -> Job | None:
+            if job.status is not JobStatus.RUNNING:
+                return None
+            return job.model_copy(update={"output": output})
+
+        return self._update(job_id, mutate, status_event=False) or self.get(job_id)
+
+    def append_text(self, job_id: str, delta: str, index: int) -> None:
+        """A ``token`` event: new text, and how many tokens have been generated so far."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._event(pipe, job_id, "token", {"text": delta, "index": index})
+        pipe.execute()
+
     def succeed(self, job_id: str, output: JobOutput, inference_seconds: float) -> Job | None:
         """Record the final output; None when the job already had a final result (it is kept)."""
-        per_token = round(inference_seconds / output.generated_tokens, 9) if output.generated_tokens else None
-        return self._finish(
-            job_id,
-            JobStatus.SUCCEEDED,
-            output=output,
-            metrics={"inference_seconds": inference_seconds, "seconds_per_token": per_token},
-        )
+        return self._finish(job_id, JobStatus.SUCCEEDED, output=output, metrics=_model_metrics(output, inference_seconds))
 
-    def fail(self, job_id: str, error: JobError, inference_seconds: float | None = None) -> Job | None:
-        """Record a failure; None when the job already had a final result (it is kept)."""
-        return self._finish(job_id, JobStatus.FAILED, error=error, metrics={"inference_seconds": inference_seconds})
+    def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        inference_seconds: float | None = None,
+        output: JobOutput | None = None,
+    ) -> Job | None:
+        """Record a failure (with any partial output); None when the job already had a final result."""
+        metrics = _model_metrics(output, inference_seconds) if output else {"inference_seconds": inference_seconds}
+        return self._finish(job_id, JobStatus.FAILED, error=error, output=output, metrics=metrics)
+
+    def cancel(self, job_id: str) -> tuple[Job | None, str]:
+        """Cancel a job: a queued one at once, a running one by asking its worker. Idempotent."""
+        outcome = CancelOutcome.ALREADY_FINAL
+
+        def mutate(job: Job) -> Job | None:
+            nonlocal outcome
+            if job.status.terminal:
+                outcome = CancelOutcome.ALREADY_FINAL
+                return None
+            if job.status is JobStatus.QUEUED:
+                outcome = CancelOutcome.CANCELED
+                return job.model_copy(update={"status": JobStatus.CANCELED, "finished_at": utcnow()})
+            outcome = CancelOutcome.REQUESTED
+            return job.model_copy(update={"cancel_requested": True})
+
+        updated = self._update(job_id, mutate)
+        if outcome == CancelOutcome.REQUESTED:
+            self.redis.publish(CANCEL_CHANNEL, job_id)
+        return (updated or self.get(job_id)), outcome
+
+    def finish_canceled(self, job_id: str, output: JobOutput, inference_seconds: float) -> Job | None:
+        """A running job stopped on request, with the text it had so far."""
+        return self._finish(job_id, JobStatus.CANCELED, output=output, metrics=_model_metrics(output, inference_seconds))
+
+    def expire_overdue(self, now: datetime | None = None) -> list[str]:
+        """Fail queued jobs whose deadline has passed (``error.type = "expired"``); return their ids."""
+        cutoff = (now or utcnow()).timestamp()
+        expired = []
+        for raw in self.redis.zrangebyscore(DEADLINES_KEY, "-inf", cutoff, start=0, num=500):
+            job_id = _text(raw)
+            if self.expire_if_queued(job_id) is not None:
+                expired.append(job_id)
+            self.redis.zrem(DEADLINES_KEY, job_id)
+        return expired
+
+    def expire_if_queued(self, job_id: str) -> Job | None:
+        """Fail a job that is still queued past its deadline; None when it is not."""
+        error = JobError(type="expired", message="the job was still queued at its deadline")
+
+        def mutate(job: Job) -> Job | None:
+            if job.status is not JobStatus.QUEUED or job.deadline is None or job.deadline > utcnow():
+                return None
+            return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": utcnow(), "error": error})
+
+        return self._update(job_id, mutate)
+
+    # -- internals ---------------------------------------------------------------------------------
 
     def _finish(
         self,
@@ -129,7 +241,7 @@ class JobStore:
         *,
         output: JobOutput | None = None,
         error: JobError | None = None,
-        metrics: dict[str, float | None],
+        metrics: dict[str, Any],
     ) -> Job | None:
         def mutate(job: Job) -> Job | None:
             if job.status.terminal:
@@ -147,7 +259,7 @@ class JobStore:
 
         return self._update(job_id, mutate)
 
-    def _update(self, job_id: str, mutate: Callable[[Job], Job | None]) -> Job | None:
+    def _update(self, job_id: str, mutate: Callable[[Job], Job | None], status_event: bool = True) -> Job | None:
         """Apply ``mutate`` atomically; a concurrent writer makes us re-read and try again."""
         key = job_key(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -158,19 +270,43 @@ class JobStore:
                     if raw is None:
                         pipe.unwatch()
                         return None
-                    updated = mutate(Job.from_json(raw))
+                    before = Job.from_json(raw)
+                    updated = mutate(before)
                     if updated is None:
                         pipe.unwatch()
                         return None
                     pipe.multi()
                     pipe.hset(key, mapping={"status": updated.status.value, "doc": updated.to_json()})
                     pipe.expire(key, self.retention_seconds)
+                    if status_event and (updated.status != before.status or updated.cancel_requested != before.cancel_requested):
+                        self._event(pipe, job_id, "status", {"status": updated.status.value,
+                                                             "cancel_requested": updated.cancel_requested})
+                    if updated.status.terminal:
+                        self._event(pipe, job_id, "done", updated.model_dump(mode="json"))
+                        pipe.zrem(DEADLINES_KEY, job_id)
                     pipe.publish(job_events_channel(job_id), updated.status.value)
                     pipe.execute()
                     return updated
                 except redis.WatchError:
                     continue
 
+    def _event(self, pipe: Any, job_id: str, event: str, data: dict[str, Any]) -> None:
+        stream = job_stream_key(job_id)
+        payload = json.dumps(data, ensure_ascii=False)
+        pipe.xadd(stream, {"event": event, "data": payload}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.expire(stream, self.retention_seconds)
+
+
+def _model_metrics(output: JobOutput | None, inference_seconds: float | None) -> dict[str, float | None]:
+    tokens = output.generated_tokens if output else 0
+    per_token = round(inference_seconds / tokens, 9) if inference_seconds is not None and tokens else None
+    return {"inference_seconds": inference_seconds, "seconds_per_token": per_token}
+
 
 def _seconds(start: datetime, end: datetime) -> float:
     return round((end - start).total_seconds(), 6)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 from pydantic import ValidationError
 
 from jobs.schema import Job, JobRequest
+from jobs.store import CancelOutcome
 from web.errors import ApiError, validation_error
 from web.service import JobService
 
@@ -25,10 +30,7 @@ def service() -> JobService:
 
 def job_resource(job: Job) -> dict[str, Any]:
     """A job as the API shows it, with its links."""
-    return job.to_resource(
-        self_url=url_for("api.get_job", job_id=job.id),
-        page_url=url_for("views.job_page", job_id=job.id),
-    )
+    return job.to_resource()
 
 
 def read_json_object() -> dict[str, Any]:
@@ -50,9 +52,13 @@ def submit_job() -> Response:
         job_request = JobRequest.model_validate(read_json_object())
     except ValidationError as exc:
         raise validation_error(exc) from None
-    job = service().submit(job_request)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
+    job, created = service().submit(job_request, idempotency_key=key)
     response = jsonify(job_resource(job))
-    response.status_code = 202
+    # 202: a new job was queued; 200: the same Idempotency-Key and body already made this job.
+    response.status_code = 202 if created else 200
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)
     return response
 
@@ -63,8 +69,7 @@ MAX_WAIT_SECONDS = 60
 @api.get(f"{PREFIX}/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
     """The job resource, or 404. ``?wait=N`` (N <= 60) answers once the job is final or N seconds pass."""
-    if not _is_uuid(job_id):
-        raise ApiError(404, "not_found", f"no job {job_id!r}: job ids are UUIDs")
+    _require_uuid(job_id)
     wait = _wait_seconds(request.args.get("wait"))
     svc = service()
     job = svc.get(job_id) if wait == 0 else svc.wait(job_id, wait)
@@ -86,6 +91,57 @@ def _wait_seconds(raw: str | None) -> float:
             [{"name": "wait", "message": f"must be a number between 0 and {MAX_WAIT_SECONDS}"}],
         )
     return value
+
+
+CANCEL_MESSAGES = {
+    CancelOutcome.CANCELED: "the job was queued; it will not run",
+    CancelOutcome.REQUESTED: "the job is running; its worker stops it within one decode step",
+    CancelOutcome.ALREADY_FINAL: "the job had already finished; nothing was changed",
+}
+
+
+@api.post(f"{PREFIX}/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    """Cancel a job. Idempotent; says what it did."""
+    _require_uuid(job_id)
+    job, outcome = service().cancel(job_id)
+    response = jsonify({"outcome": outcome, "message": CANCEL_MESSAGES[outcome], "job": job_resource(job)})
+    response.status_code = 202 if outcome == CancelOutcome.REQUESTED else 200
+    return response
+
+
+@api.get(f"{PREFIX}/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """Server-Sent Events: ``status``, ``token`` and a final ``done``; resumable with Last-Event-ID."""
+    _require_uuid(job_id)
+    svc = service()
+    svc.get(job_id)  # 404 before the stream starts
+    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    if not _STREAM_ID.match(after):
+        raise ApiError(422, "validation_error", "Last-Event-ID is not an event id of this stream",
+                       [{"name": "Last-Event-ID", "message": "expected an id like 1700000000000-0"}])
+    max_seconds = svc.settings.stream_max_seconds
+
+    def generate() -> Iterator[str]:
+        yield "retry: 1000\n\n"
+        cursor, ends = after, time.monotonic() + max_seconds
+        while time.monotonic() < ends:
+            events = svc.store.read_events(job_id, cursor, block_ms=5000)
+            if not events:
+                yield ": keep-alive\n\n"
+                continue
+            for event_id, event, data in events:
+                cursor = event_id
+                if event == "done":
+                    data = json.dumps(Job.model_validate_json(data).to_resource(), ensure_ascii=False)
+                yield f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
+                if event == "done":
+                    return
+        # Close long streams so no server thread is held forever; EventSource reconnects with
+        # Last-Event-ID and picks up where this left off.
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
 
 
 @api.get(f"{PREFIX}/models")
@@ -114,6 +170,14 @@ def readyz() -> tuple[Response, int]:
     except redis.RedisError as exc:
         return jsonify({"status": "unavailable", "reasons": [f"redis: {exc}"]}), 503
     return jsonify({"status": "ready", "reasons": []}), 200
+
+
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def _require_uuid(job_id: str) -> None:
+    if not _is_uuid(job_id):
+        raise ApiError(404, "not_found", f"no job {job_id!r}: job ids are UUIDs")
 
 
 def _is_uuid(value: str) -> bool:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -11,7 +14,8 @@ from celery import Celery
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.celery_app import send_generate
-from jobs.schema import Job, JobRequest, new_job_id
+from jobs.schema import Job, JobRequest, JobStatus, new_job_id, utcnow
+from jobs.webhooks import WebhookURLError, check_url
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 from web.errors import ApiError
@@ -29,25 +33,87 @@ class JobService:
     directory: WorkerDirectory
     celery: Celery
 
-    def submit(self, request: JobRequest) -> Job:
-        """Validate ``request`` against its model, store it queued and send it to the model's queue."""
+    def submit(self, request: JobRequest, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Validate ``request``, store it queued and send it to its model's queue.
+
+        Returns the job and whether it is new: with an ``idempotency_key`` already used for the same
+        request, the earlier job comes back instead (``False``); for another request, a 409.
+        """
         spec = self._model_for(request.model)
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
         _check_limits(spec, params.max_new_tokens, params.max_length)
-        job = Job(id=new_job_id(), model=spec.name, inputs=request.inputs, parameters=params)
+        self._check_webhook(request)
+        timeout = min(request.timeout or self.settings.max_job_seconds, self.settings.max_job_seconds)
+        if request.timeout is not None and request.timeout > self.settings.max_job_seconds:
+            raise ApiError(422, "validation_error", "timeout is over the server's maximum", [
+                {"name": "timeout", "message": f"must be <= {self.settings.max_job_seconds:g} seconds"}])
+        job = Job(
+            id=new_job_id(),
+            model=spec.name,
+            inputs=request.inputs,
+            parameters=params,
+            webhook=request.webhook,
+            webhook_events=list(request.webhook_events) if request.webhook else [],
+        )
+        job = job.model_copy(update={"deadline": job.created_at + timedelta(seconds=timeout)})
+        if idempotency_key is not None:
+            earlier = self._claim_idempotency_key(idempotency_key, request, job.id)
+            if earlier is not None:
+                return earlier, False
         self.store.create(job)
         try:
             send_generate(self.celery, job.id, spec.queue)
         except Exception:
             # Nothing half-written: a job that could not be queued is not left behind as "queued".
             self.store.delete(job.id)
+            if idempotency_key is not None:
+                self.store.redis.delete(_idempotency_redis_key(idempotency_key))
             raise
         log.info("job %s: queued for %s", job.id, spec.name)
+        return job, True
+
+    def cancel(self, job_id: str) -> tuple[Job, str]:
+        """Cancel a job (see JobStore.cancel); a 404 ApiError when unknown."""
+        job, outcome = self.store.cancel(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
+        return job, outcome
+
+    def _claim_idempotency_key(self, key: str, request: JobRequest, job_id: str) -> Job | None:
+        """Bind ``key`` to this request; the earlier job when the key was already bound to it."""
+        fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        redis_key = _idempotency_redis_key(key)
+        record = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
+        if self.store.redis.set(redis_key, record, nx=True, ex=self.settings.job_retention_seconds):
+            return None
+        raw = self.store.redis.get(redis_key)
+        earlier = json.loads(raw) if raw else None
+        if earlier is None:  # expired between the two calls: claim it again
+            return self._claim_idempotency_key(key, request, job_id)
+        if earlier["fingerprint"] != fingerprint:
+            raise ApiError(409, "idempotency_conflict",
+                           "this Idempotency-Key was already used with a different request body")
+        job = self.store.get(earlier["job_id"])
+        if job is None:
+            raise ApiError(409, "idempotency_conflict", "this Idempotency-Key's job is being created; retry")
         return job
 
+    def _check_webhook(self, request: JobRequest) -> None:
+        if request.webhook is None:
+            return
+        if not self.settings.webhook_secret:
+            raise ApiError(422, "validation_error", "webhooks are not enabled on this server", [
+                {"name": "webhook", "message": "webhooks are disabled: the server has no BLOOMQ_WEBHOOK_SECRET"}])
+        try:
+            check_url(request.webhook, self.settings.webhook_allow)
+        except WebhookURLError as exc:
+            raise ApiError(422, "validation_error", str(exc), [{"name": "webhook", "message": str(exc)}]) from None
+
     def get(self, job_id: str) -> Job:
-        """The job, or a 404 ApiError."""
+        """The job, or a 404 ApiError. A queued job past its deadline is expired on the spot."""
         job = self.store.get(job_id)
+        if job is not None and job.status is JobStatus.QUEUED and job.deadline and job.deadline <= utcnow():
+            job = self.store.expire_if_queued(job_id) or self.store.get(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
         return job
@@ -102,6 +168,10 @@ class JobService:
                 [{"name": "model", "message": f"unknown model {name!r}; known models: {known}"}],
             )
         return spec
+
+
+def _idempotency_redis_key(key: str) -> str:
+    return "bloomq:idempotency:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def _check_limits(spec: ModelSpec, max_new_tokens: int | None, max_length: int | None) -> None:

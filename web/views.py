@@ -72,7 +72,7 @@ def submit_form() -> Response | tuple[str, int]:
     body, errors = form_to_request(request.form)
     if not errors:
         try:
-            job = _service().submit(JobRequest.model_validate(body))
+            job, _created = _service().submit(JobRequest.model_validate(body))
             return redirect(url_for("views.job_page", job_id=job.id), code=303)
         except ValidationError as exc:
             errors = {f["name"]: f["message"] for f in field_errors(exc)}
@@ -90,4 +90,10 @@ def submit_form() -> Response | tuple[str, int]:
 def job_page(job_id: str) -> str:
     """One job: status, then text, refreshed in place."""
     job = _service().get(job_id)
-    return render_template("job.html", job=job, api_url=url_for("api.get_job", job_id=job.id))
+    return render_template(
+        "job.html",
+        job=job,
+        api_url=url_for("api.get_job", job_id=job.id),
+        events_url=url_for("api.job_events", job_id=job.id),
+        cancel_url=url_for("api.cancel_job", job_id=job.id),
+    )

@@ -45,6 +45,8 @@ class Sequence:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
+    deadline: float | None = None  # time.perf_counter() value after which the sequence is stopped
+    cancelled: bool = False  # set by another thread; the engine stops the sequence at its next step
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None

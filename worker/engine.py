@@ -126,14 +126,40 @@ class Engine:
         seq.done.wait()
         return self.result(seq)
 
-    def submit(self, prompt: str, params: GenerateParameters) -> Sequence:
-        """Validate and queue a request; the returned sequence's ``done`` is set when it finishes."""
+    def submit(self, prompt: str, params: GenerateParameters, timeout: float | None = None) -> Sequence:
+        """Validate and queue a request; the returned sequence's ``done`` is set when it finishes.
+
+        ``timeout``: seconds from now after which the sequence is stopped (finish reason ``timeout``),
+        keeping the text it has.
+        """
         seq = self._prepare(prompt, params)
+        if timeout is not None:
+            seq.deadline = time.perf_counter() + timeout
         with self._cond:
             self._waiting.append(seq)
             self._cond.notify_all()
         self._ensure_running()
         return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` at the engine's next step (or before it starts), keeping its text so far."""
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def partial_text(self, seq: Sequence) -> str:
+        """The text generated so far, safe to show while the sequence runs.
+
+        Holds back an incomplete UTF-8 character at the end, and enough characters to hide a stop
+        sequence that may be only partly generated yet.
+        """
+        text = self.tokenizer.decode(list(seq.tokens), skip_special_tokens=True)
+        if seq.stop:
+            cut = _first_stop(text, seq.stop)
+            if cut is not None:
+                return text[:cut]
+            text = text[: max(0, len(text) - (max(len(s) for s in seq.stop) - 1))]
+        return text.rstrip("\ufffd")
 
     def result(self, seq: Sequence) -> GenerationResult:
         """The finished sequence as a result, or its error raised."""
@@ -230,6 +256,9 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting sequences into the batch, as many as the batch size and memory budget allow."""
         with self._cond:
+            for seq in [s for s in self._waiting if self._stop_reason(s) is not None]:
+                self._waiting.remove(seq)
+                seq.finish(self._stop_reason(seq))
             if not self._waiting:
                 return
             if self.batch is None:
@@ -326,7 +355,20 @@ class Engine:
         with self._cond:
             self._waiting.extendleft(reversed(seqs))
 
+    @staticmethod
+    def _stop_reason(seq: Sequence) -> FinishReason | None:
+        """Canceled or out of time: stop whatever the model says."""
+        if seq.cancelled:
+            return FinishReason.CANCELED
+        if seq.deadline is not None and time.perf_counter() >= seq.deadline:
+            return FinishReason.TIMEOUT
+        return None
+
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        stopped = self._stop_reason(seq)
+        if stopped is not None:
+            seq.tokens.pop()  # the token chosen in this step is not kept: the job ended before it
+            return stopped
         if token == seq.eos_token_id:
             return FinishReason.EOS_TOKEN
         if seq.stop:
@@ -338,6 +380,8 @@ class Engine:
         return None
 
     def _final_text(self, seq: Sequence, reason: FinishReason) -> str:
+        if reason in (FinishReason.CANCELED, FinishReason.TIMEOUT):
+            return self.partial_text(seq)
         text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         if reason is FinishReason.STOP_SEQUENCE:
             cut = _first_stop(text, seq.stop)

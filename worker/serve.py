@@ -14,48 +14,18 @@ import logging
 import os
 import socket
 import sys
-import threading
 
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
-from jobs.celery_app import make_celery
+from jobs.celery_app import WEBHOOK_QUEUE, make_celery
 from jobs.store import JobStore, connect
+from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
+from worker.housekeeping import CancelListener, DeadlineReaper, Heartbeat
 
 log = logging.getLogger("bloomq.worker")
 
-
-class Heartbeat:
-    """Refreshes this worker's announcement in Redis until stopped."""
-
-    def __init__(self, directory: WorkerDirectory, info: WorkerInfo, interval: float) -> None:
-        self.directory = directory
-        self.info = info
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bloomq-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        """Announce now and keep announcing."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop announcing and withdraw the record."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.interval + 1)
-        try:
-            self.directory.withdraw(self.info.name)
-        except Exception:  # Redis may be the reason we are stopping
-            log.warning("could not withdraw worker record %s", self.info.name, exc_info=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.directory.announce(self.info, ttl_seconds=self.interval * 3)
-            except Exception:
-                log.warning("heartbeat to Redis failed; retrying", exc_info=True)
-            self._stop.wait(self.interval)
+WEBHOOK_THREADS = 2  # pool threads beyond the batch, so webhook deliveries never take a batch slot
 
 
 def default_worker_name(model: str, device: str) -> str:
@@ -93,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     # subscribed to the queue, so the model's jobs stay queued for a worker that can serve them.
     device = pick_device(args.device)
     loaded = load_model(spec, device, settings.dtype)
-    device_label = "cpu" if device.type == "cpu" else "gpu" + os.environ.get("CUDA_VISIBLE_DEVICES", "0")
-    name = args.name or default_worker_name(spec.name, device_label)
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
+    name = args.name or default_worker_name(spec.name, "cpu" if device.type == "cpu" else f"gpu{gpu}")
 
-    client = connect(settings.redis_url)
     engine = Engine(
         loaded,
         spec,
@@ -107,25 +76,31 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     log.info("engine: up to %d jobs per batch, %d KV token slots", settings.max_batch_size, engine.max_slots)
-    runner = JobRunner(JobStore(client, settings.job_retention_seconds), engine, name)
+    client = connect(settings.redis_url)
+    store = JobStore(client, settings.job_retention_seconds)
     app = make_celery(settings)
-    register_tasks(app, runner)
+    runner = JobRunner(store, engine, name, celery=app)
+    register_tasks(app, runner, WebhookSender(store, settings.webhook_secret, settings.webhook_allow))
 
     info = WorkerInfo(
         name=name,
         model=spec.name,
         host=socket.gethostname(),
-        device=str(device) if device.type == "cpu" else f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '0')}",
+        device="cpu" if device.type == "cpu" else f"cuda:{gpu}",
         dtype=str(loaded.dtype).removeprefix("torch."),
         pid=os.getpid(),
         batch_capacity=settings.max_batch_size,
     )
-    heartbeat = Heartbeat(WorkerDirectory(client), info, settings.heartbeat_seconds)
+    background = [
+        Heartbeat(WorkerDirectory(client), info, settings.heartbeat_seconds),
+        CancelListener(client, runner.cancel),
+        DeadlineReaper(store),
+    ]
 
     from celery.signals import worker_ready
 
     # Announce only once the consumer is subscribed, so "live" means "will take a job now".
-    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+    worker_ready.connect(lambda **_: [b.start() for b in background], weak=False)
     log.info("worker %s serving %s on queue %s", name, spec.name, spec.queue)
     try:
         app.worker_main(
@@ -134,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Threads, never a fork: the model is already loaded (maybe on CUDA) in this process. Each
                 # thread hands its job to the one engine thread, which batches them.
                 "--pool=threads",
-                f"--concurrency={settings.max_batch_size}",
-                f"--queues={spec.queue}",
+                f"--concurrency={settings.max_batch_size + WEBHOOK_THREADS}",
+                f"--queues={spec.queue},{WEBHOOK_QUEUE}",
                 f"--hostname={name}",
                 f"--loglevel={settings.log_level}",
                 "--without-gossip",
@@ -143,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     finally:
-        heartbeat.stop()
+        for item in background:
+            item.stop()
         engine.stop()
     return 0
 

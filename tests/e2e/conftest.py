@@ -79,3 +79,11 @@ def stack(request, tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory) -> Path:
+    """A bigger random BLOOM (~10 ms a token here), so a long job is still running when we act on it."""
+    from worker.tiny import build_tiny_bloom
+
+    return build_tiny_bloom(tmp_path_factory.mktemp("models") / "slow-bloom", hidden_size=512, n_layer=8, n_head=8)

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import redis
 import requests
 
 from tests.e2e.conftest import make_stack
 from tests.support import wait_for, wait_for_job
-from worker.tiny import build_tiny_bloom
-
-
-@pytest.fixture(scope="module")
-def slow_model_dir(tmp_path_factory):
-    """A bigger random BLOOM (~10 ms a token here), so a long job is still running when it is killed."""
-    return build_tiny_bloom(tmp_path_factory.mktemp("models") / "slow-bloom", hidden_size=512, n_layer=8, n_head=8)
 
 
 def test_worker_killed_mid_job_the_job_still_succeeds_exactly_once(request, tmp_path_factory, slow_model_dir):

@@ -71,10 +71,10 @@ def test_request_needs_a_non_empty_string_prompt():
 def test_job_round_trips_through_json_and_renders_iso_utc():
     job = Job(id=new_job_id(), model="m", inputs="Grüße 你好 مرحبا", parameters=GenerateParameters(seed=3))
     assert Job.from_json(job.to_json()) == job
-    resource = job.to_resource("/api/v1/jobs/x", "/jobs/x")
+    resource = job.to_resource()
     assert resource["created_at"].endswith("Z")
     assert resource["status"] == "queued"
-    assert resource["urls"] == {"self": "/api/v1/jobs/x", "page": "/jobs/x"}
+    assert resource["urls"] == {"self": f"/api/v1/jobs/{job.id}", "page": f"/jobs/{job.id}"}
 
 
 def test_only_final_states_are_terminal():

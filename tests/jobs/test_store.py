@@ -1,3 +1,5 @@
+import json
+
 from jobs.schema import GenerateParameters, Job, JobError, JobOutput, JobStatus, new_job_id
 from jobs.store import JobStore, job_key
 
@@ -56,3 +58,81 @@ def test_finishing_renews_retention(redis_client):
     store.start(job.id, "w")
     store.fail(job.id, JobError(type="internal_error", message="boom"))
     assert redis_client.ttl(job_key(job.id)) > 900
+
+
+def test_cancel_queued_running_and_final(redis_client):
+    from jobs.store import CancelOutcome
+
+    store = JobStore(redis_client, 100)
+    queued = _job()
+    store.create(queued)
+    job, outcome = store.cancel(queued.id)
+    assert outcome == CancelOutcome.CANCELED and job.status is JobStatus.CANCELED
+    assert store.start(queued.id, "w") is None  # a canceled queued job never runs
+
+    running = _job()
+    store.create(running)
+    store.start(running.id, "w")
+    job, outcome = store.cancel(running.id)
+    assert outcome == CancelOutcome.REQUESTED and job.status is JobStatus.RUNNING and job.cancel_requested
+    again, outcome = store.cancel(running.id)
+    assert outcome == CancelOutcome.REQUESTED  # idempotent
+    partial = JobOutput(generated_text="half", generated_tokens=2, finish_reason="canceled")
+    assert store.finish_canceled(running.id, partial, 0.2).status is JobStatus.CANCELED
+    _, outcome = store.cancel(running.id)
+    assert outcome == CancelOutcome.ALREADY_FINAL
+    assert store.get(running.id).output.generated_text == "half"
+
+
+def test_queued_job_past_its_deadline_expires(redis_client):
+    from datetime import timedelta
+
+    from jobs.schema import utcnow
+
+    store = JobStore(redis_client, 100)
+    late = _job().model_copy(update={"deadline": utcnow() - timedelta(seconds=1)})
+    later = _job().model_copy(update={"deadline": utcnow() + timedelta(hours=1)})
+    store.create(late)
+    store.create(later)
+    assert store.expire_overdue() == [late.id]
+    expired = store.get(late.id)
+    assert expired.status is JobStatus.FAILED and expired.error.type == "expired"
+    assert store.get(later.id).status is JobStatus.QUEUED
+
+
+def test_a_worker_picking_up_an_overdue_job_fails_it_instead_of_running_it(redis_client):
+    from datetime import timedelta
+
+    from jobs.schema import utcnow
+
+    store = JobStore(redis_client, 100)
+    late = _job().model_copy(update={"deadline": utcnow() - timedelta(seconds=1)})
+    store.create(late)
+    started = store.start(late.id, "w")
+    assert started.status is JobStatus.FAILED and started.error.type == "expired"
+
+
+def test_event_stream_records_status_tokens_and_done_in_order(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    store.start(job.id, "w")
+    store.append_text(job.id, "Hel", 1)
+    store.append_text(job.id, "lo", 2)
+    store.succeed(job.id, JobOutput(generated_text="Hello", generated_tokens=2, finish_reason="length"), 0.1)
+    events = store.read_events(job.id, "0-0", block_ms=10)
+    assert [e[1] for e in events] == ["status", "status", "token", "token", "status", "done"]
+    assert json.loads(events[2][2]) == {"text": "Hel", "index": 1}
+    assert json.loads(events[-1][2])["output"]["generated_text"] == "Hello"
+    # Resuming after an event id gives exactly the events after it.
+    assert store.read_events(job.id, events[2][0], block_ms=10) == events[3:]
+
+
+def test_progress_updates_a_running_job_only(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    partial = JobOutput(generated_text="par", generated_tokens=1)
+    assert store.progress(job.id, partial).output is None  # still queued: nothing written
+    store.start(job.id, "w")
+    assert store.progress(job.id, partial).output.generated_text == "par"

@@ -178,3 +178,45 @@ def test_stop_sequences_and_eos_per_row_in_one_batch(engine):
     assert engine.result(a).output.generated_text == full[: full.index(stop)]
     assert engine.result(a).output.finish_reason.value == "stop_sequence"
     assert engine.result(b).output.generated_text == full
+
+
+def test_cancel_stops_a_running_job_within_one_step_and_spares_its_batch_mates(engine):
+    victim = engine.submit(PROMPTS[0], params(max_new_tokens=1500))
+    mate = engine.submit(PROMPTS[1], params(max_new_tokens=60))
+    while len(victim.tokens) < 20:
+        time.sleep(0.001)
+    engine.cancel(victim)
+    tokens_when_cancelled = len(victim.tokens)
+    assert victim.done.wait(10)
+    assert len(victim.tokens) <= tokens_when_cancelled + 1  # within one decode step
+    out = engine.result(victim).output
+    assert out.finish_reason.value == "canceled" and out.generated_tokens == len(victim.tokens)
+    full = reference(engine, PROMPTS[0], max_new_tokens=out.generated_tokens)
+    assert full.startswith(out.generated_text) and out.generated_text  # the partial text is kept
+    assert mate.done.wait(30)
+    assert engine.result(mate).output.generated_text == reference(engine, PROMPTS[1], max_new_tokens=60)
+
+
+def test_a_cancelled_job_that_has_not_started_never_runs(loaded):
+    eng = make_engine(loaded, max_batch_size=1)
+    first = eng.submit(PROMPTS[0], params(max_new_tokens=300))
+    queued = eng.submit(PROMPTS[1], params(max_new_tokens=300))
+    eng.cancel(queued)
+    assert queued.done.wait(30) and queued.tokens == [] and queued.finish_reason.value == "canceled"
+    assert first.done.wait(30) and first.finish_reason.value == "length"
+    eng.stop()
+
+
+def test_a_job_past_its_deadline_stops_with_timeout_and_keeps_its_text(engine):
+    seq = engine.submit(PROMPTS[0], params(max_new_tokens=1900), timeout=0.3)
+    assert seq.done.wait(30)
+    out = engine.result(seq).output
+    assert out.finish_reason.value == "timeout"
+    assert 0 < out.generated_tokens < 1900 and out.generated_text
+
+
+def test_partial_text_holds_back_a_possible_stop_sequence(engine):
+    seq = engine.submit(PROMPTS[0], params(max_new_tokens=5, stop=["zzzzzz"]))
+    assert seq.done.wait(30)
+    full = engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+    assert engine.partial_text(seq) == full[: len(full) - 5].rstrip("\ufffd")

@@ -1,0 +1,182 @@
+"""``bloomq``: a command-line client for the REST API (it talks HTTP only).
+
+    bloomq submit "Once upon a time" [--model NAME] [--param max_new_tokens=64 ...] [--wait | --stream]
+    bloomq status JOB_ID
+    bloomq cancel JOB_ID
+    bloomq models
+
+The server is ``$BLOOMQ_URL`` (default ``http://127.0.0.1:5000``) or ``--url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from tqdm import tqdm
+
+DEFAULT_URL = "http://127.0.0.1:5000"
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class ClientError(Exception):
+    """The server said no; the message is its error."""
+
+
+class Client:
+    """A thin wrapper over the REST API."""
+
+    def __init__(self, base_url: str, timeout: float = 30) -> None:
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("timeout", self.timeout)
+        response = self.session.request(method, self.base + path, **kwargs)
+        body = response.json() if response.headers.get("Content-Type", "").startswith("application/json") else {}
+        if response.status_code >= 400:
+            error = body.get("error", {})
+            fields = "; ".join(f"{f['name']}: {f['message']}" for f in error.get("fields", []))
+            raise ClientError(f"{response.status_code} {error.get('message', response.reason)}"
+                              + (f" ({fields})" if fields else ""))
+        return body
+
+    def submit(self, inputs: str, model: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
+        if model:
+            body["model"] = model
+        return self._call("POST", "/api/v1/jobs", json=body)
+
+    def get(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        params = {"wait": wait} if wait else None
+        return self._call("GET", f"/api/v1/jobs/{job_id}", params=params, timeout=self.timeout + wait)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/models")["models"]
+
+    def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event, data) pairs from the job's event stream, reconnecting with Last-Event-ID until done."""
+        last_id = None
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_id:
+                headers["Last-Event-ID"] = last_id
+            with self.session.get(f"{self.base}/api/v1/jobs/{job_id}/events", headers=headers, stream=True,
+                                  timeout=(self.timeout, 60)) as response:
+                if response.status_code >= 400:
+                    raise ClientError(f"{response.status_code} {response.text}")
+                event, data, event_id = "message", [], None
+                for line in response.iter_lines(decode_unicode=True):
+                    if line == "":
+                        if data:
+                            last_id = event_id or last_id
+                            payload = json.loads("\n".join(data))
+                            yield event, payload
+                            if event == "done":
+                                return
+                        event, data, event_id = "message", [], None
+                    elif line.startswith(":"):
+                        continue
+                    else:
+                        name, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if name == "event":
+                            event = value
+                        elif name == "data":
+                            data.append(value)
+                        elif name == "id":
+                            event_id = value
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``k=v``; v is read as JSON when it can be (numbers, true/false, lists), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(json.dumps(job, indent=2, ensure_ascii=False))
+
+
+def _wait_with_progress(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    total = job["parameters"].get("max_new_tokens") or None
+    with tqdm(total=total, unit="tok", desc=job["status"], file=sys.stderr, leave=False) as bar:
+        while job["status"] not in TERMINAL:
+            job = client.get(job["id"], wait=1)
+            done = (job.get("output") or {}).get("generated_tokens", 0)
+            bar.set_description(job["status"])
+            bar.update(max(0, done - bar.n))
+    return job
+
+
+def _stream(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    final = job
+    for event, data in client.events(job["id"]):
+        if event == "token":
+            sys.stdout.write(data["text"])
+            sys.stdout.flush()
+        elif event == "done":
+            final = data
+    sys.stdout.write("\n")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bloomq", description="Talk to a bloomq server over its REST API.")
+    parser.add_argument("--url", default=os.environ.get("BLOOMQ_URL", DEFAULT_URL), help="server base URL")
+    sub = parser.add_subparsers(dest="command", required=True)
+    submit = sub.add_parser("submit", help="submit a prompt")
+    submit.add_argument("prompt")
+    submit.add_argument("--model")
+    submit.add_argument("--param", "-p", action="append", type=parse_param, default=[], metavar="KEY=VALUE")
+    mode = submit.add_mutually_exclusive_group()
+    mode.add_argument("--wait", action="store_true", help="wait, showing progress, then print the job")
+    mode.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    for name, text in (("status", "show a job"), ("cancel", "cancel a job")):
+        sub.add_parser(name, help=text).add_argument("job_id")
+    sub.add_parser("models", help="list models with queue depth and live workers")
+    args = parser.parse_args(argv)
+
+    client = Client(args.url)
+    try:
+        if args.command == "submit":
+            job = client.submit(args.prompt, args.model, dict(args.param))
+            if args.stream:
+                job = _stream(client, job)
+                return 0 if job["status"] == "succeeded" else 1
+            if args.wait:
+                job = _wait_with_progress(client, job)
+                _print_job(job)
+                return 0 if job["status"] == "succeeded" else 1
+            print(job["id"])
+        elif args.command == "status":
+            _print_job(client.get(args.job_id))
+        elif args.command == "cancel":
+            result = client.cancel(args.job_id)
+            print(result["message"])
+            print(result["job"]["status"])
+        elif args.command == "models":
+            for model in client.models():
+                print(f"{model['name']:<24} workers={model['workers']:<3} queued={model['queue_depth']:<5} "
+                      f"{'(default)' if model['default'] else ''}")
+    except ClientError as exc:
+        print(f"bloomq: {exc}", file=sys.stderr)
+        return 2
+    except requests.ConnectionError:
+        print(f"bloomq: cannot reach {args.url}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,105 @@
+"""The web UI in a real browser (Debian's chromium driven by Playwright) against the real stack."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+
+from tests.conftest import ARTIFACTS
+from tests.e2e.conftest import make_stack
+from tests.support import wait_for
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def ui_stack(request, tmp_path_factory, slow_model_dir):
+    s = make_stack(request, tmp_path_factory, slow_model_dir)
+    try:
+        s.start_web()
+        s.start_worker()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def test_submit_via_the_form_and_watch_the_text_arrive(ui_stack, page):
+    page.goto(ui_stack.url + "/")
+    page.fill("#inputs", "مرحبا بالعالم 你好 Once upon a time")
+    page.fill("#max_new_tokens", "120")
+    page.click("button[type=submit]")
+    page.wait_for_url("**/jobs/*")
+    page.wait_for_function("document.getElementById('output').textContent.length > 0", timeout=30_000)
+    page.wait_for_function("document.getElementById('status').textContent === 'succeeded'", timeout=60_000)
+    job_id = page.url.rsplit("/", 1)[-1]
+    job = requests.get(f"{ui_stack.url}/api/v1/jobs/{job_id}", timeout=5).json()
+    assert page.text_content("#output") == job["output"]["generated_text"]
+    assert page.get_attribute("#inputs", "dir") == "auto" and page.get_attribute("#output", "dir") == "auto"
+    assert page.text_content("#inputs") == "مرحبا بالعالم 你好 Once upon a time"  # not mangled
+    assert page.evaluate("getComputedStyle(document.getElementById('inputs')).direction") == "rtl"  # Arabic first
+    assert page.get_attribute("#progress", "value") == page.get_attribute("#progress", "max")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+    # The recent-jobs list on the form shows this job.
+    page.goto(ui_stack.url + "/")
+    assert page.is_visible("#recent") and job_id in page.inner_html("#recent-list")
+
+
+def test_cancel_a_long_job_from_its_page(ui_stack, page):
+    page.goto(ui_stack.url + "/")
+    page.fill("#inputs", "Once upon a time")
+    page.fill("#max_new_tokens", "1500")
+    page.click("button[type=submit]")
+    page.wait_for_url("**/jobs/*")
+    page.wait_for_function("document.getElementById('output').textContent.length > 0", timeout=30_000)
+    page.click("#cancel")
+    page.wait_for_function("document.getElementById('status').textContent === 'canceled'", timeout=30_000)
+    assert page.text_content("#output")  # the partial text stays
+    assert page.is_hidden("#cancel")
+
+
+def test_invalid_parameters_show_the_message_next_to_the_field(ui_stack, page):
+    page.goto(ui_stack.url + "/")
+    page.fill("#inputs", "Hello")
+    page.fill("#top_p", "5")
+    page.click("button[type=submit]")
+    message = page.wait_for_selector('[data-field="parameters.top_p"]')
+    assert "less than or equal to 1" in message.text_content()
+    assert page.input_value("#inputs") == "Hello"
+
+
+def test_story_preset_builds_the_prompt(ui_stack, page):
+    page.goto(ui_stack.url + "/")
+    page.check('input[name="preset"][value="story"]')
+    assert page.is_hidden("#inputs") and page.is_visible("#title")
+    page.fill("#title", "a lighthouse keeper")
+    page.fill("#max_new_tokens", "5")
+    page.click("button[type=submit]")
+    page.wait_for_url("**/jobs/*")
+    assert page.text_content("#inputs") == "This is a creative story about a lighthouse keeper.\n"
+    wait_for(lambda: page.text_content("#status") == "succeeded", timeout=30, what="the story job")
