@@ -106,9 +106,13 @@ def run_stack_jobs(base: str, jobs: list[tuple[str, int]]) -> dict[str, float]:
     first_created = min(done[i]["created_at"] for i in ids)
     wall = max(seconds_between(first_created, done[i]["finished_at"]) for i in ids)
     latencies = [seconds_between(done[i]["created_at"], done[i]["finished_at"]) for i in ids]
-    tokens = sum(done[i]["output"]["generated_tokens"] for i in ids)
+    return summarise(latencies, sum(done[i]["output"]["generated_tokens"] for i in ids), wall)
+
+
+def summarise(latencies: list[float], tokens: int, wall: float) -> dict[str, float]:
+    """Throughput and latency figures for one setup."""
     return {
-        "jobs_per_s": len(ids) / wall,
+        "jobs_per_s": len(latencies) / wall,
         "tokens_per_s": tokens / wall,
         "mean_latency": statistics.mean(latencies),
         "p95_latency": pct(latencies, 95),
@@ -140,14 +144,7 @@ def run_static_generate(model_dir: Path, jobs: list[tuple[str, int]], batch_size
         tokens += sum(n for _, n in group)
     wall = time.perf_counter() - start
     del model
-    return {
-        "jobs_per_s": len(jobs) / wall,
-        "tokens_per_s": tokens / wall,
-        "mean_latency": statistics.mean(latencies),
-        "p95_latency": pct(latencies, 95),
-        "wall": wall,
-        "tokens": tokens,
-    }
+    return summarise(latencies, tokens, wall)
 
 
 def run_overhead(base: str, n: int) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings
+from jobs.schema import Job
 
 TASK_GENERATE = "bloomq.generate"
 TASK_WEBHOOK = "bloomq.webhook"
@@ -47,3 +48,9 @@ def send_generate(app: Celery, job_id: str, queue: str) -> None:
 def send_webhook(app: Celery, job_id: str, event: str) -> None:
     """Queue a webhook delivery; any worker process delivers it, off the generation path."""
     app.send_task(TASK_WEBHOOK, args=[job_id, event], queue=WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)
+
+
+def notify_completed(app: Celery, job: Job) -> None:
+    """Queue the job's ``completed`` webhook, if it asked for one."""
+    if job.webhook and "completed" in job.webhook_events:
+        send_webhook(app, job.id, "completed")

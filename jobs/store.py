@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -59,6 +60,16 @@ def connect(url: str) -> redis.Redis:
     )
 
 
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """What a worker reports about one running job: new text, token count, maybe a partial output."""
+
+    job_id: str
+    delta: str
+    tokens: int
+    output: JobOutput | None = None
+
+
 class CancelOutcome:
     """What a cancel request did."""
 
@@ -77,9 +88,14 @@ class JobStore:
     # -- reading -----------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        """The job, or None when it is unknown or expired."""
-        raw = self.redis.hget(job_key(job_id), "doc")
-        return None if raw is None else Job.from_json(raw)
+        """The job, or None when it is unknown or expired; a running job shows its latest progress."""
+        raw, progress = self.redis.hmget(job_key(job_id), ["doc", "progress"])
+        if raw is None:
+            return None
+        job = Job.from_json(raw)
+        if progress is not None and job.status is JobStatus.RUNNING:
+            job = job.model_copy(update={"output": JobOutput.model_validate_json(progress)})
+        return job
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once it is terminal, or as it is after ``timeout`` seconds; None when unknown."""
@@ -155,21 +171,25 @@ class JobStore:
 
         return self._update(job_id, mutate)
 
-    def progress(self, job_id: str, output: JobOutput) -> Job | None:
-        """Record partial output of a running job; returns the job (to see a cancel request)."""
+    def publish_progress(self, updates: list[ProgressUpdate]) -> set[str]:
+        """Stream new text and record partial outputs for running jobs, in one round trip.
 
-        def mutate(job: Job) -> Job | None:
-            if job.status is not JobStatus.RUNNING:
-                return None
-            return job.model_copy(update={"output": output})
-
-        return self._update(job_id, mutate, status_event=False) or self.get(job_id)
-
-    def append_text(self, job_id: str, delta: str, index: int) -> None:
-        """A ``token`` event: new text, and how many tokens have been generated so far."""
+        Returns the ids of those jobs that have a cancel request (a fallback to the pub/sub message).
+        Partial output lives in the record's ``progress`` field, apart from the document, so no
+        transaction is needed; it is ignored once the job is final.
+        """
+        if not updates:
+            return set()
         pipe = self.redis.pipeline(transaction=False)
-        self._event(pipe, job_id, "token", {"text": delta, "index": index})
-        pipe.execute()
+        for update in updates:
+            pipe.hget(job_key(update.job_id), "cancel")
+        for update in updates:
+            if update.delta:
+                self._event(pipe, update.job_id, "token", {"text": update.delta, "index": update.tokens})
+            if update.output is not None:
+                pipe.hset(job_key(update.job_id), "progress", update.output.model_dump_json())
+        flags = pipe.execute()[: len(updates)]
+        return {update.job_id for update, flag in zip(updates, flags, strict=True) if flag}
 
     def succeed(self, job_id: str, output: JobOutput, inference_seconds: float) -> Job | None:
         """Record the final output; None when the job already had a final result (it is kept)."""
@@ -278,6 +298,10 @@ class JobStore:
                     pipe.multi()
                     pipe.hset(key, mapping={"status": updated.status.value, "doc": updated.to_json()})
                     pipe.expire(key, self.retention_seconds)
+                    if updated.cancel_requested and not before.cancel_requested:
+                        pipe.hset(key, "cancel", "1")
+                    if updated.status.terminal:
+                        pipe.hdel(key, "progress")
                     if status_event and (updated.status != before.status or updated.cancel_requested != before.cancel_requested):
                         self._event(pipe, job_id, "status", {"status": updated.status.value,
                                                              "cancel_requested": updated.cancel_requested})

@@ -13,10 +13,10 @@ from celery import Celery
 
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
-from jobs.celery_app import send_generate
+from jobs.celery_app import notify_completed, send_generate
 from jobs.schema import Job, JobRequest, JobStatus, new_job_id, utcnow
 from jobs.webhooks import WebhookURLError, check_url
-from jobs.store import JobStore
+from jobs.store import CancelOutcome, JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 from web.errors import ApiError
 
@@ -77,6 +77,8 @@ class JobService:
         job, outcome = self.store.cancel(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
+        if outcome == CancelOutcome.CANCELED:
+            notify_completed(self.celery, job)  # no worker will ever see this job
         return job, outcome
 
     def _claim_idempotency_key(self, key: str, request: JobRequest, job_id: str) -> Job | None:

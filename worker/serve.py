@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     background = [
         Heartbeat(WorkerDirectory(client), info, settings.heartbeat_seconds),
         CancelListener(client, runner.cancel),
-        DeadlineReaper(store),
+        DeadlineReaper(store, on_expired=runner.notify_expired),
     ]
 
     from celery.signals import worker_ready

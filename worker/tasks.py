@@ -5,21 +5,91 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 from celery import Celery
 
 from jobs.celery_app import TASK_GENERATE, TASK_WEBHOOK, WEBHOOK_RETRIES, send_webhook
 from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
-from jobs.store import JobStore
+from jobs.store import JobStore, ProgressUpdate
 from jobs.webhooks import WebhookSender
 from worker.batch import Sequence
 from worker.engine import Engine, GenerationError
 
 log = logging.getLogger(__name__)
 
-STREAM_INTERVAL = 0.05  # seconds between token events on a job's stream
+STREAM_INTERVAL = 0.1  # seconds between token events on a job's stream
 PROGRESS_INTERVAL = 0.25  # seconds between partial-output writes to the job record
+
+
+@dataclass
+class _Followed:
+    seq: Sequence
+    sent: str = ""
+    last_progress: float = 0.0
+
+
+class ProgressPublisher:
+    """One thread per worker process that streams every running job's new text and progress.
+
+    Every ``STREAM_INTERVAL`` it decodes what each running sequence has generated, appends the new text
+    to the jobs' event streams and, every ``PROGRESS_INTERVAL``, their partial outputs to the records --
+    all in one Redis round trip, and without a thread or a write per token.
+    """
+
+    def __init__(self, store: JobStore, engine: Engine, on_cancel) -> None:
+        self.store = store
+        self.engine = engine
+        self.on_cancel = on_cancel
+        self._followed: dict[str, _Followed] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def follow(self, job_id: str, seq: Sequence) -> None:
+        """Start publishing ``seq``'s progress as ``job_id``."""
+        with self._lock:
+            self._followed[job_id] = _Followed(seq, last_progress=time.monotonic())
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="bloomq-progress", daemon=True)
+                self._thread.start()
+
+    def forget(self, job_id: str) -> None:
+        """Publish the job's last text and stop following it (before its final result is stored)."""
+        with self._lock:
+            followed = self._followed.pop(job_id, None)
+            if followed is not None and followed.seq.error is None:
+                final = followed.seq.text
+                if len(final) > len(followed.sent) and final.startswith(followed.sent):
+                    delta = final[len(followed.sent) :]
+                    self.store.publish_progress([ProgressUpdate(job_id, delta, len(followed.seq.tokens))])
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(STREAM_INTERVAL)
+            try:
+                self._tick()
+            except Exception:
+                log.warning("progress publishing failed; retrying", exc_info=True)
+
+    def _tick(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            updates = []
+            for job_id, followed in self._followed.items():
+                seq = followed.seq
+                text = self.engine.partial_text(seq)
+                delta = text[len(followed.sent) :] if text.startswith(followed.sent) else ""
+                followed.sent += delta
+                output = None
+                if now - followed.last_progress >= PROGRESS_INTERVAL:
+                    followed.last_progress = now
+                    output = JobOutput(generated_text=text, generated_tokens=len(seq.tokens), seed=seq.sampling.seed)
+                if delta or output is not None:
+                    updates.append(ProgressUpdate(job_id, delta, len(seq.tokens), output))
+            cancel = self.store.publish_progress(updates)
+        for job_id in cancel:
+            self.on_cancel(job_id)
 
 
 class JobRunner:
@@ -32,6 +102,7 @@ class JobRunner:
         self.celery = celery
         self._running: dict[str, Sequence] = {}
         self._lock = threading.Lock()
+        self.publisher = ProgressPublisher(store, engine, on_cancel=self.cancel)
 
     def run(self, job_id: str) -> None:
         """Run a queued (or redelivered) job; skip one that already has its final result."""
@@ -56,9 +127,11 @@ class JobRunner:
             return
         with self._lock:
             self._running[job_id] = seq
+        self.publisher.follow(job_id, seq)
         try:
-            self._follow(job_id, seq)
+            seq.done.wait()
         finally:
+            self.publisher.forget(job_id)  # flushes the last text before the final result is stored
             with self._lock:
                 self._running.pop(job_id, None)
         try:
@@ -75,6 +148,12 @@ class JobRunner:
             return
         self._finish(job_id, result.output.finish_reason, result.output, round(result.seconds, 6))
 
+    def notify_expired(self, job_id: str) -> None:
+        """A queued job expired without running: send its completed webhook."""
+        job = self.store.get(job_id)
+        if job is not None:
+            self._notify(job, "completed")
+
     def cancel(self, job_id: str) -> bool:
         """Stop a job this process is running; False when it is not running here."""
         with self._lock:
@@ -83,25 +162,6 @@ class JobRunner:
             return False
         self.engine.cancel(seq)
         return True
-
-    def _follow(self, job_id: str, seq: Sequence) -> None:
-        """While the engine works: stream new text, write progress, watch for a cancel request."""
-        sent = ""
-        last_progress = time.monotonic()
-        while not seq.done.wait(STREAM_INTERVAL):
-            text = self.engine.partial_text(seq)
-            if len(text) > len(sent) and text.startswith(sent):
-                self.store.append_text(job_id, text[len(sent) :], len(seq.tokens))
-                sent = text
-            if time.monotonic() - last_progress >= PROGRESS_INTERVAL:
-                last_progress = time.monotonic()
-                partial = JobOutput(generated_text=text, generated_tokens=len(seq.tokens), seed=seq.sampling.seed)
-                job = self.store.progress(job_id, partial)
-                if job is not None and job.cancel_requested:
-                    self.engine.cancel(seq)
-        final = seq.text
-        if seq.error is None and len(final) > len(sent) and final.startswith(sent):
-            self.store.append_text(job_id, final[len(sent) :], len(seq.tokens))
 
     def _finish(self, job_id: str, reason: FinishReason | None, output: JobOutput, seconds: float) -> None:
         if reason is FinishReason.CANCELED:

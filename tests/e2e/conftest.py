@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,16 +70,23 @@ def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, **
     return Stack(redis=redis, model=str(model), logs=logs, env=env)
 
 
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
-    """One running stack (a worker and the web) shared by a test module."""
-    s = make_stack(request, tmp_path_factory, tiny_model_dir)
+@contextlib.contextmanager
+def running_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, **env: str) -> Iterator[Stack]:
+    """Redis, the web and one worker, started; everything stopped afterwards."""
+    s = make_stack(request, tmp_path_factory, model, **env)
     try:
         s.start_web()
         s.start_worker()
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
+    """One running stack (a worker and the web) shared by a test module."""
+    with running_stack(request, tmp_path_factory, tiny_model_dir) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import ARTIFACTS
-from tests.e2e.conftest import make_stack
+from tests.e2e.conftest import running_stack
 from tests.support import wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -17,13 +17,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 
 @pytest.fixture(scope="module")
 def ui_stack(request, tmp_path_factory, slow_model_dir):
-    s = make_stack(request, tmp_path_factory, slow_model_dir)
-    try:
-        s.start_web()
-        s.start_worker()
+    with running_stack(request, tmp_path_factory, slow_model_dir) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +43,18 @@ def page(browser):
     context.close()
 
 
-def test_submit_via_the_form_and_watch_the_text_arrive(ui_stack, page):
-    page.goto(ui_stack.url + "/")
-    page.fill("#inputs", "مرحبا بالعالم 你好 Once upon a time")
-    page.fill("#max_new_tokens", "120")
+def submit_form(page, base_url: str, prompt: str, max_new_tokens: int) -> None:
+    """Fill the form, submit, and wait until the job page shows some text."""
+    page.goto(base_url + "/")
+    page.fill("#inputs", prompt)
+    page.fill("#max_new_tokens", str(max_new_tokens))
     page.click("button[type=submit]")
     page.wait_for_url("**/jobs/*")
     page.wait_for_function("document.getElementById('output').textContent.length > 0", timeout=30_000)
+
+
+def test_submit_via_the_form_and_watch_the_text_arrive(ui_stack, page):
+    submit_form(page, ui_stack.url, "مرحبا بالعالم 你好 Once upon a time", 120)
     page.wait_for_function("document.getElementById('status').textContent === 'succeeded'", timeout=60_000)
     job_id = page.url.rsplit("/", 1)[-1]
     job = requests.get(f"{ui_stack.url}/api/v1/jobs/{job_id}", timeout=5).json()
@@ -71,12 +71,7 @@ def test_submit_via_the_form_and_watch_the_text_arrive(ui_stack, page):
 
 
 def test_cancel_a_long_job_from_its_page(ui_stack, page):
-    page.goto(ui_stack.url + "/")
-    page.fill("#inputs", "Once upon a time")
-    page.fill("#max_new_tokens", "1500")
-    page.click("button[type=submit]")
-    page.wait_for_url("**/jobs/*")
-    page.wait_for_function("document.getElementById('output').textContent.length > 0", timeout=30_000)
+    submit_form(page, ui_stack.url, "Once upon a time", 1500)
     page.click("#cancel")
     page.wait_for_function("document.getElementById('status').textContent === 'canceled'", timeout=30_000)
     assert page.text_content("#output")  # the partial text stays

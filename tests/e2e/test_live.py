@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from tests.e2e.conftest import make_stack
+from tests.e2e.conftest import make_stack, running_stack
 from tests.support import ROOT, wait_for, wait_for_job
 
 SECRET = "test-webhook-secret"
@@ -21,14 +21,9 @@ SECRET = "test-webhook-secret"
 
 @pytest.fixture(scope="module")
 def live(request, tmp_path_factory, slow_model_dir):
-    s = make_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_WEBHOOK_SECRET=SECRET,
-                   BLOOMQ_WEBHOOK_ALLOW="127.0.0.1/32")
-    try:
-        s.start_web()
-        s.start_worker()
+    env = {"BLOOMQ_WEBHOOK_SECRET": SECRET, "BLOOMQ_WEBHOOK_ALLOW": "127.0.0.1/32"}
+    with running_stack(request, tmp_path_factory, slow_model_dir, **env) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _get(stack, job_id, **params):

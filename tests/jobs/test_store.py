@@ -1,7 +1,7 @@
 import json
 
 from jobs.schema import GenerateParameters, Job, JobError, JobOutput, JobStatus, new_job_id
-from jobs.store import JobStore, job_key
+from jobs.store import JobStore, ProgressUpdate, job_key
 
 
 def _job() -> Job:
@@ -117,8 +117,8 @@ def test_event_stream_records_status_tokens_and_done_in_order(redis_client):
     job = _job()
     store.create(job)
     store.start(job.id, "w")
-    store.append_text(job.id, "Hel", 1)
-    store.append_text(job.id, "lo", 2)
+    store.publish_progress([ProgressUpdate(job.id, "Hel", 1)])
+    store.publish_progress([ProgressUpdate(job.id, "lo", 2)])
     store.succeed(job.id, JobOutput(generated_text="Hello", generated_tokens=2, finish_reason="length"), 0.1)
     events = store.read_events(job.id, "0-0", block_ms=10)
     assert [e[1] for e in events] == ["status", "status", "token", "token", "status", "done"]
@@ -128,11 +128,17 @@ def test_event_stream_records_status_tokens_and_done_in_order(redis_client):
     assert store.read_events(job.id, events[2][0], block_ms=10) == events[3:]
 
 
-def test_progress_updates_a_running_job_only(redis_client):
+def test_progress_shows_while_running_and_reports_cancel_requests(redis_client):
     store = JobStore(redis_client, 100)
     job = _job()
     store.create(job)
-    partial = JobOutput(generated_text="par", generated_tokens=1)
-    assert store.progress(job.id, partial).output is None  # still queued: nothing written
     store.start(job.id, "w")
-    assert store.progress(job.id, partial).output.generated_text == "par"
+    partial = JobOutput(generated_text="par", generated_tokens=1)
+    assert store.publish_progress([ProgressUpdate(job.id, "par", 1, partial)]) == set()
+    assert store.get(job.id).output.generated_text == "par"
+    store.cancel(job.id)
+    assert store.publish_progress([ProgressUpdate(job.id, "t", 2)]) == {job.id}
+    final = JobOutput(generated_text="part", generated_tokens=2, finish_reason="canceled")
+    store.finish_canceled(job.id, final, 0.1)
+    store.publish_progress([ProgressUpdate(job.id, "", 3, partial)])  # a late report changes nothing
+    assert store.get(job.id).output.generated_text == "part"

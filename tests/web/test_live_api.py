@@ -7,6 +7,7 @@ import pytest
 
 from config.settings import Settings
 from jobs.schema import JobOutput
+from jobs.store import ProgressUpdate
 from web import create_app
 
 
@@ -116,8 +117,7 @@ def test_event_stream_of_a_finished_job_replays_and_closes(client, app):
     job = _submit(client, {"inputs": "hi"}).get_json()
     store = _store(app)
     store.start(job["id"], "w")
-    store.append_text(job["id"], "Hel", 1)
-    store.append_text(job["id"], "lo 你好", 2)
+    store.publish_progress([ProgressUpdate(job["id"], "Hel", 1), ProgressUpdate(job["id"], "lo 你好", 2)])
     store.succeed(job["id"], JobOutput(generated_text="Hello 你好", generated_tokens=2, finish_reason="length"), 0.1)
     response = client.get(f"/api/v1/jobs/{job['id']}/events")
     assert response.mimetype == "text/event-stream"

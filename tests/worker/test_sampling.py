@@ -21,28 +21,20 @@ def logits() -> torch.Tensor:
     return torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0)) * 4
 
 
-def test_top_k_matches_transformers_per_row(logits):
-    ks = [1, 5, 40]
-    ours = _top_k(logits, torch.tensor(ks))
-    for row, k in enumerate(ks):
-        theirs = TopKLogitsWarper(top_k=k)(None, logits[row : row + 1])
-        assert torch.equal(ours[row : row + 1], theirs)
-
-
-def test_top_p_matches_transformers_per_row(logits):
-    ps = [0.1, 0.5, 0.95]
-    ours = _top_p(logits, torch.tensor([[p] for p in ps]))
-    for row, p in enumerate(ps):
-        theirs = TopPLogitsWarper(top_p=p)(None, logits[row : row + 1])
-        assert torch.equal(ours[row : row + 1], theirs)
-
-
-def test_typical_p_matches_transformers_per_row(logits):
-    ps = [0.2, 0.6, 0.9]
-    ours = _typical(logits, torch.tensor([[p] for p in ps]))
-    for row, p in enumerate(ps):
-        theirs = TypicalLogitsWarper(mass=p)(None, logits[row : row + 1])
-        assert torch.equal(ours[row : row + 1], theirs)
+@pytest.mark.parametrize(
+    ("ours", "theirs", "values"),
+    [
+        (lambda x, v: _top_k(x, torch.tensor(v)), lambda v: TopKLogitsWarper(top_k=v), [1, 5, 40]),
+        (lambda x, v: _top_p(x, torch.tensor([[p] for p in v])), lambda v: TopPLogitsWarper(top_p=v), [0.1, 0.5, 0.95]),
+        (lambda x, v: _typical(x, torch.tensor([[p] for p in v])), lambda v: TypicalLogitsWarper(mass=v),
+         [0.2, 0.6, 0.9]),
+    ],
+    ids=["top_k", "top_p", "typical_p"],
+)
+def test_warpers_match_transformers_row_by_row(logits, ours, theirs, values):
+    batched = ours(logits, values)
+    for row, value in enumerate(values):
+        assert torch.equal(batched[row : row + 1], theirs(value)(None, logits[row : row + 1]))
 
 
 def test_repetition_penalty_and_temperature_match_transformers(logits):
