@@ -13,6 +13,10 @@ RUN pip install .
 EXPOSE 5000
 CMD ["gunicorn", "-c", "config/gunicorn.conf.py", "web:create_app()"]
 
+FROM base AS flower
+RUN pip install '.[monitor]'
+EXPOSE 5555
+
 FROM base AS worker
 RUN pip install '.[worker]'
 CMD ["python", "-m", "worker"]

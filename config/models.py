@@ -10,6 +10,11 @@ from dataclasses import dataclass
 BLOOM_CONTEXT = 2048
 
 
+def queue_for(model_name: str) -> str:
+    """The Celery queue of a model (by its short name)."""
+    return f"bloomq.{model_name}"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to load and limit one model."""
@@ -23,7 +28,7 @@ class ModelSpec:
     @property
     def queue(self) -> str:
         """The Celery queue this model's workers consume."""
-        return f"bloomq.{self.name}"
+        return queue_for(self.name)
 
     @property
     def max_new_tokens(self) -> int:

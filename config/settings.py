@@ -100,6 +100,7 @@ class Settings:
     webhook_secret: str = field(default="", repr=False)
     webhook_allow: tuple[str, ...] = ()
     stream_max_seconds: float = 300.0
+    worker_host: str = ""
     secret_key: str = field(default="", repr=False)
 
     @classmethod
@@ -130,8 +131,16 @@ class Settings:
             webhook_secret=_read(env, "BLOOMQ_WEBHOOK_SECRET", d.webhook_secret, str),
             webhook_allow=_read(env, "BLOOMQ_WEBHOOK_ALLOW", d.webhook_allow, _comma_list),
             stream_max_seconds=_read(env, "BLOOMQ_STREAM_MAX_SECONDS", d.stream_max_seconds, _positive_float),
+            worker_host=_read(env, "BLOOMQ_WORKER_HOST", d.worker_host, str),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
         )
+
+    @property
+    def host_name(self) -> str:
+        """How workers name this machine (``BLOOMQ_WORKER_HOST``, else the hostname)."""
+        import socket
+
+        return self.worker_host or socket.gethostname()
 
     @property
     def model_refs(self) -> tuple[str, ...]:

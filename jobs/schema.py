@@ -159,6 +159,7 @@ class Job(BaseModel):
     error: JobError | None = None
     metrics: JobMetrics = Field(default_factory=JobMetrics)
     worker: str | None = None
+    worker_instance: str | None = Field(None, description="The worker process (name and pid) running it.")
     attempts: int = Field(0, description="How many times a worker has started this job.")
     deadline: datetime | None = Field(None, description="When the job is stopped if not finished.")
     cancel_requested: bool = False

@@ -30,6 +30,7 @@ JOB_KEY_PREFIX = "bloomq:job:"
 JOB_EVENTS_PREFIX = "bloomq:job-events:"
 JOB_STREAM_PREFIX = "bloomq:job-stream:"
 DEADLINES_KEY = "bloomq:deadlines"
+RUNNING_KEY = "bloomq:running"  # ids of jobs in state running, for the reaper
 CANCEL_CHANNEL = "bloomq:cancels"
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
@@ -142,7 +143,7 @@ class JobStore:
         self.redis.delete(job_key(job_id), job_stream_key(job_id))
         self.redis.zrem(DEADLINES_KEY, job_id)
 
-    def start(self, job_id: str, worker: str) -> Job | None:
+    def start(self, job_id: str, worker: str, instance: str | None = None) -> Job | None:
         """Mark a job running on ``worker``.
 
         None when it is unknown or already has its final result; a job whose deadline passed while it
@@ -164,6 +165,7 @@ class JobStore:
                     "status": JobStatus.RUNNING,
                     "started_at": now,
                     "worker": worker,
+                    "worker_instance": instance or worker,
                     "attempts": job.attempts + 1,
                     "metrics": metrics,
                 }
@@ -191,9 +193,12 @@ class JobStore:
         flags = pipe.execute()[: len(updates)]
         return {update.job_id for update, flag in zip(updates, flags, strict=True) if flag}
 
-    def succeed(self, job_id: str, output: JobOutput, inference_seconds: float) -> Job | None:
-        """Record the final output; None when the job already had a final result (it is kept)."""
-        return self._finish(job_id, JobStatus.SUCCEEDED, output=output, metrics=_model_metrics(output, inference_seconds))
+    def succeed(
+        self, job_id: str, output: JobOutput, inference_seconds: float, attempt: int | None = None
+    ) -> Job | None:
+        """Record the final output; None when it is not accepted (see ``_finish``)."""
+        metrics = _model_metrics(output, inference_seconds)
+        return self._finish(job_id, JobStatus.SUCCEEDED, output=output, metrics=metrics, attempt=attempt)
 
     def fail(
         self,
@@ -201,10 +206,11 @@ class JobStore:
         error: JobError,
         inference_seconds: float | None = None,
         output: JobOutput | None = None,
+        attempt: int | None = None,
     ) -> Job | None:
-        """Record a failure (with any partial output); None when the job already had a final result."""
+        """Record a failure (with any partial output); None when it is not accepted (see ``_finish``)."""
         metrics = _model_metrics(output, inference_seconds) if output else {"inference_seconds": inference_seconds}
-        return self._finish(job_id, JobStatus.FAILED, error=error, output=output, metrics=metrics)
+        return self._finish(job_id, JobStatus.FAILED, error=error, output=output, metrics=metrics, attempt=attempt)
 
     def cancel(self, job_id: str) -> tuple[Job | None, str]:
         """Cancel a job: a queued one at once, a running one by asking its worker. Idempotent."""
@@ -226,9 +232,38 @@ class JobStore:
             self.redis.publish(CANCEL_CHANNEL, job_id)
         return (updated or self.get(job_id)), outcome
 
-    def finish_canceled(self, job_id: str, output: JobOutput, inference_seconds: float) -> Job | None:
+    def finish_canceled(
+        self, job_id: str, output: JobOutput, inference_seconds: float, attempt: int | None = None
+    ) -> Job | None:
         """A running job stopped on request, with the text it had so far."""
-        return self._finish(job_id, JobStatus.CANCELED, output=output, metrics=_model_metrics(output, inference_seconds))
+        metrics = _model_metrics(output, inference_seconds)
+        return self._finish(job_id, JobStatus.CANCELED, output=output, metrics=metrics, attempt=attempt)
+
+    def running_jobs(self) -> list[str]:
+        """Ids of the jobs currently marked running."""
+        return sorted(_text(raw) for raw in self.redis.smembers(RUNNING_KEY))
+
+    def requeue_if_orphaned(self, job_id: str, live_instances: set[str]) -> Job | None:
+        """Put a running job whose worker is no longer live back to queued; None when it is not orphaned.
+
+        The caller then sends it to its queue again. The dead worker's attempt number is now stale, so
+        a late result from it is refused (``_finish``); its original message, if Redis ever redelivers
+        it, finds the job finished and is acknowledged without running.
+        """
+
+        def mutate(job: Job) -> Job | None:
+            if job.status is not JobStatus.RUNNING or job.worker_instance in live_instances:
+                return None
+            log.warning("job %s: worker %s is gone; requeueing (attempt %d)", job.id, job.worker_instance,
+                        job.attempts)
+            return job.model_copy(update={"status": JobStatus.QUEUED, "worker": None, "worker_instance": None})
+
+        updated = self._update(job_id, mutate)
+        if updated is None:
+            job = self.get(job_id)
+            if job is None or job.status is not JobStatus.RUNNING:
+                self.redis.srem(RUNNING_KEY, job_id)  # a stale index entry
+        return updated
 
     def expire_overdue(self, now: datetime | None = None) -> list[str]:
         """Fail queued jobs whose deadline has passed (``error.type = "expired"``); return their ids."""
@@ -262,10 +297,18 @@ class JobStore:
         output: JobOutput | None = None,
         error: JobError | None = None,
         metrics: dict[str, Any],
+        attempt: int | None = None,
     ) -> Job | None:
+        """The one final result: refused once the job has one, or when it comes from a stale attempt
+        (``attempt`` given and the job is no longer running that attempt: it was requeued)."""
+
         def mutate(job: Job) -> Job | None:
             if job.status.terminal:
                 log.warning("job %s already %s; a late result was dropped", job.id, job.status.value)
+                return None
+            if attempt is not None and (job.status is not JobStatus.RUNNING or job.attempts != attempt):
+                log.warning("job %s: a result from attempt %d was dropped (the job is %s, attempt %d)",
+                            job.id, attempt, job.status.value, job.attempts)
                 return None
             return job.model_copy(
                 update={
@@ -302,6 +345,10 @@ class JobStore:
                         pipe.hset(key, "cancel", "1")
                     if updated.status.terminal:
                         pipe.hdel(key, "progress")
+                    if updated.status is JobStatus.RUNNING and before.status is not JobStatus.RUNNING:
+                        pipe.sadd(RUNNING_KEY, job_id)
+                    elif before.status is JobStatus.RUNNING and updated.status is not JobStatus.RUNNING:
+                        pipe.srem(RUNNING_KEY, job_id)
                     if status_event and (updated.status != before.status or updated.cancel_requested != before.cancel_requested):
                         self._event(pipe, job_id, "status", {"status": updated.status.value,
                                                              "cancel_requested": updated.cancel_requested})

@@ -16,13 +16,16 @@ WORKER_KEY_PREFIX = "bloomq:worker:"
 class WorkerInfo(BaseModel):
     """What a worker says about itself."""
 
-    name: str
+    name: str = Field(description="Node name: model@host.devices")
+    instance: str = Field(description="This process: name and pid. A restarted worker is a new instance.")
     model: str
     host: str
     device: str
     dtype: str
     pid: int
+    devices: list[str] = Field(default_factory=list, description="GPU indexes this process sees (empty: CPU).")
     batch_capacity: int = Field(1, description="How many jobs this worker runs at once.")
+    jobs_running: int = Field(0, description="Jobs in its batch or waiting in its engine, at the last heartbeat.")
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow)
 
@@ -37,20 +40,20 @@ class WorkerDirectory:
         """Record ``info`` as live for ``ttl_seconds``."""
         info = info.model_copy(update={"last_seen": utcnow()})
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(WORKER_KEY_PREFIX + info.name, info.model_dump_json(), px=int(ttl_seconds * 1000))
-        pipe.sadd(WORKER_SET, info.name)
+        pipe.set(WORKER_KEY_PREFIX + info.instance, info.model_dump_json(), px=int(ttl_seconds * 1000))
+        pipe.sadd(WORKER_SET, info.instance)
         pipe.execute()
 
-    def withdraw(self, name: str) -> None:
+    def withdraw(self, instance: str) -> None:
         """Remove a worker's record at once (clean shutdown)."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(WORKER_KEY_PREFIX + name)
-        pipe.srem(WORKER_SET, name)
+        pipe.delete(WORKER_KEY_PREFIX + instance)
+        pipe.srem(WORKER_SET, instance)
         pipe.execute()
 
     def live(self) -> list[WorkerInfo]:
         """Workers whose record has not expired; expired names are pruned from the set."""
-        names = sorted(n.decode() for n in self.redis.smembers(WORKER_SET))
+        names = sorted(n.decode() for n in self.redis.smembers(WORKER_SET))  # instances
         if not names:
             return []
         raws = self.redis.mget([WORKER_KEY_PREFIX + n for n in names])

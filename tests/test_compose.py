@@ -51,6 +51,18 @@ def test_worker_commands_exist(compose, service):
     assert out.returncode == 0, out.stderr
 
 
+def test_flower_requires_basic_auth_and_its_command_exists(compose):
+    flower = compose["services"]["flower"]
+    command = flower["command"]
+    assert any(part.startswith("--basic-auth=${FLOWER_BASIC_AUTH:?") for part in command)
+    assert command[0] == "celery" and "flower" in command
+    out = subprocess.run([sys.executable, "-m", "celery", "flower", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "Celery clusters" in out.stdout, out.stderr
+    check = "import flower.options, tornado.options; assert 'basic_auth' in tornado.options.options.as_dict()"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
+    assert "AS flower" in (ROOT / "Dockerfile").read_text()
+
+
 def test_web_command_is_the_one_the_readme_documents(compose):
     command = compose["services"]["web"]["command"]
     assert shlex.join(command).replace("'", "") in (ROOT / "README.md").read_text().replace("'", "")

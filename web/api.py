@@ -55,8 +55,12 @@ def submit_job() -> Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
-    job, created = service().submit(job_request, idempotency_key=key)
-    response = jsonify(job_resource(job))
+    svc = service()
+    job, created = svc.submit(job_request, idempotency_key=key)
+    body = job_resource(job)
+    if not svc.has_live_worker(job.model):
+        body["warnings"] = [f"no worker for model {job.model!r} is live; the job waits in its queue until one starts"]
+    response = jsonify(body)
     # 202: a new job was queued; 200: the same Idempotency-Key and body already made this job.
     response.status_code = 202 if created else 200
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +33,8 @@ class JobService:
     store: JobStore
     directory: WorkerDirectory
     celery: Celery
+    _live_models: set[str] = field(default_factory=set)
+    _live_models_at: float = -1e9
 
     def submit(self, request: JobRequest, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Validate ``request``, store it queued and send it to its model's queue.
@@ -156,6 +159,14 @@ class JobService:
     def live_workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat is current."""
         return self.directory.live()
+
+    def has_live_worker(self, model: str) -> bool:
+        """Whether some live worker serves ``model`` (looked up at most once a second)."""
+        now = time.monotonic()
+        if now - self._live_models_at > 1.0:
+            self._live_models = {w.model for w in self.directory.live()}
+            self._live_models_at = now
+        return model in self._live_models
 
     def _model_for(self, name: str | None) -> ModelSpec:
         if name is None:

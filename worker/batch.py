@@ -148,27 +148,35 @@ class Batch:
         self.logits = out.logits[:, -1, :].float()
 
     def filter(self, keep: list[int]) -> Batch | None:
-        """Keep only the rows at ``keep`` (in order); drop columns that became padding for every row."""
+        """Keep only the rows at ``keep``.
+
+        Rather than copying the whole cache into a smaller one (once per finished request, hundreds of
+        MB for a big batch), the last rows are moved into the holes the finished ones leave, and every
+        tensor is narrowed to the first ``len(keep)`` rows, which is a view. Row order changes.
+        """
         if not keep:
             return None
-        if len(keep) == len(self.seqs):
+        rows = len(keep)
+        if rows == len(self.seqs):
             return self
-        index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
-        mask = self.attention_mask.index_select(0, index)
-        first = int(mask.any(dim=0).long().argmax())  # leftmost column some remaining row uses
-        length = self.length - first
+        kept = set(keep)
+        holes = [i for i in range(rows) if i not in kept]
+        movers = [i for i in keep if i >= rows]
+        device = self.attention_mask.device
+        hole_index = torch.tensor(holes, dtype=torch.long, device=device)
+        mover_index = torch.tensor(movers, dtype=torch.long, device=device)
         for layer in self.cache.layers:
-            # One copy per tensor, straight into storage with room for the next tokens.
-            keys, values = layer.keys, layer.values
-            new_k = with_room((len(keep), keys.shape[1], length, keys.shape[3]), keys)
-            new_v = with_room((len(keep), values.shape[1], length, values.shape[3]), values)
-            torch.index_select(keys[:, :, first:, :], 0, index, out=new_k[:, :, :length, :])
-            torch.index_select(values[:, :, first:, :], 0, index, out=new_v[:, :, :length, :])
-            layer.replace(new_k, new_v, length)
-        seqs = [self.seqs[i] for i in keep]
-        batch = Batch(seqs, mask[:, first:], self.cache, self.logits.index_select(0, index),
-                      self.seen.index_select(0, index))
-        batch._last = self._last.index_select(0, index)
+            layer.keep_rows(hole_index, mover_index, rows)
+        tensors = [self.attention_mask, self.logits, self.seen, self._last]
+        for tensor in tensors:
+            if holes:
+                tensor.index_copy_(0, hole_index, tensor.index_select(0, mover_index))
+        seqs = list(self.seqs[:rows])
+        for hole, mover in zip(holes, movers, strict=True):
+            seqs[hole] = self.seqs[mover]
+        mask, logits, seen, last = (tensor[:rows] for tensor in tensors)
+        batch = Batch(seqs, mask, self.cache, logits, seen)
+        batch._last = last
         return batch
 
     @classmethod

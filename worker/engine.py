@@ -120,6 +120,12 @@ class Engine:
 
     # -- the caller's side -------------------------------------------------------------------------
 
+    @property
+    def load(self) -> int:
+        """Sequences in the batch or waiting for it."""
+        batch = self.batch  # the engine thread may replace it meanwhile
+        return (len(batch) if batch is not None else 0) + len(self._waiting)
+
     def generate(self, prompt: str, params: GenerateParameters) -> GenerationResult:
         """Run one request to completion (blocking the calling thread, not the engine)."""
         seq = self.submit(prompt, params)

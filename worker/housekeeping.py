@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import redis
 
+from jobs.schema import Job
 from jobs.store import CANCEL_CHANNEL, JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 
@@ -43,17 +44,18 @@ class _Loop:
 class Heartbeat(_Loop):
     """Refreshes this worker's announcement in Redis until stopped, then withdraws it."""
 
-    def __init__(self, directory: WorkerDirectory, info: WorkerInfo, interval: float) -> None:
+    def __init__(self, directory: WorkerDirectory, info: Callable[[], WorkerInfo], interval: float) -> None:
         self.directory = directory
         self.info = info
-        super().__init__("bloomq-heartbeat", interval, lambda: directory.announce(info, ttl_seconds=interval * 3))
+        self.instance = info().instance
+        super().__init__("bloomq-heartbeat", interval, lambda: directory.announce(info(), ttl_seconds=interval * 3))
 
     def stop(self) -> None:
         super().stop()
         try:
-            self.directory.withdraw(self.info.name)
+            self.directory.withdraw(self.instance)
         except redis.RedisError:  # Redis may be the reason we are stopping
-            log.warning("could not withdraw worker record %s", self.info.name)
+            log.warning("could not withdraw worker record %s", self.instance)
 
 
 class DeadlineReaper(_Loop):
@@ -101,3 +103,28 @@ class CancelListener:
                 self._stop.wait(1.0)
             finally:
                 pubsub.close()
+
+
+class Reaper(_Loop):
+    """Requeues running jobs whose worker stopped announcing itself (crashed, killed, cut off).
+
+    This is what brings a dead worker's jobs back within seconds; Celery's own redelivery only comes
+    after the visibility timeout, which must stay longer than the longest job.
+    """
+
+    def __init__(self, store: JobStore, directory: WorkerDirectory, requeue: Callable[[Job], None],
+                 interval: float) -> None:
+        super().__init__("bloomq-reaper", interval, self._reap)
+        self.store = store
+        self.directory = directory
+        self.requeue = requeue
+
+    def _reap(self) -> None:
+        running = self.store.running_jobs()
+        if not running:
+            return
+        live = {w.instance for w in self.directory.live()}
+        for job_id in running:
+            job = self.store.requeue_if_orphaned(job_id, live)
+            if job is not None:
+                self.requeue(job)

@@ -47,6 +47,14 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = keys, values
         self._len = length
 
+    def keep_rows(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
+        """Move rows ``movers`` into rows ``holes``, then keep the first ``rows`` rows (a view)."""
+        assert self._k is not None and self._v is not None
+        if holes.numel():
+            self._k.index_copy_(0, holes, self._k.index_select(0, movers))
+            self._v.index_copy_(0, holes, self._v.index_select(0, movers))
+        self._k, self._v = self._k[:rows], self._v[:rows]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized or self._k is None or self._k.dim() < 3 or self._len == 0:
             self.device = key_states.device

@@ -3,8 +3,10 @@
     python -m worker [--model REF] [--gpus all|none|0,1,3] [--dry-run]
 
 Each child gets ``CUDA_VISIBLE_DEVICES`` before it imports torch, so it sees exactly its own GPU and
-never forks after touching CUDA. The launcher forwards SIGINT/SIGTERM to its children and exits with the
-first non-zero status a child returns.
+never forks after touching CUDA. The launcher supervises its children: one that dies is restarted with
+a growing backoff (1 s, 2 s, 4 s … 60 s); one that exits before it ever got ready (e.g. the model does not
+load) stops the launcher with its status. SIGTERM/SIGINT drain: each child finishes its running jobs,
+hands back the ones it had not started, and exits.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from config.models import model_name
 from config.settings import Settings
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     ref = args.model or settings.model
     try:
-        plan = plan_workers(model_name(ref), socket.gethostname(), visible_gpus(), args.gpus)
+        plan = plan_workers(model_name(ref), settings.host_name, visible_gpus(), args.gpus)
     except (PlanError, ValueError) as exc:
         parser.error(str(exc))
     if args.dry_run:
@@ -95,34 +99,105 @@ def main(argv: list[str] | None = None) -> int:
     return run_plan(plan, ref)
 
 
-def run_plan(plan: list[WorkerPlan], ref: str) -> int:
-    """Start the planned processes and wait; stop them all when one fails or on a signal."""
-    children: list[subprocess.Popen[bytes]] = []
-    for item in plan:
+READY_FILE_ENV = "BLOOMQ_READY_FILE"  # set by the launcher: the child touches it once it consumes its queue
+MAX_BACKOFF = 60.0
+STABLE_AFTER = 60.0  # a child that ran this long has its restart backoff reset
+
+
+@dataclass
+class Child:
+    """One supervised worker process."""
+
+    plan: WorkerPlan
+    ready_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    restart_at: float | None = None
+    ever_ready: bool = False
+
+
+class Supervisor:
+    """Starts the planned worker processes, restarts the ones that die, drains them all on a signal."""
+
+    def __init__(
+        self,
+        plan: list[WorkerPlan],
+        ref: str,
+        state_dir: Path,
+        command: Callable[[WorkerPlan], list[str]] | None = None,
+    ) -> None:
+        self.ref = ref
+        self.children = [Child(item, state_dir / f"{item.name}.ready") for item in plan]
+        self.command = command or self.serve_command
+        self.stopping = False
+
+    def serve_command(self, plan: WorkerPlan) -> list[str]:
+        """The worker process for ``plan``."""
+        return [sys.executable, "-m", "worker.serve", "--model", self.ref, "--device", plan.device,
+                "--name", plan.name]
+
+    def start(self, child: Child) -> None:
         env = dict(os.environ)
-        if item.cuda_visible_devices is None:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = item.cuda_visible_devices
-        cmd = [sys.executable, "-m", "worker.serve", "--model", ref, "--device", item.device, "--name", item.name]
-        children.append(subprocess.Popen(cmd, env=env))
+        env["CUDA_VISIBLE_DEVICES"] = child.plan.cuda_visible_devices or ""
+        env[READY_FILE_ENV] = str(child.ready_file)
+        child.ready_file.unlink(missing_ok=True)
+        child.proc = subprocess.Popen(self.command(child.plan), env=env)
+        child.started_at = time.monotonic()
+        child.restart_at = None
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    def signal_all(self, signum: int) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signum)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    status = 0
-    while any(child.poll() is None for child in children):
-        for child in children:
-            code = child.poll()
-            if code not in (None, 0) and status == 0:
-                status = code
-                forward(signal.SIGTERM, None)
-        time.sleep(0.2)
-    for child in children:
-        if child.returncode not in (None, 0) and status == 0:
-            status = child.returncode
-    return 1 if status < 0 else status
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Drain: pass ``signum`` to every child and restart none. Celery's warm shutdown finishes the
+        running jobs and gives back the ones not started; a second SIGINT means "stop now" to Celery."""
+        self.stopping = True
+        self.signal_all(signum)
+
+    def run(self, install_signals: bool = True) -> int:
+        """Supervise until every child has exited after a stop, or one fails to ever get ready."""
+        if install_signals:
+            signal.signal(signal.SIGINT, lambda signum, _frame: self.stop(signum))
+            signal.signal(signal.SIGTERM, lambda signum, _frame: self.stop(signum))
+        for child in self.children:
+            self.start(child)
+        status = 0
+        while True:
+            now = time.monotonic()
+            for child in self.children:
+                child.ever_ready = child.ever_ready or child.ready_file.exists()
+                if child.restart_at is not None:  # dead, waiting out its backoff
+                    if not self.stopping and now >= child.restart_at:
+                        self.start(child)
+                    continue
+                code = child.proc.poll() if child.proc is not None else None
+                if code is None or self.stopping:
+                    continue
+                if not child.ever_ready:
+                    # It never got as far as consuming its queue (the model did not load, say): restarting
+                    # would only repeat the error. Stop everything and pass the status on.
+                    print(f"[launcher] {child.plan.name} exited with status {code} before it was ready; "
+                          "stopping", file=sys.stderr, flush=True)
+                    status = code if code > 0 else 1
+                    self.stopping = True
+                    self.signal_all(signal.SIGTERM)
+                    continue
+                if now - child.started_at >= STABLE_AFTER:
+                    child.restarts = 0
+                delay = min(MAX_BACKOFF, 2.0**child.restarts)
+                child.restarts += 1
+                child.restart_at = now + delay
+                print(f"[launcher] {child.plan.name} died with status {code}; restarting in {delay:.0f}s",
+                      file=sys.stderr, flush=True)
+            if self.stopping and all(c.proc is None or c.proc.poll() is not None for c in self.children):
+                return status
+            time.sleep(0.2)
+
+
+def run_plan(plan: list[WorkerPlan], ref: str) -> int:
+    """Start the planned processes and supervise them until a stop signal (or a fatal start failure)."""
+    with tempfile.TemporaryDirectory(prefix="bloomq-launcher-") as state_dir:
+        return Supervisor(plan, ref, Path(state_dir)).run()

@@ -12,25 +12,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
+from pathlib import Path
 
-from config.models import ModelRegistry, ModelSpec
+from config.models import ModelRegistry, ModelSpec, queue_for
 from config.settings import Settings
-from jobs.celery_app import WEBHOOK_QUEUE, make_celery
+from jobs.celery_app import WEBHOOK_QUEUE, make_celery, send_generate
+from jobs.schema import Job
 from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
-from worker.housekeeping import CancelListener, DeadlineReaper, Heartbeat
+from worker.housekeeping import CancelListener, DeadlineReaper, Heartbeat, Reaper
+from worker.launcher import READY_FILE_ENV
 
 log = logging.getLogger("bloomq.worker")
 
 WEBHOOK_THREADS = 2  # pool threads beyond the batch, so webhook deliveries never take a batch slot
 
 
-def default_worker_name(model: str, device: str) -> str:
+def default_worker_name(model: str, host: str, device: str) -> str:
     """``model@host.device``, e.g. ``bloom-560m@gpu-box-1.gpu0``."""
-    return f"{model}@{socket.gethostname()}.{device}"
+    return f"{model}@{host}.{device}"
 
 
 def resolve_spec(settings: Settings, ref: str) -> ModelSpec:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     loaded = load_model(spec, device, settings.dtype)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
-    name = args.name or default_worker_name(spec.name, "cpu" if device.type == "cpu" else f"gpu{gpu}")
+    name = args.name or default_worker_name(spec.name, settings.host_name, "cpu" if device.type == "cpu" else f"gpu{gpu}")
 
     engine = Engine(
         loaded,
@@ -79,28 +81,48 @@ def main(argv: list[str] | None = None) -> int:
     client = connect(settings.redis_url)
     store = JobStore(client, settings.job_retention_seconds)
     app = make_celery(settings)
-    runner = JobRunner(store, engine, name, celery=app)
+    directory = WorkerDirectory(client)
+    instance = f"{name}:{os.getpid()}"
+    runner = JobRunner(store, engine, name, celery=app, instance=instance,
+                       live_workers=lambda: {w.instance for w in directory.live()})
     register_tasks(app, runner, WebhookSender(store, settings.webhook_secret, settings.webhook_allow))
 
     info = WorkerInfo(
         name=name,
+        instance=instance,
         model=spec.name,
-        host=socket.gethostname(),
+        host=settings.host_name,
         device="cpu" if device.type == "cpu" else f"cuda:{gpu}",
+        devices=[] if device.type == "cpu" else gpu.split(","),
         dtype=str(loaded.dtype).removeprefix("torch."),
         pid=os.getpid(),
         batch_capacity=settings.max_batch_size,
     )
+
+    def current_info() -> WorkerInfo:
+        return info.model_copy(update={"jobs_running": engine.load})
+
+    def requeue(job: Job) -> None:
+        send_generate(app, job.id, queue_for(job.model))
+
     background = [
-        Heartbeat(WorkerDirectory(client), info, settings.heartbeat_seconds),
+        Heartbeat(directory, current_info, settings.heartbeat_seconds),
         CancelListener(client, runner.cancel),
         DeadlineReaper(store, on_expired=runner.notify_expired),
+        Reaper(store, directory, requeue, interval=settings.heartbeat_seconds),
     ]
 
     from celery.signals import worker_ready
 
-    # Announce only once the consumer is subscribed, so "live" means "will take a job now".
-    worker_ready.connect(lambda **_: [b.start() for b in background], weak=False)
+    def on_ready(**_: object) -> None:
+        # Announce only once the consumer is subscribed, so "live" means "will take a job now".
+        for item in background:
+            item.start()
+        ready_file = os.environ.get(READY_FILE_ENV)
+        if ready_file:
+            Path(ready_file).touch()
+
+    worker_ready.connect(on_ready, weak=False)
     log.info("worker %s serving %s on queue %s", name, spec.name, spec.queue)
     try:
         app.worker_main(

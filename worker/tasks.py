@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -95,8 +96,18 @@ class ProgressPublisher:
 class JobRunner:
     """Moves one job through the store around the engine: start, progress, cancel, final result."""
 
-    def __init__(self, store: JobStore, engine: Engine, worker_name: str, celery: Celery | None = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Engine,
+        worker_name: str,
+        celery: Celery | None = None,
+        live_workers: Callable[[], set[str]] | None = None,
+        instance: str | None = None,
+    ) -> None:
         self.store = store
+        self.live_workers = live_workers  # live worker instances
+        self.instance = instance or worker_name
         self.engine = engine
         self.worker_name = worker_name
         self.celery = celery
@@ -106,24 +117,39 @@ class JobRunner:
 
     def run(self, job_id: str) -> None:
         """Run a queued (or redelivered) job; skip one that already has its final result."""
-        job = self.store.start(job_id, self.worker_name)
+        current = self.store.get(job_id)
+        if (
+            current is not None
+            and current.status is JobStatus.RUNNING
+            and current.worker_instance not in (None, self.instance)
+            and self.live_workers is not None
+            and current.worker_instance in self.live_workers()
+        ):
+            # A duplicate delivery while its worker is alive and working on it: leave it there. Should
+            # that worker die, the reaper requeues the job.
+            log.info("job %s: already running on live worker %s; message acknowledged", job_id,
+                     current.worker_instance)
+            return
+        job = self.store.start(job_id, self.worker_name, self.instance)
         if job is None or job.status is not JobStatus.RUNNING:
             reason = "unknown, expired or already finished" if job is None else f"{job.status.value} before it ran"
             log.info("job %s: %s; message acknowledged", job_id, reason)
             if job is not None:
                 self._notify(job, "completed")
             return
-        log.info("job %s: started (attempt %d)", job_id, job.attempts)
+        attempt = job.attempts  # our fencing token: results of a stale attempt are refused by the store
+        log.info("job %s: started (attempt %d)", job_id, attempt)
         self._notify(job, "started")
         if job.cancel_requested:
-            self._finish(job_id, FinishReason.CANCELED, JobOutput(generated_text="", generated_tokens=0,
-                                                                  finish_reason=FinishReason.CANCELED), 0.0)
+            empty = JobOutput(generated_text="", generated_tokens=0, finish_reason=FinishReason.CANCELED)
+            self._finish(job_id, attempt, FinishReason.CANCELED, empty, 0.0)
             return
         try:
             seq = self.engine.submit(job.inputs, job.parameters, timeout=_seconds_left(job.deadline))
         except GenerationError as exc:
             log.info("job %s: %s: %s", job_id, exc.type, exc)
-            self._store_final(job_id, lambda: self.store.fail(job_id, JobError(type=exc.type, message=str(exc))))
+            error = JobError(type=exc.type, message=str(exc))
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
             return
         with self._lock:
             self._running[job_id] = seq
@@ -138,15 +164,16 @@ class JobRunner:
             result = self.engine.result(seq)
         except GenerationError as exc:
             log.info("job %s: %s: %s", job_id, exc.type, exc)
-            self._store_final(job_id, lambda: self.store.fail(job_id, JobError(type=exc.type, message=str(exc))))
+            error = JobError(type=exc.type, message=str(exc))
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
             return
         except Exception as exc:  # the job fails alone; the worker keeps serving
             log.error("job %s: generation raised %s: %s", job_id, type(exc).__name__, exc)
             error_type = "out_of_memory" if "out of memory" in str(exc).lower() else "internal_error"
             error = JobError(type=error_type, message=f"{type(exc).__name__}: {exc}")
-            self._store_final(job_id, lambda: self.store.fail(job_id, error))
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
             return
-        self._finish(job_id, result.output.finish_reason, result.output, round(result.seconds, 6))
+        self._finish(job_id, attempt, result.output.finish_reason, result.output, round(result.seconds, 6))
 
     def notify_expired(self, job_id: str) -> None:
         """A queued job expired without running: send its completed webhook."""
@@ -163,19 +190,21 @@ class JobRunner:
         self.engine.cancel(seq)
         return True
 
-    def _finish(self, job_id: str, reason: FinishReason | None, output: JobOutput, seconds: float) -> None:
+    def _finish(
+        self, job_id: str, attempt: int, reason: FinishReason | None, output: JobOutput, seconds: float
+    ) -> None:
         if reason is FinishReason.CANCELED:
-            self._store_final(job_id, lambda: self.store.finish_canceled(job_id, output, seconds))
+            self._store_final(job_id, lambda: self.store.finish_canceled(job_id, output, seconds, attempt=attempt))
         elif reason is FinishReason.TIMEOUT:
             error = JobError(type="timeout", message="the job reached its deadline while running")
-            self._store_final(job_id, lambda: self.store.fail(job_id, error, seconds, output=output))
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, seconds, output=output, attempt=attempt))
         else:
-            self._store_final(job_id, lambda: self.store.succeed(job_id, output, seconds))
+            self._store_final(job_id, lambda: self.store.succeed(job_id, output, seconds, attempt=attempt))
 
     def _store_final(self, job_id: str, write) -> None:
         job: Job | None = write()
         if job is None:
-            log.warning("job %s: finished elsewhere first; this result was dropped", job_id)
+            log.warning("job %s: not stored: it was finished or taken over elsewhere first", job_id)
             return
         output = job.output
         log.info(

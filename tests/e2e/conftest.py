@@ -32,8 +32,9 @@ class Stack:
         self.web = start_web(self.redis.url, self.model, self.logs / "web.log", self.port, **self.env)
         wait_for(lambda: _ready(self.url), timeout=30, what="the web to answer /readyz")
 
-    def start_worker(self, wait: bool = True) -> Proc:
-        worker = start_worker(self.redis.url, self.model, self.logs / f"worker-{len(self.workers)}.log", **self.env)
+    def start_worker(self, wait: bool = True, model: str | None = None) -> Proc:
+        log = self.logs / f"worker-{len(self.workers)}.log"
+        worker = start_worker(self.redis.url, model or self.model, log, **self.env)
         self.workers.append(worker)
         if wait:
             expected = sum(1 for w in self.workers if w.alive())

@@ -142,3 +142,23 @@ def test_progress_shows_while_running_and_reports_cancel_requests(redis_client):
     store.finish_canceled(job.id, final, 0.1)
     store.publish_progress([ProgressUpdate(job.id, "", 3, partial)])  # a late report changes nothing
     assert store.get(job.id).output.generated_text == "part"
+
+
+def test_orphaned_running_job_is_requeued_and_the_dead_attempts_result_refused(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    first = store.start(job.id, "a", "a:1")
+    assert store.running_jobs() == [job.id]
+    assert store.requeue_if_orphaned(job.id, {"a:1"}) is None  # its worker is alive: leave it
+    requeued = store.requeue_if_orphaned(job.id, {"b:2"})
+    assert requeued.status is JobStatus.QUEUED and requeued.attempts == 1
+    assert store.running_jobs() == []
+    second = store.start(job.id, "b", "b:2")
+    assert second.attempts == 2 and second.worker_instance == "b:2"
+    late = JobOutput(generated_text="from a", generated_tokens=1, finish_reason="length")
+    assert store.succeed(job.id, late, 0.1, attempt=first.attempts) is None  # stale attempt: refused
+    mine = JobOutput(generated_text="from b", generated_tokens=1, finish_reason="length")
+    assert store.succeed(job.id, mine, 0.1, attempt=second.attempts).output.generated_text == "from b"
+    assert store.get(job.id).output.generated_text == "from b"
+    assert store.running_jobs() == []

@@ -33,6 +33,8 @@ def test_submit_returns_202_location_and_the_job_resource(client, redis_client):
 
 def test_poll_returns_the_same_job(client):
     job = _submit(client, {"inputs": "Hello"}).get_json()
+    warnings = job.pop("warnings")
+    assert "no worker" in warnings[0]  # accepted and queued, and the client is told why it may wait
     polled = client.get(f"/api/v1/jobs/{job['id']}")
     assert polled.status_code == 200
     assert polled.get_json() == job

@@ -38,3 +38,55 @@ def test_dry_run_prints_the_plan_without_starting_anything():
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
     assert "bloom-560m@" in out and "device=cpu" in out
+
+
+CHILD = """
+import os, pathlib, signal, sys, time
+mode = sys.argv[1]
+log = pathlib.Path(sys.argv[2])
+with log.open("a") as f:
+    f.write(f"start {os.getpid()}\\n")
+if mode == "fail-at-load":
+    sys.exit(3)
+signal.signal(signal.SIGTERM, lambda *_: (log.open("a").write("drained\\n"), sys.exit(0)))
+pathlib.Path(os.environ["BLOOMQ_READY_FILE"]).touch()
+if mode == "crash-once" and log.read_text().count("start") == 1:
+    time.sleep(0.3)
+    os._exit(9)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def _supervise(tmp_path, mode):
+    """A supervisor over a stand-in child process that behaves as ``mode`` says."""
+    from worker.launcher import Supervisor, WorkerPlan
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    log = tmp_path / "child.log"
+    plan = [WorkerPlan(name="m@h.cpu", cuda_visible_devices=None)]
+    supervisor = Supervisor(plan, "m", tmp_path, command=lambda child: [sys.executable, str(script), mode, str(log)])
+    return supervisor, log
+
+
+def test_a_worker_that_dies_is_restarted_and_a_signal_drains_it(tmp_path):
+    import signal
+    import threading
+    import time
+
+    supervisor, log = _supervise(tmp_path, "crash-once")
+    timer = threading.Timer(3.0, lambda: supervisor.stop(signal.SIGTERM))
+    timer.start()
+    started = time.monotonic()
+    assert supervisor.run(install_signals=False) == 0
+    text = log.read_text()
+    assert text.count("start") == 2  # died once, restarted once (after a 1 s backoff)
+    assert text.rstrip().endswith("drained")  # the stop signal reached the restarted child
+    assert time.monotonic() - started < 10
+
+
+def test_a_worker_that_never_gets_ready_stops_the_launcher_with_its_status(tmp_path):
+    supervisor, log = _supervise(tmp_path, "fail-at-load")
+    assert supervisor.run(install_signals=False) == 3
+    assert log.read_text().count("start") == 1  # not restarted: it would only fail again

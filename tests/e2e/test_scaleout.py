@@ -1,0 +1,86 @@
+"""Routing between models, supervision of worker processes, fast recovery and draining."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import requests
+
+from tests.e2e.conftest import make_stack
+from tests.support import live_workers, wait_for, wait_for_job
+
+
+def _job(stack, job_id):
+    return requests.get(f"{stack.url}/api/v1/jobs/{job_id}", timeout=10).json()
+
+
+def _workers(stack):
+    return requests.get(f"{stack.url}/api/v1/workers", timeout=10).json()["workers"]
+
+
+def test_jobs_route_to_their_models_workers(request, tmp_path_factory, tiny_model_dir, slow_model_dir):
+    stack = make_stack(request, tmp_path_factory, tiny_model_dir, BLOOMQ_MODELS=str(slow_model_dir))
+    try:
+        stack.start_web()
+        stack.start_worker()
+        stack.start_worker(model=str(slow_model_dir))
+        models = {m["name"]: m for m in requests.get(f"{stack.url}/api/v1/models", timeout=5).json()["models"]}
+        assert models["tiny-bloom"]["workers"] == 1 and models["slow-bloom"]["workers"] == 1
+        jobs = [(stack.submit("Hello", model=m, parameters={"max_new_tokens": 5}), m)
+                for m in ("tiny-bloom", "slow-bloom") * 3]
+        for job, model in jobs:
+            done = wait_for_job(stack.url, job["id"])
+            assert done["status"] == "succeeded" and done["model"] == model
+            assert done["worker"].startswith(f"{model}@")  # only that model's workers took it
+        queued = stack.submit("Hello", model="bloom-7b1")  # a known model nobody serves yet
+        assert queued["status"] == "queued" and "no worker" in queued["warnings"][0]
+        unknown = requests.post(f"{stack.url}/api/v1/jobs", json={"inputs": "x", "model": "gpt-9"}, timeout=5)
+        assert unknown.status_code == 422 and unknown.json()["error"]["fields"][0]["name"] == "model"
+        info = {w["model"]: w for w in _workers(stack)}
+        assert info["slow-bloom"]["batch_capacity"] >= 1 and info["slow-bloom"]["devices"] == []
+        assert info["tiny-bloom"]["instance"].startswith(info["tiny-bloom"]["name"] + ":")
+    finally:
+        stack.stop()
+
+
+def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly(request, tmp_path_factory,
+                                                                          slow_model_dir):
+    # Celery's own redelivery would take the default visibility timeout (hours): recovery here is the
+    # launcher restarting the process and the reaper requeueing the orphaned job.
+    stack = make_stack(request, tmp_path_factory, slow_model_dir)
+    try:
+        stack.start_web()
+        launcher = stack.start_worker()
+        job = stack.submit("Once upon a time", parameters={"max_new_tokens": 700})
+        wait_for(lambda: _job(stack, job["id"])["status"] == "running", timeout=30, what="the job to start")
+        (worker,) = _workers(stack)
+        os.kill(worker["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: any(w["pid"] != worker["pid"] for w in _workers(stack)), timeout=60,
+                 what="the launcher to restart the worker")
+        done = wait_for_job(stack.url, job["id"], timeout=90)
+        assert done["status"] == "succeeded" and done["attempts"] == 2
+        assert time.monotonic() - killed_at < 60
+        assert launcher.alive()
+        log = launcher.log()
+        assert "restarting in" in log and log.count(f"job {job['id']}: succeeded") == 1
+    finally:
+        stack.stop()
+
+
+def test_sigterm_drains_the_launcher_after_its_running_job(request, tmp_path_factory, slow_model_dir):
+    stack = make_stack(request, tmp_path_factory, slow_model_dir)
+    try:
+        stack.start_web()
+        launcher = stack.start_worker()
+        job = stack.submit("Once upon a time", parameters={"max_new_tokens": 300})
+        wait_for(lambda: _job(stack, job["id"])["status"] == "running", timeout=30, what="the job to start")
+        os.kill(launcher.pid, signal.SIGTERM)
+        assert launcher.proc.wait(timeout=90) == 0
+        done = _job(stack, job["id"])
+        assert done["status"] == "succeeded" and done["attempts"] == 1  # finished, not abandoned
+        assert live_workers(stack.url) == 0  # withdrew its announcement
+    finally:
+        stack.stop()
