@@ -321,7 +321,7 @@ def main() -> int:
 
 def _up(base: str) -> bool:
     try:
-        return requests.get(f"{base}/readyz", timeout=2).status_code == 200
+        return requests.get(f"{base}/healthz", timeout=2).status_code == 200
     except requests.RequestException:
         return False
 

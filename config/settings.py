@@ -49,6 +49,13 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in ("json", "text"):
+        raise ValueError("must be json or text")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -101,6 +108,9 @@ class Settings:
     webhook_allow: tuple[str, ...] = ()
     stream_max_seconds: float = 300.0
     worker_host: str = ""
+    max_body_bytes: int = 1024 * 1024
+    max_queue: int = 10_000
+    log_format: str = "json"
     secret_key: str = field(default="", repr=False)
 
     @classmethod
@@ -132,6 +142,9 @@ class Settings:
             webhook_allow=_read(env, "BLOOMQ_WEBHOOK_ALLOW", d.webhook_allow, _comma_list),
             stream_max_seconds=_read(env, "BLOOMQ_STREAM_MAX_SECONDS", d.stream_max_seconds, _positive_float),
             worker_host=_read(env, "BLOOMQ_WORKER_HOST", d.worker_host, str),
+            max_body_bytes=_read(env, "BLOOMQ_MAX_BODY_BYTES", d.max_body_bytes, _positive_int),
+            max_queue=_read(env, "BLOOMQ_MAX_QUEUE", d.max_queue, _positive_int),
+            log_format=_read(env, "BLOOMQ_LOG_FORMAT", d.log_format, _log_format),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
         )
 

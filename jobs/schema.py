@@ -192,3 +192,4 @@ class JobResource(Job):
     """The job as the API returns it (documentation schema)."""
 
     urls: dict[str, str]
+    warnings: list[str] | None = Field(None, description="Only on submission: e.g. no worker for the model is live.")

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from jobs import metrics
 from jobs.schema import Job, JobError, JobMetrics, JobOutput, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class JobStore:
         self._event(pipe, job.id, "status", {"status": job.status.value})
         if job.deadline is not None:
             pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
+        metrics.record_submitted(pipe, job)
         pipe.execute()
 
     def delete(self, job_id: str) -> None:
@@ -355,6 +357,7 @@ class JobStore:
                     if updated.status.terminal:
                         self._event(pipe, job_id, "done", updated.model_dump(mode="json"))
                         pipe.zrem(DEADLINES_KEY, job_id)
+                        metrics.record_finished(pipe, updated)
                     pipe.publish(job_events_channel(job_id), updated.status.value)
                     pipe.execute()
                     return updated

@@ -41,9 +41,10 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05,
 class RedisServer:
     """A private redis-server on a free port, data in ``workdir``."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,7 +56,8 @@ class RedisServer:
         assert binary, "redis-server is not installed (make test installs it)"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
         )
@@ -67,6 +69,12 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop (SIGTERM: Redis flushes its append-only file) and start again on the same port and data."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
 
 
 def _pings(client: redis.Redis) -> bool:

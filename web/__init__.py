@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import logging
 import secrets
 
 from flask import Flask
 
+from config.logs import configure_logging
 from config.models import ModelRegistry
 from config.settings import Settings
 from jobs.celery_app import make_celery
@@ -22,12 +22,13 @@ from web.service import JobService
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app from ``settings`` (default: the environment)."""
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, "web")
     app = Flask(__name__)
     # Sessions are not used for auth here; a random key per process is fine when none is configured.
     app.config["SECRET_KEY"] = settings.secret_key or secrets.token_hex(32)
     app.json.sort_keys = False  # keep the resource's documented field order
     app.json.ensure_ascii = False  # prompts and outputs in any script stay readable
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     client = connect(settings.redis_url)
     service = JobService(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import time
@@ -10,12 +11,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+from prometheus_client import CONTENT_TYPE_LATEST
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 from pydantic import ValidationError
 
 from jobs.schema import Job, JobRequest
 from jobs.store import CancelOutcome
 from web.errors import ApiError, validation_error
+from web.metrics import render_metrics
+from web.openapi import build_openapi
 from web.service import JobService
 
 PREFIX = "/api/v1"
@@ -35,6 +39,9 @@ def job_resource(job: Job) -> dict[str, Any]:
 
 def read_json_object() -> dict[str, Any]:
     """The request body as a JSON object, or a 415/400 ApiError saying what is wrong with it."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"the body is over the limit of {limit} bytes")
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     body = request.get_json(silent=True)
@@ -168,12 +175,36 @@ def healthz() -> Response:
 
 @api.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 when Redis answers, else 503 with the reason."""
+    """200 when Redis answers and a worker serves the default model; else 503 saying why."""
+    svc = service()
     try:
-        service().store.redis.ping()
+        svc.store.redis.ping()
     except redis.RedisError as exc:
         return jsonify({"status": "unavailable", "reasons": [f"redis: {exc}"]}), 503
+    default = svc.registry.default.name
+    if not any(w.model == default for w in svc.live_workers()):
+        reason = f"no live worker for the default model {default!r}: jobs are accepted but wait in the queue"
+        return jsonify({"status": "unavailable", "reasons": [reason]}), 503
     return jsonify({"status": "ready", "reasons": []}), 200
+
+
+@api.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics (shared by all web processes: the figures live in Redis)."""
+    return Response(render_metrics(service()), mimetype=CONTENT_TYPE_LATEST)
+
+
+@api.get(f"{PREFIX}/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI document of this API."""
+    return jsonify(build_openapi(_version()))
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("bloomq")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
 
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")

@@ -16,12 +16,20 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error with an HTTP status, a machine-readable type and, where it applies, the fields at fault."""
 
-    def __init__(self, status: int, type_: str, message: str, fields: list[dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        fields: list[dict[str, str]] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
         self.fields = fields or []
+        self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "message": self.message, "fields": self.fields}}
@@ -50,6 +58,8 @@ def _wants_json() -> bool:
 def _json(err: ApiError) -> Response:
     response = jsonify(err.to_dict())
     response.status_code = err.status
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(err.retry_after)
     return response
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 
+from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.celery_app import notify_completed, send_generate
@@ -22,6 +23,8 @@ from jobs.workers import WorkerDirectory, WorkerInfo
 from web.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+QUEUE_FULL_RETRY_AFTER = 5  # seconds a client is told to wait when a model's queue is full
 
 
 @dataclass
@@ -46,6 +49,7 @@ class JobService:
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
         _check_limits(spec, params.max_new_tokens, params.max_length)
         self._check_webhook(request)
+        self._check_queue(spec)
         timeout = min(request.timeout or self.settings.max_job_seconds, self.settings.max_job_seconds)
         if request.timeout is not None and request.timeout > self.settings.max_job_seconds:
             raise ApiError(422, "validation_error", "timeout is over the server's maximum", [
@@ -72,7 +76,8 @@ class JobService:
             if idempotency_key is not None:
                 self.store.redis.delete(_idempotency_redis_key(idempotency_key))
             raise
-        log.info("job %s: queued for %s", job.id, spec.name)
+        with job_context(job.id):
+            log.info("job %s: queued for %s", job.id, spec.name)
         return job, True
 
     def cancel(self, job_id: str) -> tuple[Job, str]:
@@ -102,6 +107,14 @@ class JobService:
         if job is None:
             raise ApiError(409, "idempotency_conflict", "this Idempotency-Key's job is being created; retry")
         return job
+
+    def _check_queue(self, spec: ModelSpec) -> None:
+        """Admission control: refuse (429, before anything is written) when the model's queue is full."""
+        depth = self.store.redis.llen(spec.queue)
+        if depth >= self.settings.max_queue:
+            raise ApiError(429, "queue_full",
+                           f"{spec.name} has {depth} jobs waiting (the limit is {self.settings.max_queue}); retry later",
+                           retry_after=QUEUE_FULL_RETRY_AFTER)
 
     def _check_webhook(self, request: JobRequest) -> None:
         if request.webhook is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -89,8 +90,6 @@ def _mem_available_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -119,6 +118,21 @@ class Engine:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
 
     # -- the caller's side -------------------------------------------------------------------------
+
+    def memory_in_use(self) -> int:
+        """Bytes of device memory allocated (GPU), or this process's resident memory (CPU)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        try:
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def take_batch_sizes(self) -> dict[int, int]:
+        """Decode steps by batch size since the last call."""
+        counts, self.batch_sizes = self.batch_sizes, collections.Counter()
+        return dict(counts)
 
     @property
     def load(self) -> int:

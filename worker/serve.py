@@ -15,9 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from config.logs import configure_logging
 from config.models import ModelRegistry, ModelSpec, queue_for
 from config.settings import Settings
 from jobs.celery_app import WEBHOOK_QUEUE, make_celery, send_generate
+from jobs.metrics import record_batch_sizes
 from jobs.schema import Job
 from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
@@ -51,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format, "worker")
     spec = resolve_spec(settings, args.model or settings.model)
 
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def current_info() -> WorkerInfo:
-        return info.model_copy(update={"jobs_running": engine.load})
+        # Each heartbeat also hands the batch sizes of the steps since the last one to the shared metrics.
+        record_batch_sizes(client, spec.name, engine.take_batch_sizes())
+        return info.model_copy(update={"jobs_running": engine.load, "memory_bytes": engine.memory_in_use()})
 
     def requeue(job: Job) -> None:
         send_generate(app, job.id, queue_for(job.model))

@@ -6,11 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import dataclass
 from datetime import datetime
 
+import redis
 from celery import Celery
 
+from config.logs import job_context
 from jobs.celery_app import TASK_GENERATE, TASK_WEBHOOK, WEBHOOK_RETRIES, send_webhook
 from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
 from jobs.store import JobStore, ProgressUpdate
@@ -19,6 +22,7 @@ from worker.batch import Sequence
 from worker.engine import Engine, GenerationError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STREAM_INTERVAL = 0.1  # seconds between token events on a job's stream
 PROGRESS_INTERVAL = 0.25  # seconds between partial-output writes to the job record
@@ -63,7 +67,10 @@ class ProgressPublisher:
                 final = followed.seq.text
                 if len(final) > len(followed.sent) and final.startswith(followed.sent):
                     delta = final[len(followed.sent) :]
-                    self.store.publish_progress([ProgressUpdate(job_id, delta, len(followed.seq.tokens))])
+                    try:
+                        self.store.publish_progress([ProgressUpdate(job_id, delta, len(followed.seq.tokens))])
+                    except redis.RedisError:  # the final result still carries the whole text
+                        log.warning("job %s: could not stream its last text", job_id)
 
     def _run(self) -> None:
         while True:
@@ -202,7 +209,7 @@ class JobRunner:
             self._store_final(job_id, lambda: self.store.succeed(job_id, output, seconds, attempt=attempt))
 
     def _store_final(self, job_id: str, write) -> None:
-        job: Job | None = write()
+        job: Job | None = _until_redis_answers(write, f"job {job_id}: storing the result")
         if job is None:
             log.warning("job %s: not stored: it was finished or taken over elsewhere first", job_id)
             return
@@ -224,6 +231,25 @@ class JobRunner:
                 log.warning("job %s: could not queue the %s webhook", job.id, event, exc_info=True)
 
 
+REDIS_PATIENCE = 600.0  # seconds a finished job's result waits for Redis to come back
+
+
+def _until_redis_answers(write: Callable[[], T], what: str) -> T:
+    """Run ``write``, retrying while Redis is unreachable (a restart, a network blip): a finished job's
+    result is not thrown away because Redis was down for a moment."""
+    delay, waited = 0.2, 0.0
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if waited >= REDIS_PATIENCE:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+
 def _seconds_left(deadline: datetime | None) -> float | None:
     if deadline is None:
         return None
@@ -237,12 +263,14 @@ def register_tasks(app: Celery, runner: JobRunner, sender: WebhookSender) -> Non
     def generate(job_id: str) -> None:
         if not isinstance(job_id, str):
             raise TypeError(f"generate expects a job id string, got {type(job_id).__name__}")
-        runner.run(job_id)
+        with job_context(job_id):
+            runner.run(job_id)
 
     @app.task(name=TASK_WEBHOOK, bind=True, ignore_result=True, max_retries=WEBHOOK_RETRIES)
     def webhook(self, job_id: str, event: str) -> None:
         try:
-            sender.deliver(job_id, event)
+            with job_context(job_id):
+                sender.deliver(job_id, event)
         except Exception as exc:
             if self.request.retries >= WEBHOOK_RETRIES:
                 log.error("job %s: %s webhook failed for good: %s", job_id, event, exc)

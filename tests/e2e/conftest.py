@@ -30,7 +30,7 @@ class Stack:
 
     def start_web(self) -> None:
         self.web = start_web(self.redis.url, self.model, self.logs / "web.log", self.port, **self.env)
-        wait_for(lambda: _ready(self.url), timeout=30, what="the web to answer /readyz")
+        wait_for(lambda: _up(self.url), timeout=30, what="the web to answer /healthz")
 
     def start_worker(self, wait: bool = True, model: str | None = None) -> Proc:
         log = self.logs / f"worker-{len(self.workers)}.log"
@@ -54,20 +54,21 @@ class Stack:
         self.redis.stop()
 
 
-def _ready(url: str) -> bool:
+def _up(url: str) -> bool:
     try:
-        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+        return requests.get(f"{url}/healthz", timeout=2).status_code == 200
     except requests.RequestException:
         return False
 
 
-def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, **env: str) -> Stack:
+def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, appendonly: bool = False,
+               **env: str) -> Stack:
     name = request.node.name
     logs = ARTIFACTS / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
         old.unlink()
-    redis = RedisServer(tmp_path_factory.mktemp(f"redis-{name}")).start()
+    redis = RedisServer(tmp_path_factory.mktemp(f"redis-{name}"), appendonly=appendonly).start()
     return Stack(redis=redis, model=str(model), logs=logs, env=env)
 
 

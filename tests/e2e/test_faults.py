@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 import requests
 
-from tests.e2e.conftest import make_stack
+from tests.e2e.conftest import make_stack, running_stack
 from tests.support import wait_for, wait_for_job
 
 
@@ -62,3 +63,54 @@ def test_a_model_that_fails_to_load_stops_the_worker_and_jobs_stay_queued(reques
         assert redis.Redis.from_url(stack.redis.url).llen("bloomq.no-such-bloom") == 1
     finally:
         stack.stop()
+
+
+def test_redis_restart_with_aof_loses_no_accepted_job(request, tmp_path_factory, slow_model_dir):
+    stack = make_stack(request, tmp_path_factory, slow_model_dir, appendonly=True, BLOOMQ_MAX_BATCH_SIZE="2")
+    try:
+        stack.start_web()
+        stack.start_worker()
+        ids = [stack.submit("Once upon a time", parameters={"max_new_tokens": 200})["id"] for _ in range(6)]
+        wait_for(lambda: requests.get(f"{stack.url}/api/v1/jobs/{ids[0]}", timeout=5).json()["status"] == "running",
+                 timeout=30, what="a job to run")
+        stack.redis.stop()
+        down = requests.post(f"{stack.url}/api/v1/jobs", json={"inputs": "x"}, timeout=30)
+        assert down.status_code == 503 and down.json()["error"]["type"] == "unavailable"
+        ready = requests.get(f"{stack.url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["reasons"][0].startswith("redis")
+        time.sleep(2)
+        stack.redis.start()
+        wait_for(lambda: requests.get(f"{stack.url}/readyz", timeout=10).status_code == 200, timeout=60,
+                 what="the web and the worker to recover")
+        for job_id in ids:
+            done = wait_for_job(stack.url, job_id, timeout=180)
+            assert done["status"] == "succeeded", done
+        logs = "".join(w.log() for w in stack.workers)
+        assert all(logs.count(f"job {job_id}: succeeded") == 1 for job_id in ids)
+    finally:
+        stack.stop()
+
+
+def test_poisoned_messages_are_rejected_not_retried_and_the_worker_serves_on(stack_for_poison):
+    stack = stack_for_poison
+    client = redis.Redis.from_url(stack.redis.url)
+    from celery import Celery
+
+    app = Celery(broker=stack.redis.url)
+    app.send_task("bloomq.generate", args=[{"not": "an id"}], queue="bloomq.tiny-bloom")
+    app.send_task("bloomq.generate", args=[], queue="bloomq.tiny-bloom")
+    client.lpush("bloomq.tiny-bloom", b"\\x00 this is not a message")
+    wait_for(lambda: client.llen("bloomq.tiny-bloom") == 0 and client.hlen("unacked") == 0, timeout=30,
+             what="the poisoned messages to be consumed and acknowledged")
+    job = stack.submit("still serving", parameters={"max_new_tokens": 3})
+    assert wait_for_job(stack.url, job["id"])["status"] == "succeeded"
+    time.sleep(1)
+    assert client.llen("bloomq.tiny-bloom") == 0 and client.hlen("unacked") == 0  # nothing came back
+    log = stack.workers[0].log()
+    assert "generate expects a job id string" in log
+
+
+@pytest.fixture()
+def stack_for_poison(request, tmp_path_factory, tiny_model_dir):
+    with running_stack(request, tmp_path_factory, tiny_model_dir) as s:
+        yield s

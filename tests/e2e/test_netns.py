@@ -106,7 +106,7 @@ def cluster(tiny_model_dir: Path, slow_model_dir: Path) -> Iterator[tuple[Networ
         web = [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "web:create_app()"]
         procs.append(Proc(["ip", "netns", "exec", net.ns["web"], *web], env, logs / "web.log").start())
         base = f"http://{net.ip('web')}:5000"
-        wait_for(lambda: _ok(f"{base}/readyz"), timeout=30, what="the web host")
+        wait_for(lambda: _ok(f"{base}/healthz"), timeout=30, what="the web host")
 
         def worker(host: str, model: Path) -> Proc:
             """Start a worker machine's launcher for ``model`` on ``host``; wait until it announces itself."""

@@ -126,9 +126,18 @@ def test_models_lists_configured_models_with_depth_and_workers(client):
     assert models["tiny-bloom"]["workers"] == 0
 
 
-def test_health_and_readiness(client):
+def test_health_and_readiness_say_why_not_ready(client, app):
+    from jobs.workers import WorkerInfo
+
     assert client.get("/healthz").get_json() == {"status": "ok"}
-    assert client.get("/readyz").status_code == 200
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "no live worker for the default model 'tiny-bloom'" in response.get_json()["reasons"][0]
+    directory = app.extensions["bloomq"].directory
+    info = WorkerInfo(name="tiny-bloom@h.cpu", instance="tiny-bloom@h.cpu:1", model="tiny-bloom", host="h",
+                      device="cpu", dtype="float32", pid=1)
+    directory.announce(info, ttl_seconds=30)
+    assert client.get("/readyz").get_json() == {"status": "ready", "reasons": []}
 
 
 def test_readiness_is_503_json_when_redis_is_down(redis_server):

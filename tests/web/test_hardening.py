@@ -1,0 +1,56 @@
+"""Transport limits, admission control and metrics."""
+
+import pytest
+
+from config.settings import Settings
+from jobs.schema import JobOutput
+from web import create_app
+
+
+@pytest.fixture()
+def small_app(redis_server, redis_client):
+    app = create_app(Settings(redis_url=redis_server.url, model="/models/tiny-bloom", max_body_bytes=2000, max_queue=3))
+    app.config["TESTING"] = True
+    return app
+
+
+def test_a_body_over_the_limit_is_a_json_413(small_app, redis_client):
+    response = small_app.test_client().post("/api/v1/jobs", json={"inputs": "x" * 5000})
+    assert response.status_code == 413 and response.get_json()["error"]["type"] == "payload_too_large"
+    assert redis_client.keys("bloomq:job:*") == []
+
+
+def test_a_full_queue_is_a_429_with_retry_after_and_writes_nothing(small_app, redis_client):
+    client = small_app.test_client()
+    for _ in range(3):
+        assert client.post("/api/v1/jobs", json={"inputs": "hi"}).status_code == 202
+    response = client.post("/api/v1/jobs", json={"inputs": "hi"})
+    assert response.status_code == 429
+    assert response.headers["Retry-After"].isdigit()
+    assert response.get_json()["error"]["type"] == "queue_full"
+    assert len(redis_client.keys("bloomq:job:*")) == 3 and redis_client.llen("bloomq.tiny-bloom") == 3
+
+
+def test_metrics_count_jobs_by_model_and_status(client, app):
+    store = app.extensions["bloomq"].store
+    ids = [client.post("/api/v1/jobs", json={"inputs": "hi"}).get_json()["id"] for _ in range(3)]
+    store.start(ids[0], "w")
+    store.succeed(ids[0], JobOutput(generated_text="x", generated_tokens=12, finish_reason="length"), 0.4)
+    client.post(f"/api/v1/jobs/{ids[1]}/cancel")
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'bloomq_jobs_submitted_total{model="tiny-bloom"} 3.0' in body
+    assert 'bloomq_jobs_finished_total{model="tiny-bloom",status="succeeded"} 1.0' in body
+    assert 'bloomq_jobs_finished_total{model="tiny-bloom",status="canceled"} 1.0' in body
+    assert 'bloomq_generated_tokens_bucket{le="16",model="tiny-bloom"} 1.0' in body
+    assert 'bloomq_inference_seconds_sum{model="tiny-bloom"} 0.4' in body
+    assert 'bloomq_queue_depth{model="tiny-bloom"} 3.0' in body
+    assert 'bloomq_live_workers{model="tiny-bloom"} 0.0' in body
+
+
+def test_openapi_document_describes_the_request_schema_that_validates(client):
+    doc = client.get("/api/v1/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    params = doc["components"]["schemas"]["GenerateParameters"]["properties"]
+    assert params["top_p"]["anyOf"][0]["exclusiveMinimum"] == 0 and params["top_p"]["anyOf"][0]["maximum"] == 1
+    assert set(doc["paths"]) >= {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/cancel",
+                                 "/api/v1/jobs/{job_id}/events", "/api/v1/models", "/healthz", "/readyz"}

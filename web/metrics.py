@@ -1,0 +1,71 @@
+"""``/metrics``: Prometheus text built from the Redis-backed job metrics and live-worker records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from jobs import metrics as job_metrics
+from web.service import JobService
+
+HELP = {
+    "queue_seconds": "Seconds from submission to the first start",
+    "inference_seconds": "Seconds of model time per job",
+    "end_to_end_seconds": "Seconds from submission to the final result",
+    "generated_tokens": "Tokens generated per job",
+    "batch_size": "Rows in the batch, per decode step",
+}
+
+
+class RedisCollector:
+    """Reads the shared figures at scrape time."""
+
+    def __init__(self, service: JobService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        client = self.service.store.redis
+        submitted, finished = job_metrics.read_counters(client)
+        counter = CounterMetricFamily("bloomq_jobs_submitted", "Jobs accepted", labels=["model"])
+        for model, value in sorted(submitted.items()):
+            counter.add_metric([model], value)
+        yield counter
+        counter = CounterMetricFamily("bloomq_jobs_finished", "Jobs that reached a final state",
+                                      labels=["model", "status"])
+        for (model, status), value in sorted(finished.items()):
+            counter.add_metric([model, status], value)
+        yield counter
+        for name, bounds in job_metrics.HISTOGRAMS.items():
+            family = HistogramMetricFamily(f"bloomq_{name}", HELP[name], labels=["model"])
+            for model, fields in sorted(job_metrics.read_histogram(client, name).items()):
+                cumulative, buckets = 0.0, []
+                for bound in bounds:
+                    cumulative += fields.get(str(bound), 0.0)
+                    buckets.append(("+Inf" if bound == job_metrics.INF else f"{bound:g}", cumulative))
+                family.add_metric([model], buckets, sum_value=fields.get("sum", 0.0))
+            yield family
+        models = self.service.models()
+        depth = GaugeMetricFamily("bloomq_queue_depth", "Jobs waiting in a model's queue", labels=["model"])
+        workers = GaugeMetricFamily("bloomq_live_workers", "Worker processes announcing themselves", labels=["model"])
+        for model in models:
+            depth.add_metric([model["name"]], model["queue_depth"])
+            workers.add_metric([model["name"]], model["workers"])
+        yield depth
+        yield workers
+        memory = GaugeMetricFamily("bloomq_worker_memory_bytes", "Device memory in use (GPU) or resident memory (CPU)",
+                                   labels=["worker", "model", "device"])
+        running = GaugeMetricFamily("bloomq_worker_jobs_running", "Jobs in a worker's engine", labels=["worker", "model"])
+        for worker in self.service.live_workers():
+            memory.add_metric([worker.instance, worker.model, worker.device], worker.memory_bytes)
+            running.add_metric([worker.instance, worker.model], worker.jobs_running)
+        yield memory
+        yield running
+
+
+def render_metrics(service: JobService) -> bytes:
+    """The Prometheus exposition text."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(service))
+    return generate_latest(registry)

@@ -1,0 +1,167 @@
+"""The OpenAPI 3.1 document, built from the same pydantic models that validate requests and shape
+responses (no hand-kept copy of a schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+from jobs.schema import API_JOBS_PATH, JobRequest, JobResource
+from jobs.workers import WorkerInfo
+
+REF = "#/components/schemas/{model}"
+
+
+class FieldError(BaseModel):
+    """One invalid field."""
+
+    name: str = Field(description="Dotted path of the field, e.g. parameters.top_p")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    fields: list[FieldError] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: ErrorDetail
+
+
+class CancelResult(BaseModel):
+    """What ``POST /jobs/{id}/cancel`` did."""
+
+    outcome: str = Field(description="canceled | cancel_requested | already_final")
+    message: str
+    job: JobResource
+
+
+class ModelInfo(BaseModel):
+    name: str
+    source: str
+    default: bool
+    queue: str
+    queue_depth: int
+    workers: int
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready | unavailable")
+    reasons: list[str]
+
+
+_MODELS: list[tuple[type[BaseModel], str]] = [
+    (JobRequest, "validation"),
+    (JobResource, "serialization"),
+    (ErrorBody, "serialization"),
+    (CancelResult, "serialization"),
+    (ModelList, "serialization"),
+    (WorkerList, "serialization"),
+    (Health, "serialization"),
+    (Readiness, "serialization"),
+]
+
+
+def _json(model: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Malformed request", 404: "Unknown or expired job", 405: "Wrong method", 409: "Idempotency conflict",
+            413: "Body too large", 415: "Body is not JSON", 422: "Invalid fields (each named)",
+            429: "Too many queued jobs or requests", 503: "Redis unavailable"}
+    return {str(code): {"description": text[code], **_json("ErrorBody")} for code in codes}
+
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+
+
+def build_openapi(version: str) -> dict[str, Any]:
+    """The whole document."""
+    _, top = models_json_schema(_MODELS, ref_template=REF)
+    schemas = top.get("$defs", {})
+    jobs = API_JOBS_PATH
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bloomq", "version": version, "description": "BLOOM text generation as a job queue."},
+        "paths": {
+            jobs: {
+                "post": {
+                    "operationId": "submitJob",
+                    "summary": "Queue a generation job",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
+                    "requestBody": {"required": True, **_json("JobRequest")},
+                    "responses": {
+                        "202": {"description": "Queued", **_json("JobResource")},
+                        "200": {"description": "Already made with this Idempotency-Key", **_json("JobResource")},
+                        **_errors(400, 409, 413, 415, 422, 429, 503),
+                    },
+                }
+            },
+            f"{jobs}/{{job_id}}": {
+                "get": {
+                    "operationId": "getJob",
+                    "summary": "A job; with wait=N, once it is final or N seconds have passed",
+                    "parameters": [JOB_ID, {"name": "wait", "in": "query", "required": False,
+                                            "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
+                    "responses": {"200": {"description": "The job", **_json("JobResource")},
+                                  **_errors(404, 422, 503)},
+                }
+            },
+            f"{jobs}/{{job_id}}/cancel": {
+                "post": {
+                    "operationId": "cancelJob",
+                    "summary": "Cancel a job (idempotent)",
+                    "parameters": [JOB_ID],
+                    "responses": {
+                        "200": {"description": "Canceled, or already final", **_json("CancelResult")},
+                        "202": {"description": "Running: its worker stops it", **_json("CancelResult")},
+                        **_errors(404, 503),
+                    },
+                }
+            },
+            f"{jobs}/{{job_id}}/events": {
+                "get": {
+                    "operationId": "jobEvents",
+                    "summary": "Server-Sent Events: status, token, done; resumable with Last-Event-ID",
+                    "parameters": [JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
+                                            "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}],
+                    "responses": {"200": {"description": "The event stream",
+                                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                  **_errors(404, 422, 503)},
+                }
+            },
+            "/api/v1/models": {"get": {"operationId": "listModels", "summary": "Configured models",
+                                       "responses": {"200": {"description": "Models", **_json("ModelList")},
+                                                     **_errors(503)}}},
+            "/api/v1/workers": {"get": {"operationId": "listWorkers", "summary": "Live workers",
+                                        "responses": {"200": {"description": "Workers", **_json("WorkerList")},
+                                                      **_errors(503)}}},
+            "/healthz": {"get": {"operationId": "health", "summary": "The process is up",
+                                 "responses": {"200": {"description": "Up", **_json("Health")}}}},
+            "/readyz": {"get": {"operationId": "ready", "summary": "Ready to serve, or why not",
+                                "responses": {"200": {"description": "Ready", **_json("Readiness")},
+                                              "503": {"description": "Not ready", **_json("Readiness")}}}},
+        },
+        "components": {"schemas": schemas},
+    }
