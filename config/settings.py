@@ -49,6 +49,19 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _existing_file(raw: str) -> str:
+    if not os.path.isfile(raw):
+        raise ValueError("no such file")
+    return raw
+
+
+def _rate_limit(raw: str) -> str:
+    from limits import parse_many  # flask-limiter's own parser, so a bad value fails at start-up
+
+    parse_many(raw)
+    return raw
+
+
 def _log_format(raw: str) -> str:
     value = raw.lower()
     if value not in ("json", "text"):
@@ -111,6 +124,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_queue: int = 10_000
     log_format: str = "json"
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str = ""
+    rate_limit: str = ""
     secret_key: str = field(default="", repr=False)
 
     @classmethod
@@ -145,6 +161,9 @@ class Settings:
             max_body_bytes=_read(env, "BLOOMQ_MAX_BODY_BYTES", d.max_body_bytes, _positive_int),
             max_queue=_read(env, "BLOOMQ_MAX_QUEUE", d.max_queue, _positive_int),
             log_format=_read(env, "BLOOMQ_LOG_FORMAT", d.log_format, _log_format),
+            api_keys=_read(env, "BLOOMQ_API_KEYS", d.api_keys, _comma_list),
+            api_keys_file=_read(env, "BLOOMQ_API_KEYS_FILE", d.api_keys_file, _existing_file),
+            rate_limit=_read(env, "BLOOMQ_RATE_LIMIT", d.rate_limit, _rate_limit),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
         )
 

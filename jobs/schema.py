@@ -165,6 +165,7 @@ class Job(BaseModel):
     cancel_requested: bool = False
     webhook: str | None = None
     webhook_events: list[WebhookEvent] = Field(default_factory=list)
+    owner: str | None = Field(None, description="The API key (a short id of its hash) that made the job.")
 
     @field_serializer("created_at", "started_at", "finished_at", "deadline")
     def _iso_utc(self, value: datetime | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -174,3 +175,10 @@ def wait_for_job(base_url: str, job_id: str, timeout: float = 60) -> dict[str, A
         return body if body["status"] in ("succeeded", "failed", "canceled") else None
 
     return wait_for(terminal, timeout=timeout, interval=0.1, what=f"job {job_id} to finish")
+
+
+def csrf_token(page_html: str) -> str:
+    """The CSRF token a page embeds in its forms."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page_html)
+    assert match, "the page has no CSRF token"
+    return match.group(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 
+import redis
 from flask import Flask
 
 from config.logs import configure_logging
@@ -15,7 +16,9 @@ from config.settings import Settings
 from jobs.celery_app import make_celery
 from jobs.store import JobStore, connect
 from jobs.workers import WorkerDirectory
+from web.auth import csrf, init_auth
 from web.errors import register_error_handlers
+from web.limits import limiter
 from web.service import JobService
 
 
@@ -24,13 +27,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format, "web")
     app = Flask(__name__)
-    # Sessions are not used for auth here; a random key per process is fine when none is configured.
-    app.config["SECRET_KEY"] = settings.secret_key or secrets.token_hex(32)
+    client = connect(settings.redis_url)
+    app.config["SECRET_KEY"] = settings.secret_key or shared_secret_key(client)
     app.json.sort_keys = False  # keep the resource's documented field order
     app.json.ensure_ascii = False  # prompts and outputs in any script stay readable
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["RATELIMIT_STORAGE_URI"] = settings.redis_url
+    app.config["RATELIMIT_SWALLOW_ERRORS"] = True  # a Redis outage is answered by the job store (503)
 
-    client = connect(settings.redis_url)
     service = JobService(
         settings=settings,
         registry=ModelRegistry(settings.model_refs),
@@ -43,7 +47,26 @@ def create_app(settings: Settings | None = None) -> Flask:
     from web.api import api
     from web.views import views
 
+    init_auth(app, settings)
+    csrf.exempt(api)  # programs authenticate with Bearer keys; browser sessions are checked in auth
+    limiter.init_app(app)
     app.register_blueprint(api)
     app.register_blueprint(views)
     register_error_handlers(app)
     return app
+
+
+SECRET_KEY_NAME = "bloomq:web-secret-key"
+
+
+def shared_secret_key(client: redis.Redis) -> str:
+    """One random secret for every web process and machine (sessions and CSRF tokens must verify in
+    any of them), made once and kept in Redis, unless BLOOMQ_SECRET_KEY sets one."""
+    try:
+        client.set(SECRET_KEY_NAME, secrets.token_hex(32), nx=True)
+        value = client.get(SECRET_KEY_NAME)
+    except redis.RedisError:
+        value = None
+    if value is None:  # Redis down at start-up: this process signs with its own key until restarted
+        return secrets.token_hex(32)
+    return value.decode()

@@ -17,7 +17,9 @@ from pydantic import ValidationError
 
 from jobs.schema import Job, JobRequest
 from jobs.store import CancelOutcome
+from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, validation_error
+from web.limits import limit_submissions
 from web.metrics import render_metrics
 from web.openapi import build_openapi
 from web.service import JobService
@@ -25,6 +27,7 @@ from web.service import JobService
 PREFIX = "/api/v1"
 
 api = Blueprint("api", __name__)
+api.before_request(authenticate_api)
 
 
 def service() -> JobService:
@@ -53,6 +56,7 @@ def read_json_object() -> dict[str, Any]:
 
 
 @api.post(f"{PREFIX}/jobs")
+@limit_submissions
 def submit_job() -> Response:
     """Queue a generation job; 202 with the job resource and its Location."""
     try:
@@ -63,7 +67,7 @@ def submit_job() -> Response:
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
     svc = service()
-    job, created = svc.submit(job_request, idempotency_key=key)
+    job, created = svc.submit(job_request, idempotency_key=key, owner=current_owner())
     body = job_resource(job)
     if not svc.has_live_worker(job.model):
         body["warnings"] = [f"no worker for model {job.model!r} is live; the job waits in its queue until one starts"]
@@ -83,7 +87,7 @@ def get_job(job_id: str) -> Response:
     _require_uuid(job_id)
     wait = _wait_seconds(request.args.get("wait"))
     svc = service()
-    job = svc.get(job_id) if wait == 0 else svc.wait(job_id, wait)
+    job = svc.get(job_id, current_owner()) if wait == 0 else svc.wait(job_id, wait, current_owner())
     return jsonify(job_resource(job))
 
 
@@ -115,7 +119,7 @@ CANCEL_MESSAGES = {
 def cancel_job(job_id: str) -> Response:
     """Cancel a job. Idempotent; says what it did."""
     _require_uuid(job_id)
-    job, outcome = service().cancel(job_id)
+    job, outcome = service().cancel(job_id, current_owner())
     response = jsonify({"outcome": outcome, "message": CANCEL_MESSAGES[outcome], "job": job_resource(job)})
     response.status_code = 202 if outcome == CancelOutcome.REQUESTED else 200
     return response
@@ -126,7 +130,7 @@ def job_events(job_id: str) -> Response:
     """Server-Sent Events: ``status``, ``token`` and a final ``done``; resumable with Last-Event-ID."""
     _require_uuid(job_id)
     svc = service()
-    svc.get(job_id)  # 404 before the stream starts
+    svc.get(job_id, current_owner())  # 404 (unknown, or another key's job) before the stream starts
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     if not _STREAM_ID.match(after):
         raise ApiError(422, "validation_error", "Last-Event-ID is not an event id of this stream",

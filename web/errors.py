@@ -60,6 +60,8 @@ def _json(err: ApiError) -> Response:
     response.status_code = err.status
     if err.retry_after is not None:
         response.headers["Retry-After"] = str(err.retry_after)
+    if err.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="bloomq"'
     return response
 
 

@@ -39,7 +39,9 @@ class JobService:
     _live_models: set[str] = field(default_factory=set)
     _live_models_at: float = -1e9
 
-    def submit(self, request: JobRequest, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    def submit(
+        self, request: JobRequest, idempotency_key: str | None = None, owner: str | None = None
+    ) -> tuple[Job, bool]:
         """Validate ``request``, store it queued and send it to its model's queue.
 
         Returns the job and whether it is new: with an ``idempotency_key`` already used for the same
@@ -61,9 +63,11 @@ class JobService:
             parameters=params,
             webhook=request.webhook,
             webhook_events=list(request.webhook_events) if request.webhook else [],
+            owner=owner,
         )
         job = job.model_copy(update={"deadline": job.created_at + timedelta(seconds=timeout)})
         if idempotency_key is not None:
+            idempotency_key = f"{owner or ''}|{idempotency_key}"  # each key owner has its own key space
             earlier = self._claim_idempotency_key(idempotency_key, request, job.id)
             if earlier is not None:
                 return earlier, False
@@ -80,8 +84,9 @@ class JobService:
             log.info("job %s: queued for %s", job.id, spec.name)
         return job, True
 
-    def cancel(self, job_id: str) -> tuple[Job, str]:
-        """Cancel a job (see JobStore.cancel); a 404 ApiError when unknown."""
+    def cancel(self, job_id: str, owner: str | None = None) -> tuple[Job, str]:
+        """Cancel a job (see JobStore.cancel); a 404 ApiError when unknown or another key's."""
+        self.get(job_id, owner)
         job, outcome = self.store.cancel(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
@@ -127,17 +132,19 @@ class JobService:
         except WebhookURLError as exc:
             raise ApiError(422, "validation_error", str(exc), [{"name": "webhook", "message": str(exc)}]) from None
 
-    def get(self, job_id: str) -> Job:
-        """The job, or a 404 ApiError. A queued job past its deadline is expired on the spot."""
-        job = self.store.get(job_id)
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, or a 404 ApiError (also for another key's job). A queued job past its deadline is
+        expired on the spot."""
+        job = _owned(self.store.get(job_id), owner)
         if job is not None and job.status is JobStatus.QUEUED and job.deadline and job.deadline <= utcnow():
             job = self.store.expire_if_queued(job_id) or self.store.get(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
         return job
 
-    def wait(self, job_id: str, seconds: float) -> Job:
-        """The job once final, or after ``seconds``; a 404 ApiError when unknown."""
+    def wait(self, job_id: str, seconds: float, owner: str | None = None) -> Job:
+        """The job once final, or after ``seconds``; a 404 ApiError when unknown or another key's."""
+        self.get(job_id, owner)
         job = self.store.wait(job_id, seconds)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
@@ -194,6 +201,13 @@ class JobService:
                 [{"name": "model", "message": f"unknown model {name!r}; known models: {known}"}],
             )
         return spec
+
+
+def _owned(job: Job | None, owner: str | None) -> Job | None:
+    """``job`` if ``owner`` may see it: with API keys on, only the key that made it."""
+    if job is None or owner is None or job.owner == owner:
+        return job
+    return None
 
 
 def _idempotency_redis_key(key: str) -> str:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, current_app, redirect, render_template, request, session, url_for
 from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
+from web.auth import authenticate_page, current_owner
 from web.errors import ApiError, field_errors
+from web.limits import limit_submissions
 from web.service import JobService
 
 views = Blueprint("views", __name__)
+views.before_request(authenticate_page)
 
 STORY_TEMPLATE = "This is a creative story about {title}.\n"
 
@@ -67,12 +70,13 @@ def index() -> str:
 
 
 @views.post("/")
+@limit_submissions
 def submit_form() -> Response | tuple[str, int]:
     """Submit the form; redirect to the job page, or show the form again with messages."""
     body, errors = form_to_request(request.form)
     if not errors:
         try:
-            job, _created = _service().submit(JobRequest.model_validate(body))
+            job, _created = _service().submit(JobRequest.model_validate(body), owner=current_owner())
             return redirect(url_for("views.job_page", job_id=job.id), code=303)
         except ValidationError as exc:
             errors = {f["name"]: f["message"] for f in field_errors(exc)}
@@ -89,7 +93,7 @@ def submit_form() -> Response | tuple[str, int]:
 @views.get("/jobs/<job_id>")
 def job_page(job_id: str) -> str:
     """One job: status, then text, refreshed in place."""
-    job = _service().get(job_id)
+    job = _service().get(job_id, current_owner())
     return render_template(
         "job.html",
         job=job,
@@ -97,3 +101,28 @@ def job_page(job_id: str) -> str:
         events_url=url_for("api.job_events", job_id=job.id),
         cancel_url=url_for("api.cancel_job", job_id=job.id),
     )
+
+
+@views.route("/login", methods=["GET", "POST"])
+def login() -> Response | str | tuple[str, int]:
+    """Sign in with an API key (only when keys are on); the session then acts for that key."""
+    keys = current_app.extensions["bloomq.keys"]
+    if keys is None:
+        return redirect(url_for("views.index"))
+    if request.method == "POST":
+        owner = keys.identify(request.form.get("api_key", ""))
+        if owner:
+            session.clear()
+            session["owner"] = owner
+            target = request.args.get("next", "")
+            # Only paths on this site: never an open redirect.
+            return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("views.index"))
+        return render_template("login.html", error="that is not a valid API key"), 401
+    return render_template("login.html", error=None)
+
+
+@views.post("/logout")
+def logout() -> Response:
+    """Forget the session's key."""
+    session.clear()
+    return redirect(url_for("views.login"))

@@ -10,7 +10,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support import wait_for_job
+from tests.support import csrf_token, wait_for_job
 
 PROMPTS = [
     "Once upon a time",
@@ -88,8 +88,10 @@ def test_return_full_text_keeps_the_multilingual_prompt_intact(stack):
 
 def test_web_form_redirects_to_a_page_that_shows_the_text(stack):
     session = requests.Session()
+    token = csrf_token(session.get(f"{stack.url}/", timeout=5).text)
     response = session.post(
-        f"{stack.url}/", data={"inputs": "Once upon a time", "max_new_tokens": "12"}, allow_redirects=False
+        f"{stack.url}/", data={"inputs": "Once upon a time", "max_new_tokens": "12", "csrf_token": token},
+        allow_redirects=False,
     )
     assert response.status_code == 303
     page_url = response.headers["Location"]

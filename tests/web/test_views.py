@@ -1,6 +1,13 @@
 """The HTML form and job page (server side; the browser behaviour is covered end to end)."""
 
+from tests.support import csrf_token
 from web.views import story_prompt
+
+
+def post_form(client, data, path="/"):
+    """Submit a form as a browser would: with the token from the page."""
+    token = csrf_token(client.get("/").get_data(as_text=True))
+    return client.post(path, data={**data, "csrf_token": token})
 
 
 def test_form_lists_models_and_parameters(client):
@@ -10,7 +17,7 @@ def test_form_lists_models_and_parameters(client):
 
 
 def test_form_submission_redirects_to_the_job_page(client):
-    response = client.post("/", data={"inputs": "Hello there", "max_new_tokens": "8", "temperature": "0"})
+    response = post_form(client, {"inputs": "Hello there", "max_new_tokens": "8", "temperature": "0"})
     assert response.status_code == 303
     job_id = response.headers["Location"].rsplit("/", 1)[-1]
     job = client.get(f"/api/v1/jobs/{job_id}").get_json()
@@ -21,7 +28,7 @@ def test_form_submission_redirects_to_the_job_page(client):
 
 
 def test_story_preset_builds_the_prompt_from_the_title(client):
-    response = client.post("/", data={"preset": "story", "title": "a dragon who bakes", "inputs": "ignored"})
+    response = post_form(client, {"preset": "story", "title": "a dragon who bakes", "inputs": "ignored"})
     job_id = response.headers["Location"].rsplit("/", 1)[-1]
     job = client.get(f"/api/v1/jobs/{job_id}").get_json()
     assert job["inputs"] == "This is a creative story about a dragon who bakes.\n"
@@ -29,18 +36,18 @@ def test_story_preset_builds_the_prompt_from_the_title(client):
 
 
 def test_invalid_form_shows_messages_next_to_the_fields(client, redis_client):
-    response = client.post("/", data={"inputs": "hi", "top_p": "5", "seed": "abc"})
+    response = post_form(client, {"inputs": "hi", "top_p": "5", "seed": "abc"})
     assert response.status_code == 422
     page = response.get_data(as_text=True)
     assert 'data-field="parameters.seed"' in page and "whole number" in page
     assert ">hi</textarea>" in page  # the prompt keeps what was typed
-    response = client.post("/", data={"inputs": "hi", "top_p": "5"})
+    response = post_form(client, {"inputs": "hi", "top_p": "5"})
     assert 'data-field="parameters.top_p"' in response.get_data(as_text=True)
     assert redis_client.keys("bloomq:job:*") == []
 
 
 def test_story_without_title_is_refused(client):
-    response = client.post("/", data={"preset": "story", "title": "  "})
+    response = post_form(client, {"preset": "story", "title": "  "})
     assert response.status_code == 422
     assert 'data-field="title"' in response.get_data(as_text=True)
 
@@ -49,3 +56,13 @@ def test_unknown_job_page_is_an_html_404(client):
     response = client.get("/jobs/00000000-0000-4000-8000-000000000000")
     assert response.status_code == 404
     assert "text/html" in response.content_type
+
+
+def test_a_form_post_without_the_csrf_token_is_refused(client, redis_client):
+    response = client.post("/", data={"inputs": "Hello"})
+    assert response.status_code == 400 and "CSRF" in response.get_data(as_text=True)
+    assert redis_client.keys("bloomq:job:*") == []
+
+
+def test_the_pages_say_when_auth_is_off(client):
+    assert "API keys are off" in client.get("/").get_data(as_text=True)

@@ -28,6 +28,9 @@
   }
 
   function showJob(job) {
+    // Responses can arrive out of order (a cancel's answer after the stream's final event): never let
+    // an older, unfinished view replace a finished one.
+    if (finished && !terminal.includes(job.status)) return;
     setStatus(job.status);
     $("worker").textContent = job.worker || "—";
     if (job.output) {
@@ -82,7 +85,10 @@
 
   $("cancel").addEventListener("click", () => {
     $("cancel").disabled = true;
-    fetch(root.dataset.cancelUrl, {method: "POST", headers: {"Accept": "application/json"}})
+    const token = document.querySelector('meta[name="csrf-token"]');
+    const headers = {"Accept": "application/json"};
+    if (token) headers["X-CSRFToken"] = token.content;
+    fetch(root.dataset.cancelUrl, {method: "POST", headers: headers, credentials: "same-origin"})
       .then((r) => r.json())
       .then((body) => { $("notice").textContent = body.message; if (body.job) showJob(body.job); })
       .catch(() => { $("notice").textContent = "could not reach the server"; })

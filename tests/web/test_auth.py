@@ -1,0 +1,97 @@
+"""API keys, ownership, the signed-in web session with CSRF, and per-key rate limits."""
+
+import hashlib
+
+import pytest
+
+from config.settings import Settings
+from tests.support import csrf_token
+from web import create_app
+
+ALICE, BOB = "alice-key-123", "bob-key-456"
+
+
+@pytest.fixture()
+def keyed(redis_server, redis_client, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# one key per line\nsha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n")
+    settings = Settings(redis_url=redis_server.url, model="/models/tiny-bloom", api_keys=(ALICE,),
+                        api_keys_file=str(keys_file), rate_limit="3/minute")
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    return app
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_needs_a_valid_key_and_says_how(keyed):
+    client = keyed.test_client()
+    for headers in ({}, bearer("wrong")):
+        response = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=headers)
+        assert response.status_code == 401
+        assert response.get_json()["error"]["type"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.get("/healthz").status_code == 200  # health stays open
+    assert client.get("/api/v1/openapi.json").status_code == 200
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=bearer(ALICE)).status_code == 200
+
+
+def test_a_job_is_visible_only_to_the_key_that_made_it(keyed):
+    client = keyed.test_client()
+    job = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(ALICE)).get_json()
+    assert job["owner"].startswith("key:") and ALICE not in job["owner"]
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=bearer(ALICE)).status_code == 200
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=bearer(BOB)).status_code == 404  # hashed key from file
+    assert client.get(f"/api/v1/jobs/{job['id']}?wait=1", headers=bearer(BOB)).status_code == 404
+    assert client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=bearer(BOB)).status_code == 404
+    assert client.get(f"/api/v1/jobs/{job['id']}/events", headers=bearer(BOB)).status_code == 404
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=bearer(ALICE)).get_json()["status"] == "queued"
+
+
+def test_idempotency_keys_are_per_api_key(keyed):
+    client = keyed.test_client()
+    body = {"inputs": "hi"}
+    a = client.post("/api/v1/jobs", json=body, headers={**bearer(ALICE), "Idempotency-Key": "k"})
+    b = client.post("/api/v1/jobs", json=body, headers={**bearer(BOB), "Idempotency-Key": "k"})
+    assert (a.status_code, b.status_code) == (202, 202) and a.get_json()["id"] != b.get_json()["id"]
+
+
+def test_submissions_are_rate_limited_per_key(keyed):
+    client = keyed.test_client()
+    codes = [client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(ALICE)).status_code for _ in range(4)]
+    assert codes == [202, 202, 202, 429]
+    limited = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(ALICE))
+    assert limited.is_json and int(limited.headers["Retry-After"]) > 0
+    assert client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(BOB)).status_code == 202
+
+
+def test_web_pages_sign_in_with_a_key_and_act_for_it(keyed):
+    client = keyed.test_client()
+    page = client.get("/")
+    assert page.status_code == 302 and "/login" in page.headers["Location"]
+    login_page = client.get("/login").get_data(as_text=True)
+    assert "API keys are off" not in login_page
+    token = csrf_token(login_page)
+    assert client.post("/login", data={"api_key": "nope", "csrf_token": token}).status_code == 401
+    assert client.post("/login", data={"api_key": ALICE, "csrf_token": token}).status_code == 302
+    form = client.get("/").get_data(as_text=True)
+    response = client.post("/", data={"inputs": "Hello", "csrf_token": csrf_token(form)})
+    assert response.status_code == 303
+    job_id = response.headers["Location"].rsplit("/", 1)[-1]
+    # The session reads through the API as the same key; Bob does not see the job.
+    assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200
+    assert keyed.test_client().get(f"/api/v1/jobs/{job_id}", headers=bearer(BOB)).status_code == 404
+    # A write through the API from the session needs the page's CSRF token.
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 400
+    cancel = client.post(f"/api/v1/jobs/{job_id}/cancel", headers={"X-CSRFToken": csrf_token(form)})
+    assert cancel.status_code == 200 and cancel.get_json()["outcome"] == "canceled"
+
+
+def test_login_never_redirects_off_site(keyed):
+    client = keyed.test_client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    response = client.post("/login?next=//evil.example/x", data={"api_key": ALICE, "csrf_token": token})
+    assert response.headers["Location"] == "/"
