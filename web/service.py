@@ -21,6 +21,7 @@ from jobs.webhooks import WebhookURLError, check_url
 from jobs.store import CancelOutcome, JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 from web.errors import ApiError
+from web.tokens import PromptCounter
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class JobService:
     store: JobStore
     directory: WorkerDirectory
     celery: Celery
+    prompt_counter: PromptCounter = field(default_factory=PromptCounter)
     _live_models: set[str] = field(default_factory=set)
     _live_models_at: float = -1e9
 
@@ -50,6 +52,7 @@ class JobService:
         spec = self._model_for(request.model)
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
         _check_limits(spec, params.max_new_tokens, params.max_length)
+        self._check_prompt(spec, request.inputs, params.max_new_tokens, params.max_length)
         self._check_webhook(request)
         self._check_queue(spec)
         timeout = min(request.timeout or self.settings.max_job_seconds, self.settings.max_job_seconds)
@@ -112,6 +115,22 @@ class JobService:
         if job is None:
             raise ApiError(409, "idempotency_conflict", "this Idempotency-Key's job is being created; retry")
         return job
+
+    def _check_prompt(self, spec: ModelSpec, prompt: str, max_new: int | None, max_length: int | None) -> None:
+        """The prompt's length against the model's limits, when this process can count its tokens."""
+        tokens = self.prompt_counter.count(spec, prompt)
+        if tokens is None:
+            return
+        if tokens > spec.max_input_tokens:
+            raise _field_error("inputs", f"the prompt has {tokens} tokens; {spec.name} accepts at most "
+                                         f"{spec.max_input_tokens}")
+        if max_new is None and max_length is not None and max_length <= tokens:
+            raise _field_error("parameters.max_length",
+                               f"{max_length} leaves no room after the prompt's {tokens} tokens")
+        if max_new is not None and tokens + max_new > spec.max_total_tokens:
+            raise _field_error("parameters.max_new_tokens",
+                               f"prompt ({tokens} tokens) + max_new_tokens ({max_new}) must be <= "
+                               f"{spec.max_total_tokens} for {spec.name}")
 
     def _check_queue(self, spec: ModelSpec) -> None:
         """Admission control: refuse (429, before anything is written) when the model's queue is full."""
@@ -201,6 +220,10 @@ class JobService:
                 [{"name": "model", "message": f"unknown model {name!r}; known models: {known}"}],
             )
         return spec
+
+
+def _field_error(name: str, message: str) -> ApiError:
+    return ApiError(422, "validation_error", f"{name}: {message}", [{"name": name, "message": message}])
 
 
 def _owned(job: Job | None, owner: str | None) -> Job | None:

@@ -124,8 +124,23 @@ def test_models_shows_the_live_worker(stack):
     assert workers[0]["model"] == "tiny-bloom" and workers[0]["dtype"] == "float32"
 
 
-def test_a_job_the_worker_rejects_fails_with_a_validation_error(stack):
-    done = wait_for_job(stack.url, stack.submit("Once upon a time there was", parameters={"max_length": 2})["id"])
+def test_a_prompt_too_long_for_max_length_is_refused_by_the_web_or_failed_by_the_worker(stack):
+    # The web counts tokens with the model's tokenizer.json when it has the file (it does here)...
+    refused = requests.post(f"{stack.url}/api/v1/jobs", timeout=5,
+                            json={"inputs": "Once upon a time there was", "parameters": {"max_length": 2}})
+    assert refused.status_code == 422 and refused.json()["error"]["fields"][0]["name"] == "parameters.max_length"
+    # ...and where it cannot (a hub model not on the web machine), the worker fails the job at once.
+    from config.settings import Settings
+    from jobs.celery_app import make_celery, send_generate
+    from jobs.schema import GenerateParameters, Job, new_job_id
+    from jobs.store import JobStore, connect
+
+    settings = Settings(redis_url=stack.redis.url)
+    job = Job(id=new_job_id(), model="tiny-bloom", inputs="Once upon a time there was",
+              parameters=GenerateParameters(max_length=2).normalised(64))
+    JobStore(connect(settings.redis_url), 3600).create(job)
+    send_generate(make_celery(settings), job.id, "bloomq.tiny-bloom")
+    done = wait_for_job(stack.url, job.id)
     assert done["status"] == "failed"
     assert done["error"]["type"] == "validation_error" and "max_length" in done["error"]["message"]
     ok = wait_for_job(stack.url, stack.submit("still serving", parameters={"max_new_tokens": 3})["id"])

@@ -54,3 +54,19 @@ def test_openapi_document_describes_the_request_schema_that_validates(client):
     assert params["top_p"]["anyOf"][0]["exclusiveMinimum"] == 0 and params["top_p"]["anyOf"][0]["maximum"] == 1
     assert set(doc["paths"]) >= {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/cancel",
                                  "/api/v1/jobs/{job_id}/events", "/api/v1/models", "/healthz", "/readyz"}
+
+
+def test_prompt_length_is_checked_at_submit_with_the_models_own_tokenizer(redis_server, redis_client, tiny_model_dir):
+    app = create_app(Settings(redis_url=redis_server.url, model=str(tiny_model_dir)))
+    client = app.test_client()
+    too_long = client.post("/api/v1/jobs", json={"inputs": "Once upon a time " * 400})
+    assert too_long.status_code == 422
+    field = too_long.get_json()["error"]["fields"][0]
+    assert field["name"] == "inputs" and "accepts at most 1024" in field["message"]
+    no_room = client.post("/api/v1/jobs", json={"inputs": "Once upon a time there was", "parameters": {"max_length": 3}})
+    assert no_room.status_code == 422 and no_room.get_json()["error"]["fields"][0]["name"] == "parameters.max_length"
+    over_total = client.post("/api/v1/jobs", json={"inputs": "Once upon a time " * 200,
+                                                   "parameters": {"max_new_tokens": 2000}})
+    assert over_total.get_json()["error"]["fields"][0]["name"] == "parameters.max_new_tokens"
+    assert client.post("/api/v1/jobs", json={"inputs": "Once upon a time"}).status_code == 202
+    assert redis_client.llen("bloomq.tiny-bloom") == 1  # only the valid one was queued
