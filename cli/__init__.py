@@ -5,7 +5,8 @@
     bloomq cancel JOB_ID
     bloomq models
 
-The server is ``$BLOOMQ_URL`` (default ``http://127.0.0.1:5000``) or ``--url``.
+The server is ``$BLOOMQ_URL`` (default ``http://127.0.0.1:5000``) or ``--url``; the API key, when the
+server requires one, ``$BLOOMQ_API_KEY`` or ``--api-key``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ class ClientError(Exception):
 class Client:
     """A thin wrapper over the REST API."""
 
-    def __init__(self, base_url: str, timeout: float = 30) -> None:
+    def __init__(self, base_url: str, timeout: float = 30, api_key: str | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         kwargs.setdefault("timeout", self.timeout)
@@ -124,9 +127,13 @@ def _wait_with_progress(client: Client, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stream(client: Client, job: dict[str, Any]) -> dict[str, Any]:
-    final = job
+    final, attempt = job, 0
     for event, data in client.events(job["id"]):
-        if event == "token":
+        if event == "status" and data.get("attempt", 0) > attempt:
+            if attempt:
+                sys.stdout.write("\n[the job restarted on another worker; its text starts over]\n")
+            attempt = data["attempt"]
+        elif event == "token" and data.get("attempt", attempt) == attempt:
             sys.stdout.write(data["text"])
             sys.stdout.flush()
         elif event == "done":
@@ -138,6 +145,8 @@ def _stream(client: Client, job: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bloomq", description="Talk to a bloomq server over its REST API.")
     parser.add_argument("--url", default=os.environ.get("BLOOMQ_URL", DEFAULT_URL), help="server base URL")
+    parser.add_argument("--api-key", default=os.environ.get("BLOOMQ_API_KEY"),
+                        help="API key, when the server requires one (default: $BLOOMQ_API_KEY)")
     sub = parser.add_subparsers(dest="command", required=True)
     submit = sub.add_parser("submit", help="submit a prompt")
     submit.add_argument("prompt")
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="list models with queue depth and live workers")
     args = parser.parse_args(argv)
 
-    client = Client(args.url)
+    client = Client(args.url, api_key=args.api_key)
     try:
         if args.command == "submit":
             job = client.submit(args.prompt, args.model, dict(args.param))

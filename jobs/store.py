@@ -7,7 +7,9 @@ delivered twice.
 
 Each job also has an event log, a capped Redis Stream ``bloomq:job-stream:<id>`` (``status``, ``token``
 and a final ``done`` event), written in the same transaction as the record, which is what streaming
-clients read and resume from (``Last-Event-ID`` = the stream entry id).
+clients read and resume from (``Last-Event-ID`` = the stream entry id). Status and token events carry
+the attempt number: when a job restarts on another worker, a ``status`` event with a higher attempt
+tells readers to start the text over, and tokens of a replaced attempt are to be ignored.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ JOB_EVENTS_PREFIX = "bloomq:job-events:"
 JOB_STREAM_PREFIX = "bloomq:job-stream:"
 DEADLINES_KEY = "bloomq:deadlines"
 RUNNING_KEY = "bloomq:running"  # ids of jobs in state running, for the reaper
+QUEUED_KEY = "bloomq:queued"  # job id -> when it was (re)queued or last re-sent, for the reaper
 CANCEL_CHANNEL = "bloomq:cancels"
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
@@ -70,6 +73,7 @@ class ProgressUpdate:
     delta: str
     tokens: int
     output: JobOutput | None = None
+    attempt: int = 0  # which attempt produced it: readers ignore reports of an attempt no longer current
 
 
 class CancelOutcome:
@@ -91,10 +95,13 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it is unknown or expired; a running job shows its latest progress."""
-        raw, progress = self.redis.hmget(job_key(job_id), ["doc", "progress"])
+        fields = self.redis.hgetall(job_key(job_id))
+        raw = fields.get(b"doc")
         if raw is None:
             return None
         job = Job.from_json(raw)
+        # Only the current attempt's report counts: one from an attempt that was replaced is ignored.
+        progress = fields.get(_progress_field(job.attempts).encode())
         if progress is not None and job.status is JobStatus.RUNNING:
             job = job.model_copy(update={"output": JobOutput.model_validate_json(progress)})
         return job
@@ -138,12 +145,14 @@ class JobStore:
         if job.deadline is not None:
             pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
         metrics.record_submitted(pipe, job)
+        pipe.zadd(QUEUED_KEY, {job.id: time.time()})
         pipe.execute()
 
     def delete(self, job_id: str) -> None:
         """Remove a job record (used when its message could not be queued)."""
         self.redis.delete(job_key(job_id), job_stream_key(job_id))
         self.redis.zrem(DEADLINES_KEY, job_id)
+        self.redis.zrem(QUEUED_KEY, job_id)
 
     def start(self, job_id: str, worker: str, instance: str | None = None) -> Job | None:
         """Mark a job running on ``worker``.
@@ -179,8 +188,8 @@ class JobStore:
         """Stream new text and record partial outputs for running jobs, in one round trip.
 
         Returns the ids of those jobs that have a cancel request (a fallback to the pub/sub message).
-        Partial output lives in the record's ``progress`` field, apart from the document, so no
-        transaction is needed; it is ignored once the job is final.
+        Partial output lives in the record's ``progress:<attempt>`` field, apart from the document, so no
+        transaction is needed; it is shown only for the current attempt of a running job.
         """
         if not updates:
             return set()
@@ -189,9 +198,10 @@ class JobStore:
             pipe.hget(job_key(update.job_id), "cancel")
         for update in updates:
             if update.delta:
-                self._event(pipe, update.job_id, "token", {"text": update.delta, "index": update.tokens})
+                token = {"text": update.delta, "index": update.tokens, "attempt": update.attempt}
+                self._event(pipe, update.job_id, "token", token)
             if update.output is not None:
-                pipe.hset(job_key(update.job_id), "progress", update.output.model_dump_json())
+                pipe.hset(job_key(update.job_id), _progress_field(update.attempt), update.output.model_dump_json())
         flags = pipe.execute()[: len(updates)]
         return {update.job_id for update, flag in zip(updates, flags, strict=True) if flag}
 
@@ -245,6 +255,15 @@ class JobStore:
         """Ids of the jobs currently marked running."""
         return sorted(_text(raw) for raw in self.redis.smembers(RUNNING_KEY))
 
+    def stale_queued(self, older_than: float) -> list[str]:
+        """Jobs queued (or last re-sent) more than ``older_than`` seconds ago and still not started."""
+        cutoff = time.time() - older_than
+        return [_text(raw) for raw in self.redis.zrangebyscore(QUEUED_KEY, "-inf", cutoff, start=0, num=500)]
+
+    def mark_resent(self, job_id: str) -> None:
+        """Restart the clock of a queued job whose message was sent again."""
+        self.redis.zadd(QUEUED_KEY, {job_id: time.time()}, xx=True)
+
     def requeue_if_orphaned(self, job_id: str, live_instances: set[str]) -> Job | None:
         """Put a running job whose worker is no longer live back to queued; None when it is not orphaned.
 
@@ -266,6 +285,19 @@ class JobStore:
             if job is None or job.status is not JobStatus.RUNNING:
                 self.redis.srem(RUNNING_KEY, job_id)  # a stale index entry
         return updated
+
+    def fail_if_stuck(self, job_id: str, grace_seconds: float) -> Job | None:
+        """Fail a running job that is ``grace_seconds`` past its deadline (its worker should have stopped it)."""
+        error = JobError(type="timeout", message="the job was still running well after its deadline")
+
+        def mutate(job: Job) -> Job | None:
+            if job.status is not JobStatus.RUNNING or job.deadline is None:
+                return None
+            if (utcnow() - job.deadline).total_seconds() < grace_seconds:
+                return None
+            return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": utcnow(), "error": error})
+
+        return self._update(job_id, mutate)
 
     def expire_overdue(self, now: datetime | None = None) -> list[str]:
         """Fail queued jobs whose deadline has passed (``error.type = "expired"``); return their ids."""
@@ -346,14 +378,19 @@ class JobStore:
                     if updated.cancel_requested and not before.cancel_requested:
                         pipe.hset(key, "cancel", "1")
                     if updated.status.terminal:
-                        pipe.hdel(key, "progress")
+                        pipe.hdel(key, _progress_field(updated.attempts))
                     if updated.status is JobStatus.RUNNING and before.status is not JobStatus.RUNNING:
                         pipe.sadd(RUNNING_KEY, job_id)
                     elif before.status is JobStatus.RUNNING and updated.status is not JobStatus.RUNNING:
                         pipe.srem(RUNNING_KEY, job_id)
+                    if updated.status is JobStatus.QUEUED and before.status is not JobStatus.QUEUED:
+                        pipe.zadd(QUEUED_KEY, {job_id: time.time()})
+                    elif before.status is JobStatus.QUEUED and updated.status is not JobStatus.QUEUED:
+                        pipe.zrem(QUEUED_KEY, job_id)
                     if status_event and (updated.status != before.status or updated.cancel_requested != before.cancel_requested):
                         self._event(pipe, job_id, "status", {"status": updated.status.value,
-                                                             "cancel_requested": updated.cancel_requested})
+                                                             "cancel_requested": updated.cancel_requested,
+                                                             "attempt": updated.attempts})
                     if updated.status.terminal:
                         self._event(pipe, job_id, "done", updated.model_dump(mode="json"))
                         pipe.zrem(DEADLINES_KEY, job_id)
@@ -369,6 +406,10 @@ class JobStore:
         payload = json.dumps(data, ensure_ascii=False)
         pipe.xadd(stream, {"event": event, "data": payload}, maxlen=STREAM_MAXLEN, approximate=True)
         pipe.expire(stream, self.retention_seconds)
+
+
+def _progress_field(attempt: int) -> str:
+    return f"progress:{attempt}"
 
 
 def _model_metrics(output: JobOutput | None, inference_seconds: float | None) -> dict[str, float | None]:

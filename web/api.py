@@ -211,7 +211,7 @@ def _version() -> str:
         return "0"
 
 
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")  # Redis stream ids: two 64-bit numbers
 
 
 def _require_uuid(job_id: str) -> None:

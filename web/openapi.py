@@ -145,7 +145,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "operationId": "jobEvents",
                     "summary": "Server-Sent Events: status, token, done; resumable with Last-Event-ID",
                     "parameters": [JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
-                                            "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}],
+                                            "schema": {"type": "string", "pattern": "^[0-9]{1,19}-[0-9]{1,19}$"}}],
                     "responses": {"200": {"description": "The event stream",
                                           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                                   **_errors(404, 422, 503)},

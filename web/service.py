@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,7 +11,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
@@ -74,14 +77,18 @@ class JobService:
             earlier = self._claim_idempotency_key(idempotency_key, request, job.id)
             if earlier is not None:
                 return earlier, False
-        self.store.create(job)
         try:
+            self.store.create(job)
             send_generate(self.celery, job.id, spec.queue)
-        except Exception:
-            # Nothing half-written: a job that could not be queued is not left behind as "queued".
-            self.store.delete(job.id)
-            if idempotency_key is not None:
-                self.store.redis.delete(_idempotency_redis_key(idempotency_key))
+        except Exception as exc:
+            # Nothing half-written: a job that could not be queued is not left behind as "queued", and
+            # its idempotency key is free for the client's retry.
+            with contextlib.suppress(redis.RedisError):
+                self.store.delete(job.id)
+                if idempotency_key is not None:
+                    self.store.redis.delete(_idempotency_redis_key(idempotency_key))
+            if isinstance(exc, OperationalError):  # Celery's wrapping of a broker connection error
+                raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly") from exc
             raise
         with job_context(job.id):
             log.info("job %s: queued for %s", job.id, spec.name)
@@ -156,7 +163,10 @@ class JobService:
         expired on the spot."""
         job = _owned(self.store.get(job_id), owner)
         if job is not None and job.status is JobStatus.QUEUED and job.deadline and job.deadline <= utcnow():
-            job = self.store.expire_if_queued(job_id) or self.store.get(job_id)
+            expired = self.store.expire_if_queued(job_id)
+            if expired is not None:
+                notify_completed(self.celery, expired)
+            job = expired or self.store.get(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
         return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, session, url_for
 from pydantic import ValidationError
@@ -114,9 +115,7 @@ def login() -> Response | str | tuple[str, int]:
         if owner:
             session.clear()
             session["owner"] = owner
-            target = request.args.get("next", "")
-            # Only paths on this site: never an open redirect.
-            return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("views.index"))
+            return redirect(_local_path(request.args.get("next", "")) or url_for("views.index"))
         return render_template("login.html", error="that is not a valid API key"), 401
     return render_template("login.html", error=None)
 
@@ -126,3 +125,13 @@ def logout() -> Response:
     """Forget the session's key."""
     session.clear()
     return redirect(url_for("views.login"))
+
+
+def _local_path(target: str) -> str | None:
+    """``target`` if it is a plain path on this site (never an open redirect), else None."""
+    if not target.startswith("/") or any(ord(ch) < 32 or ch == "\\" for ch in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or target.startswith("//"):
+        return None
+    return target

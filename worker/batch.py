@@ -69,7 +69,9 @@ class Sequence:
         self.generator = self.sampling.generator(device)
 
     def finish(self, reason: FinishReason | None = None, error: BaseException | None = None) -> None:
-        """Mark the sequence done and wake whoever waits for it."""
+        """Mark the sequence done and wake whoever waits for it (only the first call counts)."""
+        if self.done.is_set():
+            return
         self.finish_reason = reason
         self.error = error
         self.finished_at = time.perf_counter()
@@ -165,6 +167,7 @@ class Batch:
         device = self.attention_mask.device
         hole_index = torch.tensor(holes, dtype=torch.long, device=device)
         mover_index = torch.tensor(movers, dtype=torch.long, device=device)
+        # (the cache layers move the indexes to their own device: with device_map they span GPUs)
         for layer in self.cache.layers:
             layer.keep_rows(hole_index, mover_index, rows)
         tensors = [self.attention_mask, self.logits, self.seen, self._last]
@@ -175,6 +178,13 @@ class Batch:
         for hole, mover in zip(holes, movers, strict=True):
             seqs[hole] = self.seqs[mover]
         mask, logits, seen, last = (tensor[:rows] for tensor in tensors)
+        # Columns that are padding for every remaining row (the prompt of a long job that left) are
+        # dropped from the left; slicing the length dimension is a view too, so this copies nothing.
+        first = int(mask.any(dim=0).long().argmax())
+        if first:
+            mask = mask[:, first:]
+            for layer in self.cache.layers:
+                layer.drop_left(first)
         batch = Batch(seqs, mask, self.cache, logits, seen)
         batch._last = last
         return batch

@@ -29,6 +29,9 @@ from worker.sampling import RowSampling
 log = logging.getLogger(__name__)
 
 
+CAP_RECOVERY_STEPS = 16  # successful decode steps per extra batch row, after an out-of-memory
+
+
 class GenerationError(Exception):
     """A job that cannot be generated; ``type`` goes into the job's error."""
 
@@ -313,7 +316,16 @@ class Engine:
         except Exception as exc:  # out of memory or a bad tensor: retry smaller, then fail alone
             self._recover(seqs, exc)
             return
-        self.batch = new if self.batch is None else Batch.concatenate([self.batch, new])
+        if self.batch is None:
+            self.batch = new
+            return
+        try:
+            # Merging copies the whole cache: it can run out of memory too. A failure part-way leaves the
+            # running batch's cache unusable, so every sequence involved starts again.
+            self.batch = Batch.concatenate([self.batch, new])
+        except Exception as exc:
+            running, self.batch = self.batch.seqs, None
+            self._recover(running + seqs, exc)
 
     def _step(self) -> None:
         """Choose, retire, decode: one token for every row."""
@@ -335,18 +347,21 @@ class Engine:
             else:
                 seq.text = self._final_text(seq, reason)
                 seq.finish(reason)
-        self.batch = batch.filter(keep)
-        if self.batch is None:
-            with self._cond:
-                if not self._waiting:
-                    self._cap = self.config.max_batch_size  # drained cleanly: full size again
-            return
         try:
+            self.batch = batch.filter(keep)
+            if self.batch is None:
+                with self._cond:
+                    if not self._waiting:
+                        self._cap = self.config.max_batch_size  # drained cleanly: full size again
+                return
             self.batch.forward(self.model)
             self.steps += 1
         except Exception as exc:
-            seqs, self.batch = self.batch.seqs, None
-            self._recover(seqs, exc)
+            self.batch = None
+            self._recover([batch.seqs[row] for row in keep], exc)
+            return
+        if self._cap < self.config.max_batch_size and self.steps % CAP_RECOVERY_STEPS == 0:
+            self._cap += 1  # after an out-of-memory, grow back slowly while steps succeed
 
     def _recover(self, seqs: list[Sequence], exc: Exception) -> None:
         """After a failed forward: a lone sequence fails; a group goes back to be retried in halves."""

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import redis
 
-from jobs.schema import Job
+from config.models import queue_for
+from jobs.schema import Job, JobStatus
 from jobs.store import CANCEL_CHANNEL, JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 
@@ -105,6 +106,12 @@ class CancelListener:
                 pubsub.close()
 
 
+STUCK_GRACE = 120  # seconds past its deadline after which a running job is failed as stuck
+
+
+LOST_DELIVERY_AFTER = 30  # seconds a job may stay queued, with its queue empty, before its message is re-sent
+
+
 class Reaper(_Loop):
     """Requeues running jobs whose worker stopped announcing itself (crashed, killed, cut off).
 
@@ -120,6 +127,7 @@ class Reaper(_Loop):
         self.requeue = requeue
 
     def _reap(self) -> None:
+        self._resend_lost_deliveries()
         running = self.store.running_jobs()
         if not running:
             return
@@ -127,4 +135,35 @@ class Reaper(_Loop):
         for job_id in running:
             job = self.store.requeue_if_orphaned(job_id, live)
             if job is not None:
+                self.requeue(job)
+                continue
+            # A live worker stops a job at its deadline itself; one still running well past it is stuck.
+            stuck = self.store.fail_if_stuck(job_id, grace_seconds=STUCK_GRACE)
+            if stuck is not None:
+                log.error("job %s: still running %ds past its deadline; failed", job_id, STUCK_GRACE)
+
+    def _resend_lost_deliveries(self) -> None:
+        """Re-send jobs whose message went to a worker that died before starting them.
+
+        A worker takes a message and marks the job running within milliseconds; a job still queued long
+        after, while its model's queue is empty and a worker for it is live, had its message taken by a
+        worker that died in between (the message waits in Redis's unacknowledged set until the
+        visibility timeout). Sending it again is safe: the store lets only one attempt finish it.
+        """
+        stale = self.store.stale_queued(LOST_DELIVERY_AFTER)
+        if not stale:
+            return
+        live_models = {w.model for w in self.directory.live()}
+        empty_queues: dict[str, bool] = {}
+        for job_id in stale:
+            job = self.store.get(job_id)
+            if job is None or job.status is not JobStatus.QUEUED or job.model not in live_models:
+                continue
+            queue = queue_for(job.model)
+            if queue not in empty_queues:
+                empty_queues[queue] = self.store.redis.llen(queue) == 0
+            if empty_queues[queue]:
+                log.warning("job %s: queued %ds with an empty queue; its delivery was lost, re-sending",
+                            job_id, LOST_DELIVERY_AFTER)
+                self.store.mark_resent(job_id)
                 self.requeue(job)

@@ -51,9 +51,16 @@ class GrowingLayer(DynamicLayer):
         """Move rows ``movers`` into rows ``holes``, then keep the first ``rows`` rows (a view)."""
         assert self._k is not None and self._v is not None
         if holes.numel():
+            holes, movers = holes.to(self._k.device), movers.to(self._k.device)
             self._k.index_copy_(0, holes, self._k.index_select(0, movers))
             self._v.index_copy_(0, holes, self._v.index_select(0, movers))
         self._k, self._v = self._k[:rows], self._v[:rows]
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first ``columns`` positions (padding for every row); a view, no copy."""
+        assert self._k is not None and self._v is not None
+        self._k, self._v = self._k[:, :, columns:], self._v[:, :, columns:]
+        self._len -= columns
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized or self._k is None or self._k.dim() < 3 or self._len == 0:

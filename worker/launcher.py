@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from config.models import model_name
+from config.models import resolve_model
 from config.settings import Settings
 
 
@@ -43,8 +43,14 @@ class PlanError(ValueError):
     """The requested GPUs cannot be served on this machine."""
 
 
-def plan_workers(model: str, host: str, gpu_ids: list[str], gpus: str) -> list[WorkerPlan]:
-    """Pure planning: which processes to start for ``gpus`` given the GPUs this machine has."""
+def plan_workers(model: str, host: str, gpu_ids: list[str], gpus: str, per_worker: int = 1) -> list[WorkerPlan]:
+    """Pure planning: which processes to start for ``gpus`` given the GPUs this machine has.
+
+    One process per GPU, or per group of ``per_worker`` GPUs for a model larger than one card (the
+    process then spreads the model over its group with ``device_map``).
+    """
+    if per_worker < 1:
+        raise PlanError(f"--gpus-per-worker {per_worker}: must be at least 1")
     if gpus == "none" or (gpus == "all" and not gpu_ids):
         return [WorkerPlan(name=f"{model}@{host}.cpu", cuda_visible_devices=None)]
     if gpus == "all":
@@ -59,7 +65,16 @@ def plan_workers(model: str, host: str, gpu_ids: list[str], gpus: str) -> list[W
             raise PlanError(f"--gpus {gpus!r}: GPU {', '.join(missing)} does not exist here (GPUs: {have})")
         if len(set(chosen)) != len(chosen):
             raise PlanError(f"--gpus {gpus!r}: a GPU is listed twice")
-    return [WorkerPlan(name=f"{model}@{host}.gpu{g}", cuda_visible_devices=g) for g in chosen]
+    if len(chosen) % per_worker:
+        raise PlanError(
+            f"--gpus-per-worker {per_worker}: {len(chosen)} GPU(s) ({', '.join(chosen)}) do not split into "
+            f"groups of {per_worker}"
+        )
+    groups = [chosen[i : i + per_worker] for i in range(0, len(chosen), per_worker)]
+    return [
+        WorkerPlan(name=f"{model}@{host}.gpu{'+'.join(group)}", cuda_visible_devices=",".join(group))
+        for group in groups
+    ]
 
 
 def visible_gpus() -> list[str]:
@@ -83,20 +98,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description="Start bloomq worker processes.")
     parser.add_argument("--model", help="registry name, hub id or local directory (default: BLOOMQ_MODEL)")
     parser.add_argument("--gpus", default="all", help="all (default), none, or GPU indexes like 0,1,3")
+    parser.add_argument("--gpus-per-worker", type=int, default=1, metavar="K",
+                        help="GPUs per process, for a model larger than one card (default 1)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="override the dtype policy for this model (default: BLOOMQ_DTYPE, else auto)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
     ref = args.model or settings.model
+    if args.dtype:
+        os.environ["BLOOMQ_DTYPE"] = args.dtype  # the children read it
     try:
-        plan = plan_workers(model_name(ref), settings.host_name, visible_gpus(), args.gpus)
+        spec = resolve_model(ref)
+        plan = plan_workers(spec.name, settings.host_name, visible_gpus(), args.gpus, args.gpus_per_worker)
     except (PlanError, ValueError) as exc:
         parser.error(str(exc))
     if args.dry_run:
+        policy = args.dtype or settings.dtype
         for item in plan:
-            print(f"{item.name}: device={item.device} CUDA_VISIBLE_DEVICES={item.cuda_visible_devices or '-'}")
+            dtype = describe_dtype(item, policy if policy != "auto" else spec.dtype)
+            print(f"{item.name}: devices={item.cuda_visible_devices or 'cpu'} queue={spec.queue} dtype={dtype}")
         return 0
     return run_plan(plan, ref)
+
+
+def describe_dtype(item: WorkerPlan, policy: str) -> str:
+    """The dtype a process will load with (the GPU's bf16 support is known only once it starts)."""
+    if policy != "auto":
+        return policy
+    return "float32" if item.cuda_visible_devices is None else "bfloat16 (float16 on GPUs without bf16)"
 
 
 READY_FILE_ENV = "BLOOMQ_READY_FILE"  # set by the launcher: the child touches it once it consumes its queue

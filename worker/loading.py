@@ -70,10 +70,15 @@ def load_model(spec: ModelSpec, device: torch.device, dtype_policy: str = "auto"
     log.info("loading %s from %s on %s as %s", spec.name, spec.source, device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.source)
-        # BLOOM has no SDPA path in transformers 5; eager attention is the supported one.
-        model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype, attn_implementation="eager")
+        # BLOOM has no SDPA path in transformers 5; eager attention is the supported one. A process given
+        # several GPUs (--gpus-per-worker) spreads the layers over them.
+        spread = device.type == "cuda" and torch.cuda.device_count() > 1
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.source, dtype=dtype, attn_implementation="eager", device_map="auto" if spread else None
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {spec.source!r}: {exc}\n{_HINT}") from exc
-    model.to(device)
+    if not spread:
+        model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)

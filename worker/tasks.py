@@ -31,6 +31,7 @@ PROGRESS_INTERVAL = 0.25  # seconds between partial-output writes to the job rec
 @dataclass
 class _Followed:
     seq: Sequence
+    attempt: int
     sent: str = ""
     last_progress: float = 0.0
 
@@ -51,10 +52,10 @@ class ProgressPublisher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def follow(self, job_id: str, seq: Sequence) -> None:
-        """Start publishing ``seq``'s progress as ``job_id``."""
+    def follow(self, job_id: str, seq: Sequence, attempt: int) -> None:
+        """Start publishing ``seq``'s progress as attempt ``attempt`` of ``job_id``."""
         with self._lock:
-            self._followed[job_id] = _Followed(seq, last_progress=time.monotonic())
+            self._followed[job_id] = _Followed(seq, attempt, last_progress=time.monotonic())
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="bloomq-progress", daemon=True)
                 self._thread.start()
@@ -68,7 +69,8 @@ class ProgressPublisher:
                 if len(final) > len(followed.sent) and final.startswith(followed.sent):
                     delta = final[len(followed.sent) :]
                     try:
-                        self.store.publish_progress([ProgressUpdate(job_id, delta, len(followed.seq.tokens))])
+                        update = ProgressUpdate(job_id, delta, len(followed.seq.tokens), attempt=followed.attempt)
+                        self.store.publish_progress([update])
                     except redis.RedisError:  # the final result still carries the whole text
                         log.warning("job %s: could not stream its last text", job_id)
 
@@ -88,14 +90,18 @@ class ProgressPublisher:
                 seq = followed.seq
                 text = self.engine.partial_text(seq)
                 delta = text[len(followed.sent) :] if text.startswith(followed.sent) else ""
-                followed.sent += delta
                 output = None
                 if now - followed.last_progress >= PROGRESS_INTERVAL:
-                    followed.last_progress = now
                     output = JobOutput(generated_text=text, generated_tokens=len(seq.tokens), seed=seq.sampling.seed)
                 if delta or output is not None:
-                    updates.append(ProgressUpdate(job_id, delta, len(seq.tokens), output))
-            cancel = self.store.publish_progress(updates)
+                    update = ProgressUpdate(job_id, delta, len(seq.tokens), output, attempt=followed.attempt)
+                    updates.append((followed, text, update))
+            cancel = self.store.publish_progress([update for _, _, update in updates])
+            # Only now that Redis has the text does it count as sent (a failed write is retried next tick).
+            for followed, text, update in updates:
+                followed.sent = text if update.delta else followed.sent
+                if update.output is not None:
+                    followed.last_progress = now
         for job_id in cancel:
             self.on_cancel(job_id)
 
@@ -125,7 +131,9 @@ class JobRunner:
     def run(self, job_id: str) -> None:
         """Run a queued (or redelivered) job; skip one that already has its final result."""
         current = self.store.get(job_id)
-        if (
+        with self._lock:
+            running_here = job_id in self._running
+        if running_here or (
             current is not None
             and current.status is JobStatus.RUNNING
             and current.worker_instance not in (None, self.instance)
@@ -147,6 +155,16 @@ class JobRunner:
         attempt = job.attempts  # our fencing token: results of a stale attempt are refused by the store
         log.info("job %s: started (attempt %d)", job_id, attempt)
         self._notify(job, "started")
+        try:
+            self._run_attempt(job, attempt)
+        except Exception as exc:
+            # Whatever went wrong, the job must not stay "running" on a live worker.
+            log.exception("job %s: attempt %d broke", job_id, attempt)
+            error = JobError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
+
+    def _run_attempt(self, job: Job, attempt: int) -> None:
+        job_id = job.id
         if job.cancel_requested:
             empty = JobOutput(generated_text="", generated_tokens=0, finish_reason=FinishReason.CANCELED)
             self._finish(job_id, attempt, FinishReason.CANCELED, empty, 0.0)
@@ -160,7 +178,7 @@ class JobRunner:
             return
         with self._lock:
             self._running[job_id] = seq
-        self.publisher.follow(job_id, seq)
+        self.publisher.follow(job_id, seq, attempt)
         try:
             seq.done.wait()
         finally:

@@ -117,12 +117,13 @@ def test_event_stream_records_status_tokens_and_done_in_order(redis_client):
     job = _job()
     store.create(job)
     store.start(job.id, "w")
-    store.publish_progress([ProgressUpdate(job.id, "Hel", 1)])
-    store.publish_progress([ProgressUpdate(job.id, "lo", 2)])
+    store.publish_progress([ProgressUpdate(job.id, "Hel", 1, attempt=1)])
+    store.publish_progress([ProgressUpdate(job.id, "lo", 2, attempt=1)])
     store.succeed(job.id, JobOutput(generated_text="Hello", generated_tokens=2, finish_reason="length"), 0.1)
     events = store.read_events(job.id, "0-0", block_ms=10)
     assert [e[1] for e in events] == ["status", "status", "token", "token", "status", "done"]
-    assert json.loads(events[2][2]) == {"text": "Hel", "index": 1}
+    assert json.loads(events[2][2]) == {"text": "Hel", "index": 1, "attempt": 1}
+    assert json.loads(events[1][2])["attempt"] == 1  # the running status names the attempt
     assert json.loads(events[-1][2])["output"]["generated_text"] == "Hello"
     # Resuming after an event id gives exactly the events after it.
     assert store.read_events(job.id, events[2][0], block_ms=10) == events[3:]
@@ -134,7 +135,10 @@ def test_progress_shows_while_running_and_reports_cancel_requests(redis_client):
     store.create(job)
     store.start(job.id, "w")
     partial = JobOutput(generated_text="par", generated_tokens=1)
-    assert store.publish_progress([ProgressUpdate(job.id, "par", 1, partial)]) == set()
+    assert store.publish_progress([ProgressUpdate(job.id, "par", 1, partial, attempt=1)]) == set()
+    assert store.get(job.id).output.generated_text == "par"
+    stale = JobOutput(generated_text="stale", generated_tokens=9)
+    store.publish_progress([ProgressUpdate(job.id, "", 9, stale, attempt=0)])  # a replaced attempt's report
     assert store.get(job.id).output.generated_text == "par"
     store.cancel(job.id)
     assert store.publish_progress([ProgressUpdate(job.id, "t", 2)]) == {job.id}

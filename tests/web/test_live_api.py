@@ -117,7 +117,8 @@ def test_event_stream_of_a_finished_job_replays_and_closes(client, app):
     job = _submit(client, {"inputs": "hi"}).get_json()
     store = _store(app)
     store.start(job["id"], "w")
-    store.publish_progress([ProgressUpdate(job["id"], "Hel", 1), ProgressUpdate(job["id"], "lo 你好", 2)])
+    store.publish_progress([ProgressUpdate(job["id"], "Hel", 1, attempt=1),
+                            ProgressUpdate(job["id"], "lo 你好", 2, attempt=1)])
     store.succeed(job["id"], JobOutput(generated_text="Hello 你好", generated_tokens=2, finish_reason="length"), 0.1)
     response = client.get(f"/api/v1/jobs/{job['id']}/events")
     assert response.mimetype == "text/event-stream"

@@ -220,3 +220,18 @@ def test_partial_text_holds_back_a_possible_stop_sequence(engine):
     assert seq.done.wait(30)
     full = engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
     assert engine.partial_text(seq) == full[: len(full) - 5].rstrip("\ufffd")
+
+
+def test_cache_width_shrinks_when_a_long_prompt_leaves(engine):
+    long_prompt = PROMPTS[5] * 4
+    short = engine.submit(PROMPTS[4], params(max_new_tokens=400))
+    wide = engine.submit(long_prompt, params(max_new_tokens=3))
+    assert wide.done.wait(30)
+    while len(short.tokens) < 40 and not short.done.is_set():
+        time.sleep(0.001)
+    batch = engine.batch
+    assert batch is not None and len(batch) == 1
+    # Only the short job's own columns remain: its prompt and what it generated so far.
+    assert batch.length <= short.prompt_len + len(short.tokens) + 1 < wide.prompt_len
+    assert short.done.wait(60)
+    assert engine.result(short).output.generated_text == reference(engine, PROMPTS[4], max_new_tokens=400)

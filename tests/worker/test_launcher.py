@@ -32,12 +32,24 @@ def test_bad_gpu_lists_are_refused_clearly(gpus, message):
         plan_workers("m", "h", ["0", "1"], gpus)
 
 
+def test_gpu_groups_for_models_larger_than_one_card():
+    plan = plan_workers("bloom", "box", [str(i) for i in range(8)], "all", per_worker=4)
+    assert [p.cuda_visible_devices for p in plan] == ["0,1,2,3", "4,5,6,7"]
+    assert plan[1].name == "bloom@box.gpu4+5+6+7"
+    assert [p.cuda_visible_devices for p in plan_workers("m", "h", ["0", "1", "2", "3"], "1,3", 2)] == ["1,3"]
+    with pytest.raises(PlanError, match="do not split into groups of 4"):
+        plan_workers("bloom", "box", ["0", "1", "2"], "all", per_worker=4)
+    with pytest.raises(PlanError, match="at least 1"):
+        plan_workers("bloom", "box", ["0"], "all", per_worker=0)
+
+
 def test_dry_run_prints_the_plan_without_starting_anything():
     out = subprocess.run(
         [sys.executable, "-m", "worker", "--model", "bloom-560m", "--gpus", "none", "--dry-run"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
-    assert "bloom-560m@" in out and "device=cpu" in out
+    assert "bloom-560m@" in out and "devices=cpu" in out
+    assert "queue=bloomq.bloom-560m" in out and "dtype=float32" in out
 
 
 CHILD = """

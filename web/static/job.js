@@ -64,10 +64,23 @@
   }
 
   function stream() {
+    // The stream replays from its start, so the text is rebuilt from its events.
+    let attempt = 0;
+    text = "";
     const source = new EventSource(root.dataset.eventsUrl);
-    source.addEventListener("status", (e) => setStatus(JSON.parse(e.data).status));
+    source.addEventListener("status", (e) => {
+      const status = JSON.parse(e.data);
+      if (status.attempt && status.attempt > attempt) {
+        // The job (re)started: on another worker after a failure, the text starts over.
+        attempt = status.attempt;
+        text = "";
+        $("output").textContent = "";
+      }
+      setStatus(status.status);
+    });
     source.addEventListener("token", (e) => {
       const token = JSON.parse(e.data);
+      if (token.attempt !== undefined && token.attempt !== attempt) return;  // a replaced attempt
       text += token.text;
       $("output").textContent = text;
       setTokens(token.index);
