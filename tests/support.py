@@ -159,9 +159,9 @@ def start_web(redis_url: str, model: str, log_path: Path, port: int, **env: str)
     return Proc(args, service_env(redis_url, model, BLOOMQ_PORT=str(port), **env), log_path).start()
 
 
-def live_workers(base_url: str) -> int:
+def live_workers(base_url: str, headers: dict[str, str] | None = None) -> int:
     try:
-        models = requests.get(f"{base_url}/api/v1/models", timeout=5).json()["models"]
+        models = requests.get(f"{base_url}/api/v1/models", headers=headers, timeout=5).json()["models"]
     except (requests.RequestException, ValueError, KeyError):
         return 0
     return sum(m["workers"] for m in models)

@@ -28,6 +28,12 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Credentials for the API when the stack runs with API keys."""
+        keys = self.env.get("BLOOMQ_API_KEYS")
+        return {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+
     def start_web(self) -> None:
         self.web = start_web(self.redis.url, self.model, self.logs / "web.log", self.port, **self.env)
         wait_for(lambda: _up(self.url), timeout=30, what="the web to answer /healthz")
@@ -38,7 +44,8 @@ class Stack:
         self.workers.append(worker)
         if wait:
             expected = sum(1 for w in self.workers if w.alive())
-            wait_for(lambda: live_workers(self.url) >= expected, timeout=90, what="the worker to announce itself")
+            wait_for(lambda: live_workers(self.url, self.headers) >= expected, timeout=90,
+                     what="the worker to announce itself")
         return worker
 
     def submit(self, inputs: str, **body) -> dict:
