@@ -5,6 +5,8 @@ every job reached a final state, none was lost, and none got two final results."
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import random
 import re
 import signal
@@ -88,15 +90,16 @@ def run_chaos(
             if stop_chaos.wait(rng.uniform(1.0, 4.0)):
                 return
             if event == "kill":
+                # Wait for a worker to be up again (the launcher restarts a killed one after a backoff).
+                deadline = time.monotonic() + 60
                 pids = _worker_pids(base)
+                while not pids and time.monotonic() < deadline and not stop_chaos.is_set():
+                    time.sleep(0.5)
+                    pids = _worker_pids(base)
                 if pids:
-                    try:
-                        import os
-
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(rng.choice(pids), signal.SIGKILL)
                         report.kills += 1
-                    except ProcessLookupError:
-                        pass
             else:
                 redis.restart(down_seconds=1.0)
                 report.redis_restarts += 1
