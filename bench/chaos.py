@@ -51,7 +51,7 @@ def main() -> int:
     try:
         wait_for(lambda: live_workers(base) >= 1, timeout=120, what="the worker")
         report = run_chaos(base, redis, [worker.log_path], jobs=args.jobs, kills=args.kills,
-                           redis_restarts=args.redis_restarts, max_new_tokens=(8, 96), timeout=1800)
+                           redis_restarts=args.redis_restarts, max_new_tokens=(16, 256), timeout=1800)
         metrics = requests.get(f"{base}/metrics", timeout=10).text
     finally:
         worker.stop()
@@ -62,7 +62,8 @@ def main() -> int:
         f"## {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC — `python bench/chaos.py --jobs {args.jobs} "
         f"--kills {args.kills}`",
         "",
-        f"Machine: {machine()}. Model: tiny random BLOOM (hidden 256, 4 layers), batch up to 16; Redis with AOF.",
+        f"Machine: {machine()}. Model: tiny random BLOOM (hidden 256, 4 layers), batch up to 16, "
+        "max_new_tokens 16..256; Redis with AOF. SIGKILLs counts the kills that happened while jobs were pending.",
         "",
         "| jobs | terminal | succeeded | lost | two final results | worker SIGKILLs | Redis restarts | jobs requeued by the reaper | max attempts | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

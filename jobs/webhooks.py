@@ -16,9 +16,10 @@ import json
 import socket
 import time
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import requests.adapters
 
 from jobs.store import JobStore
 
@@ -57,7 +58,7 @@ def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, 
     return False
 
 
-def check_url(url: str, allow: Iterable[str] = ()) -> None:
+def check_url(url: str, allow: Iterable[str] = ()) -> list[str]:
     """Refuse anything but http(s) to public addresses, unless the host or its network is allow-listed.
 
     The host is resolved, and every address it resolves to must pass: loopback, link-local, private,
@@ -77,8 +78,10 @@ def check_url(url: str, allow: Iterable[str] = ()) -> None:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, ValueError) as exc:
         raise WebhookURLError(f"webhook host {host!r} does not resolve") from exc
+    addresses = []
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
+        addresses.append(str(address))
         if address.is_global and not address.is_multicast:
             continue
         if not _allowed(address, host, allow):
@@ -86,6 +89,38 @@ def check_url(url: str, allow: Iterable[str] = ()) -> None:
                 f"webhook host {host!r} resolves to a non-public address ({address}); "
                 "allow it with BLOOMQ_WEBHOOK_ALLOW if that is intended"
             )
+    return addresses
+
+
+class _PinnedTLS(requests.adapters.HTTPAdapter):
+    """Connects to a vetted IP address while checking the certificate (and sending SNI) for the host."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        super().__init__()
+
+    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+        kwargs["server_hostname"] = self.host
+        kwargs["assert_hostname"] = self.host
+        super().init_poolmanager(*args, **kwargs)
+
+
+def _pinned_request(url: str, address: str) -> tuple[str, requests.Session, str]:
+    """The URL rewritten to ``address``, a session that verifies TLS for the original host, and the Host.
+
+    Connecting to the address that passed the check (not resolving the name again) closes the DNS
+    rebinding gap: a name that answered with a public address for the check cannot answer with an
+    internal one for the connection.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    netloc = f"{literal}:{parts.port}" if parts.port else literal
+    session = requests.Session()
+    if parts.scheme == "https":
+        session.mount("https://", _PinnedTLS(host))
+    host_header = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc)), session, host_header
 
 
 class WebhookSender:
@@ -101,13 +136,16 @@ class WebhookSender:
         job = self.store.get(job_id)
         if job is None or not job.webhook:
             return
-        check_url(job.webhook, self.allow)  # again at delivery: DNS may have changed since submission
+        # Checked again at delivery (DNS may have changed since submission), then pinned to what passed.
+        addresses = check_url(job.webhook, self.allow)
+        url, session, host = _pinned_request(job.webhook, addresses[0])
         body = json.dumps(job.to_resource(), ensure_ascii=False).encode()
         timestamp = int(time.time())
-        response = requests.post(
-            job.webhook,
+        response = session.post(
+            url,
             data=body,
             headers={
+                "Host": host,
                 "Content-Type": "application/json",
                 TIMESTAMP_HEADER: str(timestamp),
                 SIGNATURE_HEADER: sign(self.secret, timestamp, body),

@@ -113,6 +113,7 @@ def run_chaos(
     pending = set(ids)
     final: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
+    # Every chaos event happens while jobs are still pending (the events stop once all are done).
     while pending and time.monotonic() < deadline:
         for job_id in list(pending):
             job = _get(session, f"{base}/api/v1/jobs/{job_id}")
