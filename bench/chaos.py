@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -83,4 +84,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # A SIGTERM ends the run through the normal exit path, so the processes it started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

@@ -24,6 +24,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import signal
 import sys
 import tempfile
 import threading
@@ -370,4 +371,6 @@ def render(args, results, overhead, intake) -> str:
 
 
 if __name__ == "__main__":
+    # A SIGTERM ends the run through the normal exit path, so the processes it started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
