@@ -36,6 +36,7 @@ DEADLINES_KEY = "bloomq:deadlines"
 RUNNING_KEY = "bloomq:running"  # ids of jobs in state running, for the reaper
 QUEUED_KEY = "bloomq:queued"  # job id -> when it was (re)queued or last re-sent, for the reaper
 CANCEL_CHANNEL = "bloomq:cancels"
+EXPIRED = JobError(type="expired", message="the job was still queued at its deadline")
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
 
@@ -166,8 +167,7 @@ class JobStore:
                 return None
             now = utcnow()
             if job.status is JobStatus.QUEUED and job.deadline is not None and job.deadline <= now:
-                error = JobError(type="expired", message="the job was still queued at its deadline")
-                return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": error})
+                return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": EXPIRED})
             metrics = job.metrics
             if job.attempts == 0:
                 metrics = metrics.model_copy(update={"queue_seconds": _seconds(job.created_at, now)})
@@ -312,12 +312,11 @@ class JobStore:
 
     def expire_if_queued(self, job_id: str) -> Job | None:
         """Fail a job that is still queued past its deadline; None when it is not."""
-        error = JobError(type="expired", message="the job was still queued at its deadline")
 
         def mutate(job: Job) -> Job | None:
             if job.status is not JobStatus.QUEUED or job.deadline is None or job.deadline > utcnow():
                 return None
-            return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": utcnow(), "error": error})
+            return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": utcnow(), "error": EXPIRED})
 
         return self._update(job_id, mutate)
 

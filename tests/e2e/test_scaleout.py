@@ -45,16 +45,22 @@ def test_jobs_route_to_their_models_workers(request, tmp_path_factory, tiny_mode
         stack.stop()
 
 
+def _start_long_job(stack, max_new_tokens):
+    """The web, a supervised worker, and one job it is running: (launcher, job)."""
+    stack.start_web()
+    launcher = stack.start_worker()
+    job = stack.submit("Once upon a time", parameters={"max_new_tokens": max_new_tokens})
+    wait_for(lambda: _job(stack, job["id"])["status"] == "running", timeout=30, what="the job to start")
+    return launcher, job
+
+
 def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly(request, tmp_path_factory,
                                                                           slow_model_dir):
     # Celery's own redelivery would take the default visibility timeout (hours): recovery here is the
     # launcher restarting the process and the reaper requeueing the orphaned job.
     stack = make_stack(request, tmp_path_factory, slow_model_dir)
     try:
-        stack.start_web()
-        launcher = stack.start_worker()
-        job = stack.submit("Once upon a time", parameters={"max_new_tokens": 700})
-        wait_for(lambda: _job(stack, job["id"])["status"] == "running", timeout=30, what="the job to start")
+        launcher, job = _start_long_job(stack, 700)
         (worker,) = _workers(stack)
         os.kill(worker["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -73,10 +79,7 @@ def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly(reque
 def test_sigterm_drains_the_launcher_after_its_running_job(request, tmp_path_factory, slow_model_dir):
     stack = make_stack(request, tmp_path_factory, slow_model_dir)
     try:
-        stack.start_web()
-        launcher = stack.start_worker()
-        job = stack.submit("Once upon a time", parameters={"max_new_tokens": 300})
-        wait_for(lambda: _job(stack, job["id"])["status"] == "running", timeout=30, what="the job to start")
+        launcher, job = _start_long_job(stack, 300)
         os.kill(launcher.pid, signal.SIGTERM)
         assert launcher.proc.wait(timeout=90) == 0
         done = _job(stack, job["id"])
