@@ -123,11 +123,17 @@ class Settings:
     worker_host: str = ""
     max_body_bytes: int = 1024 * 1024
     max_queue: int = 10_000
+    stuck_grace_seconds: float = 120.0
+    lost_delivery_seconds: float = 30.0
+    result_patience_seconds: float = 600.0
     log_format: str = "json"
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str = ""
     rate_limit: str = ""
     secret_key: str = field(default="", repr=False)
+    # Watchers: the event streams and long polls the web holds open while they wait.
+    max_watchers: int = 1000
+    max_watchers_per_key: int = 100
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -160,11 +166,18 @@ class Settings:
             worker_host=_read(env, "BLOOMQ_WORKER_HOST", d.worker_host, str),
             max_body_bytes=_read(env, "BLOOMQ_MAX_BODY_BYTES", d.max_body_bytes, _positive_int),
             max_queue=_read(env, "BLOOMQ_MAX_QUEUE", d.max_queue, _positive_int),
+            stuck_grace_seconds=_read(env, "BLOOMQ_STUCK_GRACE_SECONDS", d.stuck_grace_seconds, _positive_float),
+            lost_delivery_seconds=_read(env, "BLOOMQ_LOST_DELIVERY_SECONDS", d.lost_delivery_seconds, _positive_float),
+            result_patience_seconds=_read(
+                env, "BLOOMQ_RESULT_PATIENCE_SECONDS", d.result_patience_seconds, _positive_float
+            ),
             log_format=_read(env, "BLOOMQ_LOG_FORMAT", d.log_format, _log_format),
             api_keys=_read(env, "BLOOMQ_API_KEYS", d.api_keys, _comma_list),
             api_keys_file=_read(env, "BLOOMQ_API_KEYS_FILE", d.api_keys_file, _existing_file),
             rate_limit=_read(env, "BLOOMQ_RATE_LIMIT", d.rate_limit, _rate_limit),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
+            max_watchers=_read(env, "BLOOMQ_MAX_WATCHERS", d.max_watchers, _positive_int),
+            max_watchers_per_key=_read(env, "BLOOMQ_MAX_WATCHERS_PER_KEY", d.max_watchers_per_key, _positive_int),
         )
 
     @property

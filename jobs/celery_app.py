@@ -45,9 +45,11 @@ def send_generate(app: Celery, job_id: str, queue: str) -> None:
     app.send_task(TASK_GENERATE, args=[job_id], queue=queue, routing_key=queue)
 
 
-def send_webhook(app: Celery, job_id: str, event: str) -> None:
-    """Queue a webhook delivery; any worker process delivers it, off the generation path."""
-    app.send_task(TASK_WEBHOOK, args=[job_id, event], queue=WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)
+def send_webhook(app: Celery, job_id: str, event: str, attempt: int = 0, countdown: float | None = None) -> None:
+    """Queue a webhook delivery (attempt ``attempt``, after ``countdown`` seconds); any worker process
+    delivers it, off the generation path."""
+    app.send_task(TASK_WEBHOOK, args=[job_id, event, attempt], queue=WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE,
+                  countdown=countdown)
 
 
 def notify_completed(app: Celery, job: Job) -> None:

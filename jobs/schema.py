@@ -7,11 +7,18 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63
+# Bounds inside which no value can break the sampler (every score and probability stays finite).
+MIN_TEMPERATURE = 1e-4  # a positive temperature below this divides the scores into float overflow
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 250_880  # BLOOM's vocabulary; a top_k at or over a model's vocabulary keeps every token
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+MIN_PROBABILITY_MASS = 1e-6  # top_p and typical_p below this would round to 0 in float32
 API_JOBS_PATH = "/api/v1/jobs"  # where the web serves job resources
 PAGE_JOBS_PATH = "/jobs"  # where the web serves job pages
 
@@ -61,7 +68,8 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_
 class GenerateParameters(BaseModel):
     """Generation parameters, with the Hugging Face / TGI names."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: NaN and +-Infinity (which Python's JSON reader accepts) are refused, never stored.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate, not counting the prompt.")
     max_length: int | None = Field(
@@ -70,16 +78,32 @@ class GenerateParameters(BaseModel):
     do_sample: bool | None = Field(
         None, description="Sample instead of greedy. Unset: sample when a sampling parameter is set."
     )
-    temperature: float | None = Field(None, ge=0, description="0 means greedy.")
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    typical_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, description="1.0 is no penalty; 2.0 as in the BLOOM tutorial.")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description=f"0 means greedy; otherwise at least {MIN_TEMPERATURE:g}."
+    )
+    top_k: int | None = Field(
+        None, ge=1, le=MAX_TOP_K, description="Keep the k most likely tokens; k >= the vocabulary keeps all."
+    )
+    top_p: float | None = Field(None, ge=MIN_PROBABILITY_MASS, le=1)
+    typical_p: float | None = Field(None, ge=MIN_PROBABILITY_MASS, le=1)
+    repetition_penalty: float | None = Field(
+        None,
+        ge=MIN_REPETITION_PENALTY,
+        le=MAX_REPETITION_PENALTY,
+        description="1.0 is no penalty; 2.0 as in the BLOOM tutorial.",
+    )
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="Makes sampling reproducible.")
     stop: list[StopString] = Field(
         default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation (not returned)."
     )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
     @property
     def sampling(self) -> bool:
@@ -106,7 +130,7 @@ class GenerateParameters(BaseModel):
 class JobRequest(BaseModel):
     """The body of ``POST /api/v1/jobs``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     inputs: Annotated[str, StringConstraints(min_length=1)] = Field(description="The prompt.")
     model: str | None = Field(None, description="A model name; the default model when absent.")
@@ -161,6 +185,9 @@ class Job(BaseModel):
     worker: str | None = None
     worker_instance: str | None = Field(None, description="The worker process (name and pid) running it.")
     attempts: int = Field(0, description="How many times a worker has started this job.")
+    device_faults: int = Field(
+        0, description="Times a worker's device failed fatally while running this job (2: failed as a poison job)."
+    )
     deadline: datetime | None = Field(None, description="When the job is stopped if not finished.")
     cancel_requested: bool = False
     webhook: str | None = None
@@ -172,6 +199,10 @@ class Job(BaseModel):
         if value is None:
             return None
         return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    def overdue(self, now: datetime) -> bool:
+        """Still queued at (or past) its deadline: it will never run and is to be failed as expired."""
+        return self.status is JobStatus.QUEUED and self.deadline is not None and self.deadline <= now
 
     def to_json(self) -> str:
         """The stored form."""

@@ -26,6 +26,7 @@ import redis
 
 from jobs import metrics
 from jobs.schema import Job, JobError, JobMetrics, JobOutput, JobStatus, utcnow
+from jobs.workers import WORKER_KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ RUNNING_KEY = "bloomq:running"  # ids of jobs in state running, for the reaper
 QUEUED_KEY = "bloomq:queued"  # job id -> when it was (re)queued or last re-sent, for the reaper
 CANCEL_CHANNEL = "bloomq:cancels"
 EXPIRED = JobError(type="expired", message="the job was still queued at its deadline")
+POISON_AFTER = 2  # fatal device errors a job may be part of before it is failed as a poison job
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
 
@@ -75,6 +77,15 @@ class ProgressUpdate:
     tokens: int
     output: JobOutput | None = None
     attempt: int = 0  # which attempt produced it: readers ignore reports of an attempt no longer current
+    restarted: bool = False  # the engine started the text over (within the same attempt) since the last report
+
+
+@dataclass(frozen=True)
+class ProgressReply:
+    """What the store tells a worker back about the jobs it reported on."""
+
+    cancel: set[str]  # a cancel was requested: stop them
+    superseded: set[str]  # no longer this attempt's to run (requeued, taken over, finished elsewhere): stop them
 
 
 class CancelOutcome:
@@ -136,18 +147,36 @@ class JobStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def create(self, job: Job) -> None:
-        """Store a new job (status queued)."""
+    def create(self, job: Job, idempotency: tuple[str, str] | None = None) -> str | None:
+        """Store a new job (status queued).
+
+        ``idempotency``: (Redis key, record) bound to the job in the same transaction, unless the key is
+        already bound: then nothing is written and the key's existing record comes back.
+        """
         key = job_key(job.id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"status": job.status.value, "doc": job.to_json()})
-        pipe.expire(key, self.retention_seconds)
-        self._event(pipe, job.id, "status", {"status": job.status.value})
-        if job.deadline is not None:
-            pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
-        metrics.record_submitted(pipe, job)
-        pipe.zadd(QUEUED_KEY, {job.id: time.time()})
-        pipe.execute()
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idempotency is not None:
+                        pipe.watch(idempotency[0])
+                        earlier = pipe.get(idempotency[0])
+                        if earlier is not None:
+                            pipe.unwatch()
+                            return _text(earlier)
+                    pipe.multi()
+                    pipe.hset(key, mapping={"status": job.status.value, "attempt": job.attempts, "doc": job.to_json()})
+                    pipe.expire(key, self.retention_seconds)
+                    self._event(pipe, job.id, "status", {"status": job.status.value})
+                    if job.deadline is not None:
+                        pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
+                    metrics.record_submitted(pipe, job)
+                    pipe.zadd(QUEUED_KEY, {job.id: time.time()})
+                    if idempotency is not None:
+                        pipe.set(idempotency[0], idempotency[1], ex=self.retention_seconds)
+                    pipe.execute()
+                    return None
+                except redis.WatchError:
+                    continue
 
     def delete(self, job_id: str) -> None:
         """Remove a job record (used when its message could not be queued)."""
@@ -156,18 +185,29 @@ class JobStore:
         self.redis.zrem(QUEUED_KEY, job_id)
 
     def start(self, job_id: str, worker: str, instance: str | None = None) -> Job | None:
-        """Mark a job running on ``worker``.
+        """Mark a job running on ``worker`` (process ``instance``).
 
-        None when it is unknown or already has its final result; a job whose deadline passed while it
-        was queued comes back ``failed`` (expired) instead of running.
+        None when it is unknown, already has its final result, or is running on another instance that
+        is still live: a running job is taken over only when, inside the same transaction, its owner's
+        heartbeat is gone (two deliveries of one job never both run it). A job whose deadline passed
+        while it was queued comes back ``failed`` (expired) instead of running.
         """
+        instance = instance or worker
 
-        def mutate(job: Job) -> Job | None:
-            if job.status.terminal:
+        def owner_alive(pipe: Any, job: Job) -> bool:
+            if job.status is not JobStatus.RUNNING or job.worker_instance in (None, instance):
+                return False
+            owner_key = WORKER_KEY_PREFIX + job.worker_instance
+            pipe.watch(owner_key)
+            return bool(pipe.exists(owner_key))
+
+        def mutate(job: Job, alive: bool) -> Job | None:
+            if job.status.terminal or alive:
                 return None
             now = utcnow()
-            if job.status is JobStatus.QUEUED and job.deadline is not None and job.deadline <= now:
-                return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": EXPIRED})
+            expired = _expired(job, now)
+            if expired is not None:
+                return expired
             metrics = job.metrics
             if job.attempts == 0:
                 metrics = metrics.model_copy(update={"queue_seconds": _seconds(job.created_at, now)})
@@ -176,34 +216,45 @@ class JobStore:
                     "status": JobStatus.RUNNING,
                     "started_at": now,
                     "worker": worker,
-                    "worker_instance": instance or worker,
+                    "worker_instance": instance,
                     "attempts": job.attempts + 1,
                     "metrics": metrics,
                 }
             )
 
-        return self._update(job_id, mutate)
+        return self._update(job_id, mutate, read=owner_alive)
 
-    def publish_progress(self, updates: list[ProgressUpdate]) -> set[str]:
+    def publish_progress(self, updates: list[ProgressUpdate]) -> ProgressReply:
         """Stream new text and record partial outputs for running jobs, in one round trip.
 
-        Returns the ids of those jobs that have a cancel request (a fallback to the pub/sub message).
+        Replies which of those jobs have a cancel request (a fallback to the pub/sub message) and which
+        are no longer the reporting attempt's (requeued or taken over while it ran: it must stop).
         Partial output lives in the record's ``progress:<attempt>`` field, apart from the document, so no
         transaction is needed; it is shown only for the current attempt of a running job.
         """
         if not updates:
-            return set()
+            return ProgressReply(set(), set())
         pipe = self.redis.pipeline(transaction=False)
         for update in updates:
-            pipe.hget(job_key(update.job_id), "cancel")
+            pipe.hmget(job_key(update.job_id), "cancel", "status", "attempt")
         for update in updates:
+            if update.restarted:
+                self._event(pipe, update.job_id, "restart", {"attempt": update.attempt})
             if update.delta:
                 token = {"text": update.delta, "index": update.tokens, "attempt": update.attempt}
                 self._event(pipe, update.job_id, "token", token)
             if update.output is not None:
                 pipe.hset(job_key(update.job_id), _progress_field(update.attempt), update.output.model_dump_json())
-        flags = pipe.execute()[: len(updates)]
-        return {update.job_id for update, flag in zip(updates, flags, strict=True) if flag}
+        states = pipe.execute()[: len(updates)]
+        cancel, superseded = set(), set()
+        for update, (flag, status, attempt) in zip(updates, states, strict=True):
+            if flag:
+                cancel.add(update.job_id)
+            if status is None or _text(status) != JobStatus.RUNNING.value:
+                superseded.add(update.job_id)
+            elif attempt is not None and int(attempt) != update.attempt:
+                superseded.add(update.job_id)
+        return ProgressReply(cancel, superseded)
 
     def succeed(
         self, job_id: str, output: JobOutput, inference_seconds: float, attempt: int | None = None
@@ -250,6 +301,33 @@ class JobStore:
         """A running job stopped on request, with the text it had so far."""
         metrics = _model_metrics(output, inference_seconds)
         return self._finish(job_id, JobStatus.CANCELED, output=output, metrics=metrics, attempt=attempt)
+
+    def record_device_fault(self, job_id: str, attempt: int, message: str) -> Job | None:
+        """Attempt ``attempt`` of a job was in the batch when its worker's device failed for good.
+
+        The job goes back to queued (the caller re-sends it; it will run alone, so a second fault points
+        at it), or, at its ``POISON_AFTER``-th fault, fails as a poison job. None when the attempt no
+        longer owns the job.
+        """
+
+        def mutate(job: Job) -> Job | None:
+            if job.status is not JobStatus.RUNNING or job.attempts != attempt:
+                return None
+            faults = job.device_faults + 1
+            if faults >= POISON_AFTER:
+                error = JobError(
+                    type="poison_job",
+                    message=f"a worker's device failed fatally {faults} times while running this job, the last "
+                    f"time with it running alone ({message}); it is not retried",
+                )
+                return job.model_copy(
+                    update={"status": JobStatus.FAILED, "finished_at": utcnow(), "error": error, "device_faults": faults}
+                )
+            return job.model_copy(
+                update={"status": JobStatus.QUEUED, "worker": None, "worker_instance": None, "device_faults": faults}
+            )
+
+        return self._update(job_id, mutate)
 
     def running_jobs(self) -> list[str]:
         """Ids of the jobs currently marked running."""
@@ -313,12 +391,7 @@ class JobStore:
     def expire_if_queued(self, job_id: str) -> Job | None:
         """Fail a job that is still queued past its deadline; None when it is not."""
 
-        def mutate(job: Job) -> Job | None:
-            if job.status is not JobStatus.QUEUED or job.deadline is None or job.deadline > utcnow():
-                return None
-            return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": utcnow(), "error": EXPIRED})
-
-        return self._update(job_id, mutate)
+        return self._update(job_id, lambda job: _expired(job, utcnow()))
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -355,8 +428,18 @@ class JobStore:
 
         return self._update(job_id, mutate)
 
-    def _update(self, job_id: str, mutate: Callable[[Job], Job | None], status_event: bool = True) -> Job | None:
-        """Apply ``mutate`` atomically; a concurrent writer makes us re-read and try again."""
+    def _update(
+        self,
+        job_id: str,
+        mutate: Callable[..., Job | None],
+        status_event: bool = True,
+        read: Callable[[Any, Job], Any] | None = None,
+    ) -> Job | None:
+        """Apply ``mutate`` atomically; a concurrent writer makes us re-read and try again.
+
+        ``read(pipe, job)``: watches and reads other keys the change depends on; its answer is passed to
+        ``mutate`` as a second argument, and a change to those keys also makes us try again.
+        """
         key = job_key(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -367,12 +450,13 @@ class JobStore:
                         pipe.unwatch()
                         return None
                     before = Job.from_json(raw)
-                    updated = mutate(before)
+                    updated = mutate(before) if read is None else mutate(before, read(pipe, before))
                     if updated is None:
                         pipe.unwatch()
                         return None
                     pipe.multi()
-                    pipe.hset(key, mapping={"status": updated.status.value, "doc": updated.to_json()})
+                    pipe.hset(key, mapping={"status": updated.status.value, "attempt": updated.attempts,
+                                            "doc": updated.to_json()})
                     pipe.expire(key, self.retention_seconds)
                     if updated.cancel_requested and not before.cancel_requested:
                         pipe.hset(key, "cancel", "1")
@@ -405,6 +489,13 @@ class JobStore:
         payload = json.dumps(data, ensure_ascii=False)
         pipe.xadd(stream, {"event": event, "data": payload}, maxlen=STREAM_MAXLEN, approximate=True)
         pipe.expire(stream, self.retention_seconds)
+
+
+def _expired(job: Job, now: datetime) -> Job | None:
+    """``job`` failed as expired, if it is still queued at or past its deadline; else None."""
+    if not job.overdue(now):
+        return None
+    return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": EXPIRED})
 
 
 def _progress_field(attempt: int) -> str:

@@ -19,7 +19,8 @@ from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.celery_app import notify_completed, send_generate
-from jobs.schema import Job, JobRequest, JobStatus, new_job_id, utcnow
+from jobs.lengths import LengthError, check_lengths
+from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.webhooks import WebhookURLError, check_url
 from jobs.store import CancelOutcome, JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
@@ -54,8 +55,10 @@ class JobService:
         """
         spec = self._model_for(request.model)
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
-        _check_limits(spec, params.max_new_tokens, params.max_length)
-        self._check_prompt(spec, request.inputs, params.max_new_tokens, params.max_length)
+        try:
+            check_lengths(spec, params, self.prompt_counter.count(spec, request.inputs))
+        except LengthError as exc:
+            raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)
         self._check_queue(spec)
         timeout = min(request.timeout or self.settings.max_job_seconds, self.settings.max_job_seconds)
@@ -72,21 +75,24 @@ class JobService:
             owner=owner,
         )
         job = job.model_copy(update={"deadline": job.created_at + timedelta(seconds=timeout)})
+        claim = None
         if idempotency_key is not None:
-            idempotency_key = f"{owner or ''}|{idempotency_key}"  # each key owner has its own key space
-            earlier = self._claim_idempotency_key(idempotency_key, request, job.id)
-            if earlier is not None:
-                return earlier, False
+            claim = _IdempotencyClaim(f"{owner or ''}|{idempotency_key}", request, job.id)  # each owner has its own keys
         try:
-            self.store.create(job)
+            # The key is bound in the same transaction that stores the job: a crash in between cannot
+            # leave a key pointing at a job that was never made.
+            earlier = self.store.create(job, claim.binding if claim else None)
+            if earlier is not None:
+                assert claim is not None
+                return self._earlier_job(claim, earlier), False
             send_generate(self.celery, job.id, spec.queue)
         except Exception as exc:
             # Nothing half-written: a job that could not be queued is not left behind as "queued", and
             # its idempotency key is free for the client's retry.
             with contextlib.suppress(redis.RedisError):
                 self.store.delete(job.id)
-                if idempotency_key is not None:
-                    self.store.redis.delete(_idempotency_redis_key(idempotency_key))
+                if claim is not None:
+                    self.store.redis.delete(claim.redis_key)
             if isinstance(exc, OperationalError):  # Celery's wrapping of a broker connection error
                 raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly") from exc
             raise
@@ -104,40 +110,17 @@ class JobService:
             notify_completed(self.celery, job)  # no worker will ever see this job
         return job, outcome
 
-    def _claim_idempotency_key(self, key: str, request: JobRequest, job_id: str) -> Job | None:
-        """Bind ``key`` to this request; the earlier job when the key was already bound to it."""
-        fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-        redis_key = _idempotency_redis_key(key)
-        record = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
-        if self.store.redis.set(redis_key, record, nx=True, ex=self.settings.job_retention_seconds):
-            return None
-        raw = self.store.redis.get(redis_key)
-        earlier = json.loads(raw) if raw else None
-        if earlier is None:  # expired between the two calls: claim it again
-            return self._claim_idempotency_key(key, request, job_id)
-        if earlier["fingerprint"] != fingerprint:
+    def _earlier_job(self, claim: _IdempotencyClaim, record: str) -> Job:
+        """The job an already-used idempotency key made, or a 409 when it was made for another body."""
+        earlier = json.loads(record)
+        if earlier["fingerprint"] != claim.fingerprint:
             raise ApiError(409, "idempotency_conflict",
                            "this Idempotency-Key was already used with a different request body")
-        job = self.store.get(earlier["job_id"])
-        if job is None:
-            raise ApiError(409, "idempotency_conflict", "this Idempotency-Key's job is being created; retry")
-        return job
-
-    def _check_prompt(self, spec: ModelSpec, prompt: str, max_new: int | None, max_length: int | None) -> None:
-        """The prompt's length against the model's limits, when this process can count its tokens."""
-        tokens = self.prompt_counter.count(spec, prompt)
-        if tokens is None:
-            return
-        if tokens > spec.max_input_tokens:
-            raise _field_error("inputs", f"the prompt has {tokens} tokens; {spec.name} accepts at most "
-                                         f"{spec.max_input_tokens}")
-        if max_new is None and max_length is not None and max_length <= tokens:
-            raise _field_error("parameters.max_length",
-                               f"{max_length} leaves no room after the prompt's {tokens} tokens")
-        if max_new is not None and tokens + max_new > spec.max_total_tokens:
-            raise _field_error("parameters.max_new_tokens",
-                               f"prompt ({tokens} tokens) + max_new_tokens ({max_new}) must be <= "
-                               f"{spec.max_total_tokens} for {spec.name}")
+        found = self.store.get(earlier["job_id"])
+        if found is None:
+            raise ApiError(409, "idempotency_conflict",
+                           "this Idempotency-Key's job no longer exists (past retention); use a new key")
+        return found
 
     def _check_queue(self, spec: ModelSpec) -> None:
         """Admission control: refuse (429, before anything is written) when the model's queue is full."""
@@ -162,7 +145,7 @@ class JobService:
         """The job, or a 404 ApiError (also for another key's job). A queued job past its deadline is
         expired on the spot."""
         job = _owned(self.store.get(job_id), owner)
-        if job is not None and job.status is JobStatus.QUEUED and job.deadline and job.deadline <= utcnow():
+        if job is not None and job.overdue(utcnow()):
             expired = self.store.expire_if_queued(job_id)
             if expired is not None:
                 notify_completed(self.celery, expired)
@@ -243,27 +226,22 @@ def _owned(job: Job | None, owner: str | None) -> Job | None:
     return None
 
 
-def _idempotency_redis_key(key: str) -> str:
-    return "bloomq:idempotency:" + hashlib.sha256(key.encode()).hexdigest()
+@dataclass(frozen=True)
+class _IdempotencyClaim:
+    """An Idempotency-Key (scoped to its owner) for one request body, about to make job ``job_id``."""
 
+    key: str
+    request: JobRequest
+    job_id: str
 
-def _check_limits(spec: ModelSpec, max_new_tokens: int | None, max_length: int | None) -> None:
-    if max_new_tokens is not None and max_new_tokens > spec.max_new_tokens:
-        raise ApiError(
-            422,
-            "validation_error",
-            "parameters.max_new_tokens is over the model's limit",
-            [
-                {
-                    "name": "parameters.max_new_tokens",
-                    "message": f"must be <= {spec.max_new_tokens} for {spec.name}",
-                }
-            ],
-        )
-    if max_new_tokens is None and max_length is not None and max_length > spec.max_total_tokens:
-        raise ApiError(
-            422,
-            "validation_error",
-            "parameters.max_length is over the model's limit",
-            [{"name": "parameters.max_length", "message": f"must be <= {spec.max_total_tokens} for {spec.name}"}],
-        )
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.request.model_dump_json().encode()).hexdigest()
+
+    @property
+    def redis_key(self) -> str:
+        return "bloomq:idempotency:" + hashlib.sha256(self.key.encode()).hexdigest()
+
+    @property
+    def binding(self) -> tuple[str, str]:
+        return self.redis_key, json.dumps({"fingerprint": self.fingerprint, "job_id": self.job_id})

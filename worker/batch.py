@@ -39,7 +39,7 @@ class Sequence:
     max_new_tokens: int
     sampling: RowSampling
     stop: list[str]
-    eos_token_id: int | None
+    eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -47,6 +47,8 @@ class Sequence:
     error: BaseException | None = None
     deadline: float | None = None  # time.perf_counter() value after which the sequence is stopped
     cancelled: bool = False  # set by another thread; the engine stops the sequence at its next step
+    isolated: bool = False  # suspected of crashing a worker: runs alone, never batched with others
+    restarts: int = 0  # times the engine started it over from its prompt (after an out-of-memory, say)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
@@ -63,6 +65,7 @@ class Sequence:
 
     def reset(self, device: torch.device) -> None:
         """Forget progress (the sequence will be prefilled again), reseeding its random stream."""
+        self.restarts += 1
         self.tokens = []
         self.text = ""
         self.finish_reason = None
@@ -132,22 +135,72 @@ class Batch:
         seen |= counts > 0
         return cls(list(seqs), attention_mask, out.cache, out.logits[:, -1, :].float(), seen)
 
-    def choose(self) -> list[int]:
-        """Pick every row's next token from the pending logits."""
-        tokens = self.chooser.choose(self.logits, self.seen)
+    def choose(self) -> tuple[list[int], list[int]]:
+        """Pick every row's next token from the pending logits: (tokens, rows with no valid choice)."""
+        tokens, invalid = self.chooser.choose(self.logits, self.seen)
+        return self._chosen(tokens, invalid)
+
+    def choose_rows_alone(self) -> tuple[list[int], dict[int, Exception]]:
+        """Pick each row's token on its own, after choosing for the whole batch raised: (tokens, the
+        rows whose choice raised or had no valid distribution, with why)."""
+        device = self.logits.device
+        tokens = torch.zeros(len(self.seqs), dtype=torch.long, device=device)
+        invalid = torch.zeros(len(self.seqs), dtype=torch.bool, device=device)
+        errors: dict[int, Exception] = {}
+        for row, seq in enumerate(self.seqs):
+            alone = TokenChooser([seq.sampling], device, [seq.generator])
+            try:
+                token, bad = alone.choose(self.logits[row : row + 1], self.seen[row : row + 1])
+            except Exception as exc:  # this row's parameters or scores break the sampler
+                errors[row] = exc
+                invalid[row] = True
+                continue
+            tokens[row], invalid[row] = token[0], bad[0]
+        chosen, flagged = self._chosen(tokens, invalid)
+        for row in flagged:
+            errors.setdefault(row, ValueError("no valid next-token distribution"))
+        return chosen, errors
+
+    def _chosen(self, tokens: torch.Tensor, invalid: torch.Tensor) -> tuple[list[int], list[int]]:
         self.seen[torch.arange(len(self.seqs), device=tokens.device), tokens] = True
         self._last = tokens
-        return tokens.tolist()
+        # One transfer from the device for both answers.
+        values, flags = torch.stack([tokens, invalid.long()]).tolist()
+        return values, [row for row, flag in enumerate(flags) if flag]
 
     def forward(self, model: Any) -> None:
-        """Feed the tokens just chosen; afterwards ``logits`` hold the scores for the next ones."""
+        """Feed the tokens just chosen; afterwards ``logits`` hold the scores for the next ones.
+
+        A forward that raises leaves the batch as it was before it (the cache's filled length and the
+        attention mask are restored), so it can be tried again or probed row by row.
+        """
         ones = self.attention_mask.new_ones((len(self.seqs), 1))
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        out = model(
-            input_ids=self._last.view(-1, 1), attention_mask=self.attention_mask, cache=self.cache, use_cache=True
-        )
+        mask = torch.cat([self.attention_mask, ones], dim=1)
+        filled = [layer.filled for layer in self.cache.layers]
+        try:
+            out = model(input_ids=self._last.view(-1, 1), attention_mask=mask, cache=self.cache, use_cache=True)
+        except BaseException:
+            for layer, length in zip(self.cache.layers, filled, strict=True):
+                layer.filled = length
+            raise
+        self.attention_mask = mask
         self.cache = out.cache
         self.logits = out.logits[:, -1, :].float()
+
+    def rows_failing_alone(self, model: Any) -> dict[int, Exception]:
+        """After a forward raised: run each row's step on its own (a copy of its cache) and return the
+        rows that fail alone, with their errors. Slow, but only on this rare path."""
+        failing: dict[int, Exception] = {}
+        for row in range(len(self.seqs)):
+            cache = growing_cache(model.config)
+            for layer, source in zip(cache.layers, self.cache.layers, strict=True):
+                layer.update(source.keys[row : row + 1].clone(), source.values[row : row + 1].clone())
+            mask = F.pad(self.attention_mask[row : row + 1], (0, 1), value=1)
+            try:
+                model(input_ids=self._last[row : row + 1].view(1, 1), attention_mask=mask, cache=cache, use_cache=True)
+            except Exception as exc:
+                failing[row] = exc
+        return failing
 
     def filter(self, keep: list[int]) -> Batch | None:
         """Keep only the rows at ``keep``.

@@ -15,12 +15,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from config.models import ModelSpec
+from jobs.lengths import LengthError, check_lengths
 from jobs.schema import FinishReason, GenerateParameters, JobOutput
 from worker.batch import Batch, Sequence, peak_slots_alone
 from worker.loading import LoadedModel
@@ -30,6 +32,29 @@ log = logging.getLogger(__name__)
 
 
 CAP_RECOVERY_STEPS = 16  # successful decode steps per extra batch row, after an out-of-memory
+# Times a sequence is started over (after failures it shares with others: out of memory, a failed merge)
+# before it fails: enough for the halving retry to get from the largest batch down to one row.
+MAX_RESTARTS = 8
+
+# Errors after which a CUDA context is unusable: every later call fails too, so the process must go.
+FATAL_DEVICE_MARKERS = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "CUDA error",
+)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """Whether ``exc`` left the device unusable (as opposed to failing one request)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return any(marker in str(exc) for marker in FATAL_DEVICE_MARKERS)
 
 
 class GenerationError(Exception):
@@ -42,6 +67,12 @@ class RequestValidationError(GenerationError):
     """A request the model cannot serve (too long a prompt, too many tokens)."""
 
     type = "validation_error"
+
+
+class DeviceFault(GenerationError):
+    """The device failed in a way that ends this worker process (see ``is_fatal_device_error``)."""
+
+    type = "device_error"
 
 
 class OutOfMemory(GenerationError):
@@ -99,14 +130,23 @@ def _mem_available_bytes() -> int:
 class Engine:
     """Generates text for many requests at once with one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, spec: ModelSpec, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        spec: ModelSpec,
+        config: EngineConfig | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.spec = spec
         self.config = config or EngineConfig()
         eos = self.model.generation_config.eos_token_id
-        self.eos_token_id = eos if eos is not None else self.tokenizer.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        # generation_config may give one id or a list of them (any of which ends generation).
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.model.generation_config.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -115,10 +155,14 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._cap = self.config.max_batch_size  # lowered after an out-of-memory, restored when idle
+        self._cap_ceiling = self.config.max_batch_size  # below the size that last ran out of memory
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and metrics)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        # Called (on the engine thread) when the device fails for good; the worker process then exits.
+        self.on_fatal = on_fatal
+        self.fatal_error: BaseException | None = None
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -149,13 +193,19 @@ class Engine:
         seq.done.wait()
         return self.result(seq)
 
-    def submit(self, prompt: str, params: GenerateParameters, timeout: float | None = None) -> Sequence:
+    def submit(
+        self, prompt: str, params: GenerateParameters, timeout: float | None = None, isolated: bool = False
+    ) -> Sequence:
         """Validate and queue a request; the returned sequence's ``done`` is set when it finishes.
 
         ``timeout``: seconds from now after which the sequence is stopped (finish reason ``timeout``),
-        keeping the text it has.
+        keeping the text it has. ``isolated``: run it alone, never batched with another request (a
+        request suspected of having crashed a worker).
         """
+        if self.fatal_error is not None:
+            raise DeviceFault(f"this worker's device failed and it is stopping: {self.fatal_error}")
         seq = self._prepare(prompt, params)
+        seq.isolated = isolated
         if timeout is not None:
             seq.deadline = time.perf_counter() + timeout
         with self._cond:
@@ -210,30 +260,11 @@ class Engine:
 
     def _prepare(self, prompt: str, params: GenerateParameters) -> Sequence:
         prompt_ids = self.tokenizer(prompt).input_ids
-        prompt_len = len(prompt_ids)
-        if prompt_len == 0:
-            raise RequestValidationError("inputs: the prompt encodes to no tokens")
-        if prompt_len > self.spec.max_input_tokens:
-            raise RequestValidationError(
-                f"inputs: the prompt has {prompt_len} tokens; {self.spec.name} accepts at most "
-                f"{self.spec.max_input_tokens}"
-            )
-        if params.max_new_tokens is not None:
-            max_new = params.max_new_tokens
-        else:
-            if params.max_length is None:
-                raise RequestValidationError("parameters: give max_new_tokens or max_length")
-            max_new = params.max_length - prompt_len
-            if max_new < 1:
-                raise RequestValidationError(
-                    f"parameters.max_length: {params.max_length} leaves no room after the prompt's "
-                    f"{prompt_len} tokens"
-                )
-        if prompt_len + max_new > self.spec.max_total_tokens:
-            raise RequestValidationError(
-                f"parameters.max_new_tokens: prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) "
-                f"must be <= {self.spec.max_total_tokens}"
-            )
+        try:
+            max_new = check_lengths(self.spec, params, len(prompt_ids))
+        except LengthError as exc:
+            raise RequestValidationError(str(exc)) from None
+        assert max_new is not None  # the prompt was counted
         sampling = RowSampling.from_parameters(params)
         return Sequence(
             prompt=prompt,
@@ -242,7 +273,7 @@ class Engine:
             max_new_tokens=max_new,
             sampling=sampling,
             stop=list(params.stop),
-            eos_token_id=self.eos_token_id,
+            eos_token_ids=self.eos_token_ids,
             generator=sampling.generator(self.device),
         )
 
@@ -266,8 +297,10 @@ class Engine:
                         continue
                     self._step()
                 except Exception as exc:  # never leave callers waiting on a dead engine thread
-                    log.exception("engine iteration failed")
                     seqs, self.batch = (self.batch.seqs if self.batch else []), None
+                    if self._fatal(exc, seqs):
+                        return
+                    log.exception("engine iteration failed")
                     for seq in seqs:
                         seq.finish(error=GenerationError(f"engine error: {type(exc).__name__}: {exc}"))
         with self._cond:
@@ -284,6 +317,8 @@ class Engine:
                 seq.finish(self._stop_reason(seq))
             if not self._waiting:
                 return
+            if self.batch is not None and any(s.isolated for s in self.batch.seqs):
+                return  # a suspect runs alone until it finishes
             if self.batch is None:
                 self._cap = max(self._cap, 1)  # after a lone retry was ordered, admit it alone
                 self._wait_for_batch_to_fill()
@@ -291,6 +326,8 @@ class Engine:
             picked: list[Sequence] = []
             while self._waiting and running + len(picked) < self._cap:
                 candidate = [*picked, self._waiting[0]]
+                if self._waiting[0].isolated and (running or picked):
+                    break  # it waits for an empty engine
                 if self.batch is not None:
                     slots = self.batch.peak_slots(candidate)
                 else:
@@ -298,6 +335,8 @@ class Engine:
                 if slots > self.max_slots and (self.batch is not None or picked):
                     break  # first come, first served: later requests wait rather than overtake
                 picked.append(self._waiting.popleft())
+                if picked[-1].isolated:
+                    break
         if picked:
             self._prefill(picked)
 
@@ -313,9 +352,16 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         try:
             new = Batch.prefill(self.model, seqs, self.pad_token_id, self.vocab_size)
-        except Exception as exc:  # out of memory or a bad tensor: retry smaller, then fail alone
-            self._recover(seqs, exc)
-            return
+        except Exception as exc:
+            if self._fatal(exc, seqs + (self.batch.seqs if self.batch else [])):
+                return
+            if len(seqs) > 1 and not _out_of_memory(exc):
+                new = self._prefill_apart(seqs, exc)  # find the request at fault; the others go on
+                if new is None:
+                    return
+            else:
+                self._recover(seqs, exc)  # out of memory: retry smaller, then fail alone
+                return
         if self.batch is None:
             self.batch = new
             return
@@ -325,7 +371,25 @@ class Engine:
             self.batch = Batch.concatenate([self.batch, new])
         except Exception as exc:
             running, self.batch = self.batch.seqs, None
-            self._recover(running + seqs, exc)
+            if not self._fatal(exc, running + new.seqs):
+                self._recover(running + new.seqs, exc)
+
+    def _prefill_apart(self, seqs: list[Sequence], exc: Exception) -> Batch | None:
+        """A group's prefill raised (not out of memory): prefill each request alone, fail the ones that
+        fail alone, and return the others as one batch (None when none is left)."""
+        log.warning("prefill of %d requests raised %s: %s; trying each alone", len(seqs), type(exc).__name__, exc)
+        batches = []
+        for seq in seqs:
+            try:
+                batches.append(Batch.prefill(self.model, [seq], self.pad_token_id, self.vocab_size))
+            except Exception as alone:
+                if self._fatal(alone, seqs):
+                    return None
+                if _out_of_memory(alone):
+                    self._recover([seq], alone)
+                    continue
+                seq.finish(error=_row_error("reading the prompt", alone))
+        return Batch.concatenate(batches) if batches else None
 
     def _step(self) -> None:
         """Choose, retire, decode: one token for every row."""
@@ -333,13 +397,24 @@ class Engine:
         assert batch is not None
         self.batch_sizes[len(batch)] += 1
         try:
-            tokens = batch.choose()
+            tokens, invalid = batch.choose()
+            errors: dict[int, Exception] = {row: _NON_FINITE for row in invalid}
         except Exception as exc:
-            self.batch = None
-            self._recover(batch.seqs, exc)
-            return
+            if self._fatal(exc, batch.seqs):
+                self.batch = None
+                return
+            if _out_of_memory(exc):
+                self.batch = None
+                self._recover(batch.seqs, exc)
+                return
+            log.warning("choosing tokens for %d rows raised %s: %s; choosing row by row", len(batch),
+                        type(exc).__name__, exc)
+            tokens, errors = batch.choose_rows_alone()
         keep = []
         for row, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
+            if row in errors:
+                seq.finish(error=_row_error(f"choosing new token {len(seq.tokens) + 1}", errors[row]))
+                continue
             seq.tokens.append(token)
             reason = self._finish_reason(seq, token)
             if reason is None:
@@ -349,46 +424,109 @@ class Engine:
                 seq.finish(reason)
         try:
             self.batch = batch.filter(keep)
-            if self.batch is None:
-                with self._cond:
-                    if not self._waiting:
-                        self._cap = self.config.max_batch_size  # drained cleanly: full size again
-                return
-            self.batch.forward(self.model)
-            self.steps += 1
         except Exception as exc:
             self.batch = None
-            self._recover([batch.seqs[row] for row in keep], exc)
+            if not self._fatal(exc, [batch.seqs[row] for row in keep]):
+                self._recover([batch.seqs[row] for row in keep], exc)
             return
-        if self._cap < self.config.max_batch_size and self.steps % CAP_RECOVERY_STEPS == 0:
+        if self.batch is None:
+            with self._cond:
+                if not self._waiting:
+                    # drained cleanly: full size again
+                    self._cap = self._cap_ceiling = self.config.max_batch_size
+            return
+        self._forward()
+        if self._cap < self._cap_ceiling and self.steps % CAP_RECOVERY_STEPS == 0:
             self._cap += 1  # after an out-of-memory, grow back slowly while steps succeed
 
+    def _forward(self) -> None:
+        """One decode step for the batch. A step that raises (not out of memory) is probed row by row:
+        the rows that fail alone fail, the others take their step without starting over."""
+        batch = self.batch
+        assert batch is not None
+        try:
+            batch.forward(self.model)
+            self.steps += 1
+            return
+        except Exception as exc:
+            if self._fatal(exc, batch.seqs):
+                self.batch = None
+                return
+            first = exc
+        if not _out_of_memory(first) and len(batch) > 1:
+            failing = batch.rows_failing_alone(self.model)
+            if failing and len(failing) < len(batch):
+                for row, exc in failing.items():
+                    batch.seqs[row].finish(error=_row_error("running the model", exc))
+                survivors = batch.filter([row for row in range(len(batch)) if row not in failing])
+                assert survivors is not None
+                self.batch = survivors
+                try:
+                    survivors.forward(self.model)
+                    self.steps += 1
+                    return
+                except Exception as exc:
+                    first, batch = exc, survivors
+        self.batch = None
+        if not self._fatal(first, batch.seqs):
+            self._recover(batch.seqs, first)
+
+    def _fatal(self, exc: BaseException, seqs: list[Sequence]) -> bool:
+        """If ``exc`` left the device unusable: stop the engine and hand over to ``on_fatal`` (which
+        exits the process; its jobs are requeued). True when it did."""
+        if not is_fatal_device_error(exc):
+            return False
+        log.critical("fatal device error with %d requests in the batch: %s: %s", len(seqs), type(exc).__name__, exc)
+        self.fatal_error = exc
+        self._stopping.set()
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+        else:
+            for seq in seqs:
+                seq.finish(error=DeviceFault(f"the device failed: {exc}"))
+        return True
+
     def _recover(self, seqs: list[Sequence], exc: Exception) -> None:
-        """After a failed forward: a lone sequence fails; a group goes back to be retried in halves."""
-        if isinstance(exc, torch.OutOfMemoryError):
+        """After a failure that cannot be pinned on one request (out of memory, a failed merge): a lone
+        sequence fails; a group goes back to be retried in halves. Each sequence starts over at most
+        ``MAX_RESTARTS`` times, then fails with the error."""
+        oom = _out_of_memory(exc)
+        if oom:
             _free_device_memory(self.device)
+            rows = len(seqs) + (len(self.batch) if self.batch else 0)
+            self._cap_ceiling = max(1, min(self._cap_ceiling, rows - 1))
         if len(seqs) == 1 and self.batch is None:
             seq = seqs[0]
             log.warning("a request failed alone: %s: %s", type(exc).__name__, exc)
-            if isinstance(exc, torch.OutOfMemoryError):
+            if oom:
                 error: BaseException = OutOfMemory(
                     f"out of device memory for this request alone ({seq.prompt_len} prompt tokens + "
                     f"{seq.max_new_tokens} new): {exc}"
                 )
             else:
-                error = exc
+                error = _row_error("generating", exc)
             seq.finish(error=error)
+            return
+        retry = []
+        for seq in seqs:
+            if seq.restarts >= MAX_RESTARTS:
+                kind = "out of device memory" if oom else f"{type(exc).__name__}: {exc}"
+                error = OutOfMemory if oom else GenerationError
+                seq.finish(error=error(f"gave up after starting over {seq.restarts} times: {kind}"))
+            else:
+                retry.append(seq)
+        if not retry:
             return
         # Retry with half as many rows at a time; a sequence restarts from its prompt (a greedy one gives
         # the same tokens again, a sampled one replays its seed).
-        self._cap = max(1, (len(seqs) + (len(self.batch) if self.batch else 0)) // 2)
-        log.warning("%s with %d rows; retrying with at most %d", type(exc).__name__, len(seqs), self._cap)
-        if len(seqs) == 1:
+        self._cap = max(1, (len(retry) + (len(self.batch) if self.batch else 0)) // 2)
+        log.warning("%s with %d rows; retrying with at most %d", type(exc).__name__, len(retry), self._cap)
+        if len(retry) == 1:
             self._cap = 0  # admit nothing until the running batch drains, then retry it alone
-        for seq in seqs:
+        for seq in retry:
             seq.reset(self.device)
         with self._cond:
-            self._waiting.extendleft(reversed(seqs))
+            self._waiting.extendleft(reversed(retry))
 
     @staticmethod
     def _stop_reason(seq: Sequence) -> FinishReason | None:
@@ -404,7 +542,7 @@ class Engine:
         if stopped is not None:
             seq.tokens.pop()  # the token chosen in this step is not kept: the job ended before it
             return stopped
-        if token == seq.eos_token_id:
+        if token in seq.eos_token_ids:
             return FinishReason.EOS_TOKEN
         if seq.stop:
             seq.text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
@@ -429,6 +567,22 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     """The index where the earliest stop sequence begins in ``text``, if any."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+_NON_FINITE = ValueError(
+    "the next-token distribution was not finite (NaN or infinity): the model's scores for this request, "
+    "after its repetition penalty and sampling parameters, give no valid choice"
+)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _row_error(doing: str, exc: BaseException) -> GenerationError:
+    """The error one request fails with, when only it is at fault."""
+    detail = str(exc) if isinstance(exc, ValueError) and exc is _NON_FINITE else f"{type(exc).__name__}: {exc}"
+    return GenerationError(f"{doing} failed for this request alone ({detail}); other jobs were not affected")
 
 
 def _free_device_memory(device: torch.device) -> None:

@@ -42,6 +42,15 @@ class GrowingLayer(DynamicLayer):
     def values(self, value: torch.Tensor | None) -> None:
         self._v = value
 
+    @property
+    def filled(self) -> int:
+        """Positions holding keys/values; setting it lower forgets the ones after (storage is kept)."""
+        return self._len
+
+    @filled.setter
+    def filled(self, length: int) -> None:
+        self._len = length
+
     def replace(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         """Hold storage filled by the caller up to ``length``; the rest is room to grow."""
         self._k, self._v = keys, values

@@ -80,21 +80,30 @@ class TokenChooser:
         self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         self.any_sample = any(r.do_sample for r in rows)
 
-    def choose(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """Next token per row. ``logits``: [rows, vocab] float32; ``seen``: [rows, vocab] bool."""
+    def choose(self, logits: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token per row, and which rows had no valid distribution to choose from.
+
+        ``logits``: [rows, vocab] float32; ``seen``: [rows, vocab] bool. A row whose scores are NaN (or
+        all infinite), or whose sampling distribution is not finite, is flagged ``invalid`` (its token is
+        meaningless) instead of raising: the caller fails that row alone. The sampler itself never sees
+        an invalid distribution, so ``torch.multinomial`` cannot raise (CPU) or assert (CUDA) on one.
+        """
         scores = self._penalise(logits, seen) if self.any_penalty else logits
+        invalid = torch.isnan(scores).any(dim=-1) | ~torch.isfinite(scores).any(dim=-1)
         greedy = scores.argmax(dim=-1)
         if not self.any_sample:
-            return greedy
-        warped = self._warp(scores)
-        probs = warped.softmax(dim=-1)
+            return greedy, invalid
+        probs = self._warp(scores).softmax(dim=-1)
+        broken = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
+        invalid = invalid | (self.sample_mask & broken)
+        probs = torch.where(broken.unsqueeze(1), torch.ones_like(probs), probs)
         sampled = greedy.clone()
         for i, gen in enumerate(self.generators):
             # One draw per sampling row from its own generator: that is what makes a seeded job give
             # the same text alone or in any batch.
             if gen is not None:
                 sampled[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
-        return torch.where(self.sample_mask, sampled, greedy)
+        return torch.where(self.sample_mask, sampled, greedy), invalid
 
     def _penalise(self, scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)

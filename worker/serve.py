@@ -24,12 +24,14 @@ from jobs.schema import Job
 from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
-from worker.housekeeping import CancelListener, DeadlineReaper, Heartbeat, Reaper
+from worker.liveness import CancelListener, Heartbeat
+from worker.recovery import DeadlineExpiry, OrphanRecovery
 from worker.launcher import READY_FILE_ENV
 
 log = logging.getLogger("bloomq.worker")
 
-WEBHOOK_THREADS = 2  # pool threads beyond the batch, so webhook deliveries never take a batch slot
+WEBHOOK_THREADS = 2  # the webhook dispatcher's own pool: a slow receiver never takes a thread that feeds the batch
+DEVICE_FAULT_EXIT = 70  # exit status after a fatal device error (the launcher restarts the process)
 
 
 def default_worker_name(model: str, host: str, device: str) -> str:
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
     from worker.engine import Engine, EngineConfig
     from worker.loading import load_model, pick_device
-    from worker.tasks import JobRunner, register_tasks
+    from worker.runner import JobRunner
+    from worker.tasks import WebhookDispatcher, register_tasks
 
     # A load failure propagates: the process exits non-zero with the original error, before it has
     # subscribed to the queue, so the model's jobs stay queued for a worker that can serve them.
@@ -67,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(spec, device, settings.dtype)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     name = args.name or default_worker_name(spec.name, settings.host_name, "cpu" if device.type == "cpu" else f"gpu{gpu}")
+
+    def on_device_fault(exc: BaseException) -> None:
+        # The CUDA context is unusable: hand the running jobs back (each now suspected, so it runs alone
+        # next time) and exit at once, without running Celery's shutdown on a broken device.
+        try:
+            runner.hand_back_after_device_fault(exc)
+        finally:
+            log.critical("exiting after a fatal device error: %s", exc)
+            logging.shutdown()
+            os._exit(DEVICE_FAULT_EXIT)
 
     engine = Engine(
         loaded,
@@ -76,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_slots=settings.max_batch_total_tokens,
             max_wait_seconds=settings.batch_wait_ms / 1000,
         ),
+        on_fatal=on_device_fault,
     )
     log.info("engine: up to %d jobs per batch, %d KV token slots", settings.max_batch_size, engine.max_slots)
     client = connect(settings.redis_url)
@@ -83,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     app = make_celery(settings)
     directory = WorkerDirectory(client)
     instance = f"{name}:{os.getpid()}"
-    runner = JobRunner(store, engine, name, celery=app, instance=instance,
-                       live_workers=lambda: {w.instance for w in directory.live()})
-    register_tasks(app, runner, WebhookSender(store, settings.webhook_secret, settings.webhook_allow))
+
+    def requeue(job: Job) -> None:
+        send_generate(app, job.id, queue_for(job.model))
+
+    runner = JobRunner(store, engine, name, celery=app, instance=instance, requeue=requeue,
+                       result_patience=settings.result_patience_seconds)
+    webhooks = WebhookDispatcher(app, WebhookSender(store, settings.webhook_secret, settings.webhook_allow),
+                                 WEBHOOK_THREADS)
+    register_tasks(app, runner, webhooks)
 
     info = WorkerInfo(
         name=name,
@@ -104,14 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         record_batch_sizes(client, spec.name, engine.take_batch_sizes())
         return info.model_copy(update={"jobs_running": engine.load, "memory_bytes": engine.memory_in_use()})
 
-    def requeue(job: Job) -> None:
-        send_generate(app, job.id, queue_for(job.model))
-
+    heartbeat = Heartbeat(directory, current_info, settings.heartbeat_seconds)
     background = [
-        Heartbeat(directory, current_info, settings.heartbeat_seconds),
+        heartbeat,
         CancelListener(client, runner.cancel),
-        DeadlineReaper(store, on_expired=runner.notify_expired),
-        Reaper(store, directory, requeue, interval=settings.heartbeat_seconds),
+        DeadlineExpiry(store, on_expired=runner.notify_expired),
+        OrphanRecovery(
+            store,
+            directory,
+            requeue,
+            interval=settings.heartbeat_seconds,
+            instance=instance,
+            trust_after=heartbeat.ttl,
+            stuck_grace=settings.stuck_grace_seconds,
+            lost_delivery_after=settings.lost_delivery_seconds,
+        ),
     ]
 
     from celery.signals import worker_ready
@@ -133,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Threads, never a fork: the model is already loaded (maybe on CUDA) in this process. Each
                 # thread hands its job to the one engine thread, which batches them.
                 "--pool=threads",
-                f"--concurrency={settings.max_batch_size + WEBHOOK_THREADS}",
+                # One thread per batch row, plus one for webhook tasks (they only hand over to the dispatcher).
+                f"--concurrency={settings.max_batch_size + 1}",
                 f"--queues={spec.queue},{WEBHOOK_QUEUE}",
                 f"--hostname={name}",
                 f"--loglevel={settings.log_level}",
@@ -145,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for item in background:
             item.stop()
         engine.stop()
+        webhooks.shutdown()
     return 0
 
 

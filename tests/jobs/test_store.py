@@ -1,7 +1,7 @@
 import json
 
 from jobs.schema import GenerateParameters, Job, JobError, JobOutput, JobStatus, new_job_id
-from jobs.store import JobStore, ProgressUpdate, job_key
+from jobs.store import JobStore, ProgressReply, ProgressUpdate, job_key
 
 
 def _job() -> Job:
@@ -135,16 +135,18 @@ def test_progress_shows_while_running_and_reports_cancel_requests(redis_client):
     store.create(job)
     store.start(job.id, "w")
     partial = JobOutput(generated_text="par", generated_tokens=1)
-    assert store.publish_progress([ProgressUpdate(job.id, "par", 1, partial, attempt=1)]) == set()
+    assert store.publish_progress([ProgressUpdate(job.id, "par", 1, partial, attempt=1)]) == ProgressReply(set(), set())
     assert store.get(job.id).output.generated_text == "par"
     stale = JobOutput(generated_text="stale", generated_tokens=9)
-    store.publish_progress([ProgressUpdate(job.id, "", 9, stale, attempt=0)])  # a replaced attempt's report
+    # A replaced attempt's report changes nothing, and tells that attempt it is superseded.
+    assert store.publish_progress([ProgressUpdate(job.id, "", 9, stale, attempt=0)]).superseded == {job.id}
     assert store.get(job.id).output.generated_text == "par"
     store.cancel(job.id)
-    assert store.publish_progress([ProgressUpdate(job.id, "t", 2)]) == {job.id}
+    assert store.publish_progress([ProgressUpdate(job.id, "t", 2, attempt=1)]) == ProgressReply({job.id}, set())
     final = JobOutput(generated_text="part", generated_tokens=2, finish_reason="canceled")
     store.finish_canceled(job.id, final, 0.1)
-    store.publish_progress([ProgressUpdate(job.id, "", 3, partial)])  # a late report changes nothing
+    late = store.publish_progress([ProgressUpdate(job.id, "", 3, partial, attempt=1)])
+    assert late.superseded == {job.id}  # a late report changes nothing: the job is finished
     assert store.get(job.id).output.generated_text == "part"
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from config.settings import Settings
-from jobs.schema import JobOutput
+from jobs.schema import MIN_PROBABILITY_MASS, JobOutput
 from web import create_app
 
 
@@ -51,7 +51,7 @@ def test_openapi_document_describes_the_request_schema_that_validates(client):
     doc = client.get("/api/v1/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     params = doc["components"]["schemas"]["GenerateParameters"]["properties"]
-    assert params["top_p"]["anyOf"][0]["exclusiveMinimum"] == 0 and params["top_p"]["anyOf"][0]["maximum"] == 1
+    assert params["top_p"]["anyOf"][0]["minimum"] == MIN_PROBABILITY_MASS and params["top_p"]["anyOf"][0]["maximum"] == 1
     assert set(doc["paths"]) >= {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/cancel",
                                  "/api/v1/jobs/{job_id}/events", "/api/v1/models", "/healthz", "/readyz"}
 

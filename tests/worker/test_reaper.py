@@ -1,11 +1,14 @@
-"""The reaper: orphaned running jobs, lost deliveries, stuck jobs (real Redis, fake clock where needed)."""
+"""Orphan recovery: orphaned running jobs, lost deliveries, stuck jobs (real Redis, fake clock where needed)."""
 
 from datetime import timedelta
 
 from jobs.schema import GenerateParameters, Job, JobStatus, new_job_id, utcnow
 from jobs.store import QUEUED_KEY, JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
-from worker.housekeeping import LOST_DELIVERY_AFTER, STUCK_GRACE, Reaper
+from worker.recovery import OrphanRecovery
+
+LOST_DELIVERY_AFTER = 30
+STUCK_GRACE = 120
 
 
 def _job(**extra) -> Job:
@@ -18,8 +21,27 @@ def _announce(redis_client, instance="tiny@h.cpu:1", model="tiny"):
     WorkerDirectory(redis_client).announce(info, ttl_seconds=30)
 
 
-def _reaper(redis_client, store, sent):
-    return Reaper(store, WorkerDirectory(redis_client), lambda job: sent.append(job.id), interval=1)
+class Clock:
+    """A fake monotonic clock: each reaper tick reads it twice (before and after its ping)."""
+
+    def __init__(self, *readings: float) -> None:
+        self.readings = list(readings)
+
+    def __call__(self) -> float:
+        return self.readings.pop(0)
+
+
+def _reaper(redis_client, store, sent, clock=None, instance="tiny@me.cpu:7"):
+    return OrphanRecovery(store, WorkerDirectory(redis_client), lambda job: sent.append(job.id), interval=1,
+                          instance=instance, trust_after=3, stuck_grace=STUCK_GRACE,
+                          lost_delivery_after=LOST_DELIVERY_AFTER, clock=clock or Clock())
+
+
+def _trusting_reaper(redis_client, store, sent):
+    """A reaper that has been connected to Redis long enough to judge other workers."""
+    reaper = _reaper(redis_client, store, sent, clock=Clock(0, 0, *[10 + i for i in range(20)]))
+    reaper._reap()  # the first tick starts the trust clock and judges nobody
+    return reaper
 
 
 def test_a_job_whose_delivery_was_lost_is_sent_again(redis_client):
@@ -28,7 +50,7 @@ def test_a_job_whose_delivery_was_lost_is_sent_again(redis_client):
     store.create(job)
     _announce(redis_client)
     sent = []
-    reaper = _reaper(redis_client, store, sent)
+    reaper = _trusting_reaper(redis_client, store, sent)
     reaper._reap()
     assert sent == []  # queued only just now
     redis_client.zadd(QUEUED_KEY, {job.id: 0})  # as if queued long ago, its message taken by a dead worker
@@ -50,7 +72,7 @@ def test_an_orphaned_running_job_is_requeued(redis_client):
     store.start(job.id, "tiny@dead.cpu", "tiny@dead.cpu:9")
     _announce(redis_client)
     sent = []
-    _reaper(redis_client, store, sent)._reap()
+    _trusting_reaper(redis_client, store, sent)._reap()
     assert sent == [job.id] and store.get(job.id).status is JobStatus.QUEUED
 
 
@@ -63,6 +85,46 @@ def test_a_job_running_long_past_its_deadline_on_a_live_worker_is_failed(redis_c
     store._update(job.id, lambda j: j.model_copy(update={"deadline": past}))  # the clock moved on
     _announce(redis_client)
     sent = []
-    _reaper(redis_client, store, sent)._reap()
+    _trusting_reaper(redis_client, store, sent)._reap()
     failed = store.get(job.id)
     assert sent == [] and failed.status is JobStatus.FAILED and failed.error.type == "timeout"
+
+
+def test_after_connecting_it_judges_nobody_until_connected_longer_than_a_heartbeat_lifetime(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    store.start(job.id, "tiny@dead.cpu", "tiny@dead.cpu:9")  # no heartbeat: looks dead
+    sent = []
+    reaper = _reaper(redis_client, store, sent, clock=Clock(0, 0, 2, 2, 4, 4))
+    reaper._reap()
+    reaper._reap()
+    assert sent == []  # connected for 2 s: a live worker may not have announced itself again yet
+    reaper._reap()
+    assert sent == [job.id]
+
+
+def test_a_slow_redis_answer_counts_as_a_break(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    store.start(job.id, "tiny@dead.cpu", "tiny@dead.cpu:9")
+    sent = []
+    # Trusted from t=0; at t=4 a ping takes 5 s (Redis paused): every heartbeat may have lapsed meanwhile.
+    reaper = _reaper(redis_client, store, sent, clock=Clock(0, 0, 4, 9, 10, 10, 13, 13))
+    reaper._reap()
+    reaper._reap()
+    reaper._reap()
+    assert sent == []
+    reaper._reap()
+    assert sent == [job.id]
+
+
+def test_it_never_takes_its_own_processs_jobs(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    store.start(job.id, "tiny@me.cpu", "tiny@me.cpu:7")  # this process, whose own heartbeat lapsed
+    sent = []
+    _trusting_reaper(redis_client, store, sent)._reap()
+    assert sent == [] and store.get(job.id).status is JobStatus.RUNNING

@@ -5,7 +5,7 @@ import threading
 from jobs.schema import FinishReason, GenerateParameters, Job, JobOutput, JobStatus, new_job_id
 from jobs.store import JobStore
 from worker.engine import GenerationResult, RequestValidationError
-from worker.tasks import JobRunner
+from worker.runner import JobRunner
 
 
 class FakeSeq:
@@ -14,25 +14,34 @@ class FakeSeq:
         self.tokens = []
         self.text = ""
         self.error = None
+        self.restarts = 0
         self.sampling = type("S", (), {"seed": None})()
 
 
 class FakeEngine:
     """Finishes each request at once with a fixed outcome (a result, or an exception)."""
 
-    def __init__(self, outcome, submit_error=None):
+    def __init__(self, outcome, submit_error=None, finish=True):
         self.outcome = outcome
         self.submit_error = submit_error
+        self.finish = finish
         self.calls = 0
+        self.isolated = []
+        self.cancelled = []
+        self.fatal_error = None
+        self.submitted = threading.Event()
 
-    def submit(self, prompt, params, timeout=None):
+    def submit(self, prompt, params, timeout=None, isolated=False):
         self.calls += 1
+        self.isolated.append(isolated)
         if self.submit_error:
             raise self.submit_error
         seq = FakeSeq()
         if isinstance(self.outcome, GenerationResult):
             seq.text = self.outcome.output.generated_text
-        seq.done.set()
+        if self.finish:
+            seq.done.set()
+        self.submitted.set()
         return seq
 
     def partial_text(self, seq):
@@ -44,7 +53,8 @@ class FakeEngine:
         return self.outcome
 
     def cancel(self, seq):
-        pass
+        self.cancelled.append(seq)
+        seq.done.set()
 
 
 def _queued(store: JobStore) -> Job:
@@ -102,3 +112,45 @@ def test_canceled_result_keeps_partial_text_and_timeout_fails_with_it(redis_clie
         done = store.get(job.id)
         assert done.status is status and done.output.generated_text == "part"
         assert (done.error.type if done.error else None) == error
+
+
+def _run_in_background(runner, job_id, engine):
+    thread = threading.Thread(target=runner.run, args=(job_id,), daemon=True)
+    thread.start()
+    assert engine.submitted.wait(10)
+    return thread
+
+
+def test_an_attempt_whose_job_was_taken_from_it_is_stopped_and_stores_nothing(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _queued(store)
+    output = JobOutput(generated_text="late", generated_tokens=2, finish_reason="length")
+    engine = FakeEngine(GenerationResult(output, 1, 0.5), finish=False)
+    runner = JobRunner(store, engine, "w", instance="w:1")
+    thread = _run_in_background(runner, job.id, engine)
+    store.requeue_if_orphaned(job.id, set())  # another worker's reaper judged this one dead
+    runner.publisher.tick()  # the store's reply says the job is no longer this attempt's
+    thread.join(10)
+    assert not thread.is_alive() and len(engine.cancelled) == 1
+    assert store.get(job.id).status is JobStatus.QUEUED  # left for its new attempt, not finished by this one
+
+
+def test_a_device_fault_hands_jobs_back_and_the_second_makes_a_poison_job(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _queued(store)
+    requeued = []
+    for fault in (1, 2):
+        engine = FakeEngine(None, finish=False)
+        runner = JobRunner(store, engine, "w", instance=f"w:{fault}", requeue=lambda j: requeued.append(j.id))
+        thread = _run_in_background(runner, job.id, engine)
+        assert engine.isolated == [fault == 2]  # after one fault the job runs alone
+        seq = runner._running[job.id].seq
+        engine.fatal_error = RuntimeError("CUDA error: device-side assert triggered")
+        runner.hand_back_after_device_fault(engine.fatal_error)
+        seq.done.set()  # the engine stops; the process would exit here
+        thread.join(10)
+        assert not thread.is_alive()
+    assert requeued == [job.id]  # handed back once; the second time it failed
+    failed = store.get(job.id)
+    assert failed.status is JobStatus.FAILED and failed.error.type == "poison_job"
+    assert failed.device_faults == 2 and "device-side assert" in failed.error.message

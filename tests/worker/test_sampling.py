@@ -54,8 +54,9 @@ def test_greedy_rows_take_the_argmax_and_ignore_sampling_rows(logits):
         RowSampling.from_parameters(GenerateParameters(do_sample=True, seed=5)),
         RowSampling.from_parameters(GenerateParameters(temperature=0)),
     ]
-    chosen = TokenChooser(rows, torch.device("cpu")).choose(logits, torch.zeros(3, VOCAB, dtype=torch.bool))
+    chosen, invalid = TokenChooser(rows, torch.device("cpu")).choose(logits, torch.zeros(3, VOCAB, dtype=torch.bool))
     assert chosen[0] == logits[0].argmax() and chosen[2] == logits[2].argmax()
+    assert not invalid.any()
 
 
 def test_a_seeded_row_samples_the_same_whatever_its_batch_mates(logits):
@@ -64,8 +65,8 @@ def test_a_seeded_row_samples_the_same_whatever_its_batch_mates(logits):
     mates = [GenerateParameters(do_sample=True, seed=9), target, GenerateParameters()]
     batched = TokenChooser([RowSampling.from_parameters(p) for p in mates], torch.device("cpu"))
     seen = torch.zeros(3, VOCAB, dtype=torch.bool)
-    alone_tokens = [int(alone.choose(logits[1:2], seen[:1])[0]) for _ in range(10)]
-    batched_tokens = [int(batched.choose(logits, seen)[1]) for _ in range(10)]
+    alone_tokens = [int(alone.choose(logits[1:2], seen[:1])[0][0]) for _ in range(10)]
+    batched_tokens = [int(batched.choose(logits, seen)[0][1]) for _ in range(10)]
     assert alone_tokens == batched_tokens
     assert len(set(alone_tokens)) > 1  # it really sampled
 

@@ -1,0 +1,234 @@
+"""The job runner: moves one job through the store around the engine (start, progress, cancel, result)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+import redis
+from celery import Celery
+
+from jobs.celery_app import send_webhook
+from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
+from jobs.store import JobStore
+from worker.batch import Sequence
+from worker.engine import Engine, GenerationError
+from worker.progress import ProgressPublisher
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Attempt:
+    """A job this process is running: its sequence in the engine and its attempt number."""
+
+    seq: Sequence
+    number: int
+    superseded: bool = False  # the job was taken from this attempt: stop, and store nothing
+
+
+class JobRunner:
+    """Runs jobs on the engine and stores exactly their one final result."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Engine,
+        worker_name: str,
+        celery: Celery | None = None,
+        instance: str | None = None,
+        requeue: Callable[[Job], None] | None = None,
+        result_patience: float = 600.0,
+    ) -> None:
+        self.store = store
+        self.instance = instance or worker_name
+        self.engine = engine
+        self.worker_name = worker_name
+        self.celery = celery
+        self.requeue = requeue
+        self.result_patience = result_patience
+        self._running: dict[str, _Attempt] = {}
+        self._lock = threading.Lock()
+        self.publisher = ProgressPublisher(store, engine, on_cancel=self.cancel, on_superseded=self.abandon)
+
+    def run(self, job_id: str) -> None:
+        """Run a queued (or redelivered) job; skip one that already has its final result or is running
+        on a live worker (the store decides that atomically)."""
+        with self._lock:
+            if job_id in self._running:
+                log.info("job %s: already running here; message acknowledged", job_id)
+                return
+        job = self.store.start(job_id, self.worker_name, self.instance)
+        if job is None or job.status is not JobStatus.RUNNING:
+            reason = (
+                "unknown, expired, already finished, or running on a live worker"
+                if job is None
+                else f"{job.status.value} before it ran"
+            )
+            log.info("job %s: %s; message acknowledged", job_id, reason)
+            if job is not None:
+                self._notify(job, "completed")
+            return
+        attempt = job.attempts  # our fencing token: results of a stale attempt are refused by the store
+        log.info("job %s: started (attempt %d%s)", job_id, attempt, ", alone: suspected poison" if job.device_faults else "")
+        self._notify(job, "started")
+        try:
+            self._run_attempt(job, attempt)
+        except Exception as exc:
+            # Whatever went wrong, the job must not stay "running" on a live worker.
+            log.exception("job %s: attempt %d broke", job_id, attempt)
+            error = JobError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
+
+    def _run_attempt(self, job: Job, attempt: int) -> None:
+        job_id = job.id
+        if job.cancel_requested:
+            empty = JobOutput(generated_text="", generated_tokens=0, finish_reason=FinishReason.CANCELED)
+            self._finish(job_id, attempt, FinishReason.CANCELED, empty, 0.0)
+            return
+        try:
+            # A job that was in a batch when a worker's device failed runs alone: if it is the cause, the
+            # next failure names it (a poison job) without taking other jobs down with it.
+            seq = self.engine.submit(
+                job.inputs, job.parameters, timeout=_seconds_left(job.deadline), isolated=job.device_faults > 0
+            )
+        except GenerationError as exc:
+            log.info("job %s: %s: %s", job_id, exc.type, exc)
+            error = JobError(type=exc.type, message=str(exc))
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
+            return
+        running = _Attempt(seq, attempt)
+        with self._lock:
+            self._running[job_id] = running
+        self.publisher.follow(job_id, seq, attempt)
+        try:
+            seq.done.wait()
+        finally:
+            self.publisher.forget(job_id)  # flushes the last text before the final result is stored
+            with self._lock:
+                self._running.pop(job_id, None)
+        if running.superseded:
+            log.warning("job %s: attempt %d was stopped: the job was taken from it", job_id, attempt)
+            return
+        if self.engine.fatal_error is not None:
+            return  # the process is exiting; its jobs were handed back (see record_device_fault)
+        try:
+            result = self.engine.result(seq)
+        except GenerationError as exc:
+            log.info("job %s: %s: %s", job_id, exc.type, exc)
+            error = JobError(type=exc.type, message=str(exc))
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
+            return
+        except Exception as exc:  # the job fails alone; the worker keeps serving
+            log.error("job %s: generation raised %s: %s", job_id, type(exc).__name__, exc)
+            error_type = "out_of_memory" if "out of memory" in str(exc).lower() else "internal_error"
+            error = JobError(type=error_type, message=f"{type(exc).__name__}: {exc}")
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
+            return
+        self._finish(job_id, attempt, result.output.finish_reason, result.output, round(result.seconds, 6))
+
+    def notify_expired(self, job_id: str) -> None:
+        """A queued job expired without running: send its completed webhook."""
+        job = self.store.get(job_id)
+        if job is not None:
+            self._notify(job, "completed")
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a job this process is running; False when it is not running here."""
+        with self._lock:
+            running = self._running.get(job_id)
+        if running is None:
+            return False
+        self.engine.cancel(running.seq)
+        return True
+
+    def abandon(self, job_id: str) -> bool:
+        """Stop a job whose attempt here no longer owns it (requeued, taken over): its result is not stored."""
+        with self._lock:
+            running = self._running.get(job_id)
+            if running is None:
+                return False
+            running.superseded = True
+        self.engine.cancel(running.seq)
+        return True
+
+    def hand_back_after_device_fault(self, exc: BaseException) -> None:
+        """The device failed for good (the process is about to exit): give every running job back to the
+        queue, counting the fault against it; a job at its second fault fails as a poison job."""
+        with self._lock:
+            running = dict(self._running)
+        for job_id, attempt in running.items():
+            try:
+                job = self.store.record_device_fault(job_id, attempt.number, f"{type(exc).__name__}: {exc}")
+            except redis.RedisError:
+                log.warning("job %s: could not hand it back; the reaper will", job_id)
+                continue
+            if job is None:
+                continue
+            if job.status is JobStatus.QUEUED and self.requeue is not None:
+                log.warning("job %s: handed back after the device failed (fault %d)", job_id, job.device_faults)
+                self.requeue(job)
+            elif job.status is JobStatus.FAILED:
+                log.error("job %s: failed as a poison job", job_id)
+                self._notify(job, "completed")
+
+    def _finish(
+        self, job_id: str, attempt: int, reason: FinishReason | None, output: JobOutput, seconds: float
+    ) -> None:
+        if reason is FinishReason.CANCELED:
+            self._store_final(job_id, lambda: self.store.finish_canceled(job_id, output, seconds, attempt=attempt))
+        elif reason is FinishReason.TIMEOUT:
+            error = JobError(type="timeout", message="the job reached its deadline while running")
+            self._store_final(job_id, lambda: self.store.fail(job_id, error, seconds, output=output, attempt=attempt))
+        else:
+            self._store_final(job_id, lambda: self.store.succeed(job_id, output, seconds, attempt=attempt))
+
+    def _store_final(self, job_id: str, write: Callable[[], Job | None]) -> None:
+        job = store_patiently(write, f"job {job_id}: storing the result", self.result_patience)
+        if job is None:
+            log.warning("job %s: not stored: it was finished or taken over elsewhere first", job_id)
+            return
+        output = job.output
+        log.info(
+            "job %s: %s, %d tokens (%s)",
+            job_id,
+            job.status.value,
+            output.generated_tokens if output else 0,
+            output.finish_reason.value if output and output.finish_reason else (job.error.type if job.error else "-"),
+        )
+        self._notify(job, "completed")
+
+    def _notify(self, job: Job, event: str) -> None:
+        if self.celery is not None and job.webhook and event in job.webhook_events:
+            try:
+                send_webhook(self.celery, job.id, event)
+            except Exception:  # a webhook never holds up or fails a job
+                log.warning("job %s: could not queue the %s webhook", job.id, event, exc_info=True)
+
+
+def store_patiently(write: Callable[[], T], what: str, patience: float) -> T:
+    """Run ``write``, retrying for up to ``patience`` seconds while Redis is unreachable (a restart, a
+    network blip): a finished job's result is not thrown away because Redis was down for a moment."""
+    delay, waited = 0.2, 0.0
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if waited >= patience:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+
+def _seconds_left(deadline: datetime | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, (deadline - utcnow()).total_seconds())
