@@ -133,6 +133,8 @@ def _stream(client: Client, job: dict[str, Any]) -> dict[str, Any]:
             if attempt:
                 sys.stdout.write("\n[the job restarted on another worker; its text starts over]\n")
             attempt = data["attempt"]
+        elif event == "restart" and data.get("attempt") == attempt:
+            sys.stdout.write("\n[the worker started the text over]\n")
         elif event == "token" and data.get("attempt", attempt) == attempt:
             sys.stdout.write(data["text"])
             sys.stdout.flush()

@@ -147,10 +147,13 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def start_worker(redis_url: str, model: str, log_path: Path, **env: str) -> Proc:
-    """``python -m worker --gpus none`` against ``redis_url``."""
-    return Proc([sys.executable, "-m", "worker", "--gpus", "none"], service_env(redis_url, model, **env),
-                log_path).start()
+WORKER_COMMAND = ("-m", "worker", "--gpus", "none")
+
+
+def start_worker(redis_url: str, model: str, log_path: Path, command: tuple[str, ...] = WORKER_COMMAND,
+                 **env: str) -> Proc:
+    """``python -m worker --gpus none`` (or another ``command``) against ``redis_url``."""
+    return Proc([sys.executable, *command], service_env(redis_url, model, **env), log_path).start()
 
 
 def start_web(redis_url: str, model: str, log_path: Path, port: int, **env: str) -> Proc:

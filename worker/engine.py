@@ -355,12 +355,11 @@ class Engine:
         except Exception as exc:
             if self._fatal(exc, seqs + (self.batch.seqs if self.batch else [])):
                 return
-            if len(seqs) > 1 and not _out_of_memory(exc):
-                new = self._prefill_apart(seqs, exc)  # find the request at fault; the others go on
-                if new is None:
-                    return
-            else:
-                self._recover(seqs, exc)  # out of memory: retry smaller, then fail alone
+            if _out_of_memory(exc):
+                self._recover(seqs, exc)  # retry smaller, then fail alone
+                return
+            new = self._prefill_apart(seqs, exc)  # find the request(s) at fault; the others go on
+            if new is None:
                 return
         if self.batch is None:
             self.batch = new
@@ -377,6 +376,9 @@ class Engine:
     def _prefill_apart(self, seqs: list[Sequence], exc: Exception) -> Batch | None:
         """A group's prefill raised (not out of memory): prefill each request alone, fail the ones that
         fail alone, and return the others as one batch (None when none is left)."""
+        if len(seqs) == 1:
+            seqs[0].finish(error=_row_error("reading the prompt", exc))
+            return None
         log.warning("prefill of %d requests raised %s: %s; trying each alone", len(seqs), type(exc).__name__, exc)
         batches = []
         for seq in seqs:

@@ -11,7 +11,16 @@ import pytest
 import requests
 
 from tests.conftest import ARTIFACTS
-from tests.support import Proc, RedisServer, free_port, live_workers, start_web, start_worker, wait_for
+from tests.support import (
+    WORKER_COMMAND,
+    Proc,
+    RedisServer,
+    free_port,
+    live_workers,
+    start_web,
+    start_worker,
+    wait_for,
+)
 
 
 @dataclass
@@ -38,9 +47,10 @@ class Stack:
         self.web = start_web(self.redis.url, self.model, self.logs / "web.log", self.port, **self.env)
         wait_for(lambda: _up(self.url), timeout=30, what="the web to answer /healthz")
 
-    def start_worker(self, wait: bool = True, model: str | None = None) -> Proc:
+    def start_worker(self, wait: bool = True, model: str | None = None, command: tuple[str, ...] = WORKER_COMMAND
+                     ) -> Proc:
         log = self.logs / f"worker-{len(self.workers)}.log"
-        worker = start_worker(self.redis.url, model or self.model, log, **self.env)
+        worker = start_worker(self.redis.url, model or self.model, log, command, **self.env)
         self.workers.append(worker)
         if wait:
             expected = sum(1 for w in self.workers if w.alive())
@@ -104,3 +114,26 @@ def slow_model_dir(tmp_path_factory) -> Path:
     from worker.tiny import build_tiny_bloom
 
     return build_tiny_bloom(tmp_path_factory.mktemp("models") / "slow-bloom", hidden_size=512, n_layer=8, n_head=8)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The tiny checkpoint, loaded here with from_pretrained, for direct generate() calls."""
+    return make_reference(tiny_model_dir)
+
+
+def make_reference(model_dir: Path):
+    """``generate(prompt, **kwargs) -> text``: greedy ``model.generate`` on the checkpoint, in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def generate(prompt: str, **kwargs) -> str:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, do_sample=False, **kwargs)
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    return generate

@@ -7,8 +7,6 @@ import re
 
 import pytest
 import requests
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support import csrf_token, wait_for_job
 
@@ -19,21 +17,6 @@ PROMPTS = [
     "def fibonacci(n):\n    a, b = 0, 1",
     "Il était une fois un petit chat",
 ]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """The same checkpoint, loaded here with from_pretrained, for direct generate() calls."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-
-    def generate(prompt: str, **kwargs) -> str:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            out = model.generate(ids, do_sample=False, **kwargs)
-        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-    return generate
 
 
 def test_jobs_succeed_with_text_equal_to_direct_generate(stack, reference):

@@ -78,6 +78,12 @@
       }
       setStatus(status.status);
     });
+    source.addEventListener("restart", (e) => {
+      // The worker started this attempt's text over (after running out of memory, say).
+      if (JSON.parse(e.data).attempt !== attempt) return;
+      text = "";
+      $("output").textContent = "";
+    });
     source.addEventListener("token", (e) => {
       const token = JSON.parse(e.data);
       if (token.attempt !== undefined && token.attempt !== attempt) return;  // a replaced attempt

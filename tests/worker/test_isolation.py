@@ -1,0 +1,228 @@
+"""A request that cannot be served fails alone: per-row faults in the engine, on a real tiny BLOOM.
+
+The hostile requests here are built with ``model_construct`` (no validation), as if the schema had let
+them through: the engine must still fail only them, and every other row must finish with the same text
+as ``model.generate`` without starting over.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs.schema import GenerateParameters
+from tests.worker.test_batching import PROMPTS, loaded, make_engine, params, reference  # noqa: F401
+from worker.engine import MAX_RESTARTS, DeviceFault, GenerationError
+
+NEW_TOKENS = 30
+
+# name: (fields, whether the request must fail; the others are odd but still servable)
+HOSTILE = {
+    "temperature rounding to 0 in float32": ({"do_sample": True, "temperature": 1e-45}, True),
+    "NaN repetition penalty": ({"repetition_penalty": float("nan")}, True),
+    "NaN temperature": ({"do_sample": True, "temperature": float("nan")}, True),
+    "top_k overflowing a long tensor": ({"do_sample": True, "top_k": 2**64}, True),
+    "negative top_p": ({"do_sample": True, "top_p": -1.0}, False),
+    "infinite repetition penalty": ({"repetition_penalty": float("inf")}, False),
+}
+
+
+def hostile(**fields) -> GenerateParameters:
+    return GenerateParameters.model_construct(max_new_tokens=NEW_TOKENS, stop=[], return_full_text=False, **fields)
+
+
+class Wrapped:
+    """A model wrapper that can inject faults; everything else goes to the real model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, attention_mask, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_row_fails_alone_and_its_batch_mates_finish_unchanged(loaded, case):
+    eng = make_engine(loaded, max_batch_size=8)
+    try:
+        ordinary = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
+        while eng.steps < 3:  # the ordinary rows are decoding when the hostile one joins
+            pass
+        fields, must_fail = HOSTILE[case]
+        bad = eng.submit(PROMPTS[4], hostile(**fields))
+        assert bad.done.wait(60)
+        if must_fail:
+            with pytest.raises(GenerationError, match="alone"):
+                eng.result(bad)
+        else:
+            assert eng.result(bad).output.generated_tokens >= 1
+        for seq, prompt in zip(ordinary, PROMPTS, strict=False):
+            assert seq.done.wait(60)
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
+            assert seq.restarts == 0  # never started over from its prompt
+        assert eng.generate("still serving", params(max_new_tokens=5)).output.generated_tokens == 5
+    finally:
+        eng.stop()
+
+
+def test_non_finite_scores_from_the_model_fail_only_that_row(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    victim_prompt = PROMPTS[1]
+
+    class NaNForOneRow(Wrapped):
+        def __call__(self, input_ids, attention_mask, **kwargs):
+            out = super().__call__(input_ids, attention_mask, **kwargs)
+            batch = eng.batch
+            if input_ids.shape[1] == 1 and batch is not None and len(batch) == input_ids.shape[0]:
+                for row, seq in enumerate(batch.seqs):
+                    if seq.prompt == victim_prompt and len(seq.tokens) >= 5:
+                        out.logits[row] = float("nan")
+            return out
+
+    eng.model = NaNForOneRow(eng.model)
+    try:
+        seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
+        for seq, prompt in zip(seqs, PROMPTS, strict=False):
+            assert seq.done.wait(60)
+            if prompt == victim_prompt:
+                with pytest.raises(GenerationError, match="not finite"):
+                    eng.result(seq)
+                continue
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
+            assert seq.restarts == 0
+    finally:
+        eng.stop()
+
+
+def test_a_decode_step_that_raises_is_probed_row_by_row_and_only_the_culprit_fails(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    culprit_prompt = PROMPTS[2]
+
+    class BadTensorForOneRow(Wrapped):
+        probes = 0
+
+        def __call__(self, input_ids, attention_mask, **kwargs):
+            batch = eng.batch
+            decoding = input_ids.shape[1] == 1 and batch is not None
+            culprit = [s for s in batch.seqs if s.prompt == culprit_prompt and len(s.tokens) >= 4] if decoding else []
+            if culprit:
+                if input_ids.shape[0] > 1:
+                    raise RuntimeError("index out of range in self (a bad tensor)")
+                # Probing row by row: the probes go through the batch's rows in order.
+                row, self.probes = self.probes, self.probes + 1
+                if batch.seqs[row] is culprit[0]:
+                    raise RuntimeError("index out of range in self (a bad tensor)")
+            return super().__call__(input_ids, attention_mask, **kwargs)
+
+    eng.model = BadTensorForOneRow(eng.model)
+    try:
+        seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
+        for seq, prompt in zip(seqs, PROMPTS, strict=False):
+            assert seq.done.wait(60)
+            if prompt == culprit_prompt:
+                with pytest.raises(GenerationError, match="bad tensor"):
+                    eng.result(seq)
+                continue
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
+            assert seq.restarts == 0
+    finally:
+        eng.stop()
+
+
+def test_a_failure_that_never_clears_ends_every_job_instead_of_retrying_forever(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+
+    class AlwaysBroken(Wrapped):
+        def __call__(self, input_ids, attention_mask, **kwargs):
+            if input_ids.shape[1] == 1:
+                raise RuntimeError("the step always fails")
+            return super().__call__(input_ids, attention_mask, **kwargs)
+
+    eng.model = AlwaysBroken(eng.model)
+    try:
+        seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
+        for seq in seqs:
+            assert seq.done.wait(120)
+            with pytest.raises(GenerationError):
+                eng.result(seq)
+            assert seq.restarts <= MAX_RESTARTS
+    finally:
+        eng.stop()
+
+
+def test_any_of_several_eos_ids_ends_generation(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    try:
+        ids = eng.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+        with torch.inference_mode():
+            free = eng.model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)[0, ids.shape[1] :].tolist()
+        stop_at = next(i for i, token in enumerate(free) if i >= 3 and token not in free[:i])
+        eng.eos_token_ids = frozenset([2, free[stop_at]])  # generation_config.eos_token_id given as a list
+        out = eng.generate(PROMPTS[0], params(max_new_tokens=NEW_TOKENS)).output
+        assert out.finish_reason.value == "eos_token"
+        assert out.generated_tokens == stop_at + 1
+    finally:
+        eng.stop()
+
+
+def test_list_eos_in_the_generation_config_is_read_as_a_set(loaded):
+    spec, model = loaded
+    saved = model.model.generation_config.eos_token_id
+    model.model.generation_config.eos_token_id = [2, 7]
+    try:
+        eng = make_engine(loaded)
+        assert eng.eos_token_ids == frozenset({2, 7})
+    finally:
+        model.model.generation_config.eos_token_id = saved
+
+
+def test_an_isolated_request_never_shares_a_step(loaded):
+    eng = make_engine(loaded, max_batch_size=8)
+    shared = []
+
+    class Watch(Wrapped):
+        def __call__(self, input_ids, attention_mask, **kwargs):
+            batch = eng.batch
+            if batch is not None and any(s.isolated for s in batch.seqs):
+                shared.append(input_ids.shape[0])
+            return super().__call__(input_ids, attention_mask, **kwargs)
+
+    eng.model = Watch(eng.model)
+    try:
+        first = eng.submit(PROMPTS[0], params(max_new_tokens=NEW_TOKENS))
+        suspect = eng.submit(PROMPTS[1], params(max_new_tokens=NEW_TOKENS), isolated=True)
+        later = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[2:4]]
+        for seq, prompt in zip([first, suspect, *later], PROMPTS, strict=False):
+            assert seq.done.wait(60)
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
+        assert shared and set(shared) == {1}
+    finally:
+        eng.stop()
+
+
+def test_a_fatal_device_error_hands_over_and_stops_the_engine(loaded):
+    faults = []
+    spec, model = loaded
+    from worker.engine import Engine, EngineConfig
+
+    eng = Engine(model, spec, EngineConfig(max_batch_size=8), on_fatal=faults.append)
+
+    class DeviceAssert(Wrapped):
+        def __call__(self, input_ids, attention_mask, **kwargs):
+            if input_ids.shape[1] == 1:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return super().__call__(input_ids, attention_mask, **kwargs)
+
+    eng.model = DeviceAssert(eng.model)
+    try:
+        eng.submit(PROMPTS[0], params(max_new_tokens=NEW_TOKENS))
+        eng._thread.join(30)
+        assert not eng._thread.is_alive()
+        assert len(faults) == 1 and "device-side assert" in str(faults[0])
+        with pytest.raises(DeviceFault):
+            eng.submit(PROMPTS[1], params(max_new_tokens=5))
+    finally:
+        eng.stop()

@@ -1,0 +1,74 @@
+"""Property: nothing the request schema accepts can make a batch's token choice raise or give no valid
+token, whatever the scores (hypothesis over the whole accepted parameter space)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from jobs.schema import MAX_SEED, GenerateParameters
+from worker.sampling import RowSampling, TokenChooser
+
+VOCAB = 97
+floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+edges = st.sampled_from([0.0, 1e-300, 1e-45, 1e-6, 1e-4, 0.01, 0.5, 1.0, 2.0, 100.0, 1e300])
+
+
+def raw_parameters() -> st.SearchStrategy[dict]:
+    """Anything a client might send, valid or not; the schema decides what gets through."""
+    number = st.one_of(floats, edges)
+    fields = {
+        "do_sample": st.one_of(st.none(), st.booleans()),
+        "temperature": st.one_of(st.none(), number),
+        "top_k": st.one_of(st.none(), st.integers(min_value=-5, max_value=2**70)),
+        "top_p": st.one_of(st.none(), number),
+        "typical_p": st.one_of(st.none(), number),
+        "repetition_penalty": st.one_of(st.none(), number),
+        "seed": st.one_of(st.none(), st.integers(min_value=0, max_value=MAX_SEED + 5)),
+    }
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+def accepted(raw: dict) -> GenerateParameters:
+    try:
+        return GenerateParameters.model_validate({**raw, "max_new_tokens": 4}).normalised(4)
+    except ValidationError:
+        assume(False)
+        raise AssertionError("unreachable")
+
+
+scores = st.lists(
+    st.one_of(st.floats(min_value=-1e4, max_value=1e4, width=32), st.sampled_from([-1e4, 0.0, 1e4])),
+    min_size=VOCAB,
+    max_size=VOCAB,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(rows=st.lists(raw_parameters(), min_size=1, max_size=4), logits=st.lists(scores, min_size=4, max_size=4),
+       seen_ids=st.lists(st.integers(min_value=0, max_value=VOCAB - 1), max_size=20))
+def test_no_accepted_parameters_make_token_choice_raise(rows, logits, seen_ids):
+    params = [accepted(raw) for raw in rows]
+    chooser = TokenChooser([RowSampling.from_parameters(p) for p in params], torch.device("cpu"))
+    batch_logits = torch.tensor(logits[: len(params)], dtype=torch.float32)
+    seen = torch.zeros((len(params), VOCAB), dtype=torch.bool)
+    seen[:, seen_ids] = True
+    for _ in range(3):  # several steps: the row generators move on
+        tokens, invalid = chooser.choose(batch_logits, seen)
+        assert not invalid.any(), [p.model_dump() for p in params]
+        assert ((tokens >= 0) & (tokens < VOCAB)).all()
+
+
+@given(raw=raw_parameters())
+def test_every_accepted_number_is_finite_and_inside_its_documented_bounds(raw):
+    try:
+        params = GenerateParameters.model_validate({**raw, "max_new_tokens": 4})
+    except ValidationError:
+        return
+    for name in ("temperature", "top_p", "typical_p", "repetition_penalty"):
+        value = getattr(params, name)
+        assert value is None or (value == value and abs(value) != float("inf"))
+    assert params.temperature is None or params.temperature == 0 or 1e-4 <= params.temperature <= 100
+    assert params.top_k is None or 1 <= params.top_k <= 250_880
