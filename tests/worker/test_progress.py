@@ -1,0 +1,91 @@
+"""The progress publisher: token events, partial outputs, restarts and the store's stop signals (real Redis)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from jobs.schema import GenerateParameters, Job, new_job_id
+from jobs.store import JobStore
+from worker.progress import ProgressPublisher
+
+
+@dataclass
+class Seq:
+    """What the publisher reads of a sequence."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    restarts: int = 0
+    error: Exception | None = None
+    sampling: object = field(default_factory=lambda: type("S", (), {"seed": None})())
+
+
+class Engine:
+    def partial_text(self, seq: Seq) -> str:
+        return seq.text
+
+
+def _running(store: JobStore) -> Job:
+    job = Job(id=new_job_id(), model="tiny", inputs="hi", parameters=GenerateParameters(max_new_tokens=9))
+    store.create(job)
+    return store.start(job.id, "w", "w:1")
+
+
+def _events(store: JobStore, job_id: str) -> list[tuple[str, dict]]:
+    return [(event, json.loads(data)) for _, event, data in store.read_events(job_id, "0-0", block_ms=10)]
+
+
+def test_new_text_is_streamed_once_as_it_grows_and_flushed_on_forget(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _running(store)
+    seq = Seq()
+    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None)
+    publisher.follow(job.id, seq, job.attempts)
+    seq.text, seq.tokens = "Hel", [1, 2]
+    publisher.tick()
+    publisher.tick()  # nothing new: nothing sent
+    seq.text, seq.tokens = "Hello", [1, 2, 3]
+    publisher.tick()
+    seq.text, seq.tokens = "Hello there", [1, 2, 3, 4, 5]
+    publisher.forget(job.id)  # the final text, before the result is stored
+    tokens = [data for event, data in _events(store, job.id) if event == "token"]
+    assert [t["text"] for t in tokens] == ["Hel", "lo", " there"]
+    assert [t["index"] for t in tokens] == [2, 3, 5] and {t["attempt"] for t in tokens} == {1}
+
+
+def test_a_restart_is_announced_and_the_text_resumes_from_its_beginning(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _running(store)
+    seq = Seq()
+    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None)
+    publisher.follow(job.id, seq, job.attempts)
+    seq.text, seq.tokens = "Hello", [1, 2, 3]
+    publisher.tick()
+    seq.restarts, seq.text, seq.tokens = 1, "He", [1]  # the engine started the sequence over
+    publisher.tick()
+    seq.text, seq.tokens = "Hello!", [1, 2, 3, 4]
+    publisher.tick()
+    events = [(event, data.get("text")) for event, data in _events(store, job.id) if event in ("token", "restart")]
+    assert events == [("token", "Hello"), ("restart", None), ("token", "He"), ("token", "llo!")]
+
+
+def test_partial_output_reaches_the_record_and_cancels_and_takeovers_are_reported(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _running(store)
+    other = _running(store)
+    cancelled, superseded = [], []
+    publisher = ProgressPublisher(store, Engine(), on_cancel=cancelled.append, on_superseded=superseded.append)
+    seq, other_seq = Seq("par", [1]), Seq("x", [1])
+    publisher.follow(job.id, seq, job.attempts)
+    publisher.follow(other.id, other_seq, other.attempts)
+    for followed in publisher._followed.values():
+        followed.last_progress = 0.0  # due for a partial-output write
+    publisher.tick()
+    assert store.get(job.id).output.generated_text == "par"
+    store.cancel(job.id)
+    store.requeue_if_orphaned(other.id, set())  # taken from this attempt
+    seq.text = "part"
+    other_seq.text = "xy"
+    publisher.tick()
+    assert cancelled == [job.id] and superseded == [other.id]
