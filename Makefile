@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench chaos redis-server chromium wrk clean
+.PHONY: install run test tiny bench bench-watchers chaos redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ tiny: install
 # Benchmarks print tables and append them to bench/RESULTS.md; they never run in CI.
 bench: install redis-server wrk
 	$(PY) bench/throughput.py $(BENCH_ARGS)
+
+# 1000 event streams and 200 long polls on running jobs: gevent (as configured) against the old gthread pool.
+bench-watchers: install redis-server
+	$(PY) bench/watchers.py $(BENCH_ARGS)
 
 # N = 1000 jobs while the worker is killed several times and Redis restarts once.
 chaos: install redis-server

@@ -1,12 +1,40 @@
 """gunicorn settings for the web process: ``gunicorn -c config/gunicorn.conf.py 'web:create_app()'``."""
 
 import os
+import resource
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip() or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SystemExit(f"{name}={raw!r} is not valid: must be a positive integer")
+    return value
+
 
 bind = f"{os.environ.get('BLOOMQ_HOST', '127.0.0.1')}:{os.environ.get('BLOOMQ_PORT', '5000')}"
-# Requests are short (store + queue, or a read), so a few threaded workers go a long way.
-workers = int(os.environ.get("BLOOMQ_WEB_WORKERS", "2"))
-# A long poll (GET /api/v1/jobs/<id>?wait=N) holds a thread while it waits, hence more than a few.
-threads = int(os.environ.get("BLOOMQ_WEB_THREADS", "8"))
-worker_class = "gthread"
+workers = _positive_int("BLOOMQ_WEB_WORKERS", 2)
+# Most of the web's time is spent waiting: an event stream (up to BLOOMQ_STREAM_MAX_SECONDS) or a long
+# poll (up to 60 s) sits in a blocking Redis read. With gevent each request is a greenlet, and the worker
+# monkey-patches sockets before the app is imported, so redis-py's blocking XREAD / pub-sub reads (and
+# Celery's producer) yield to the other greenlets: a waiting client is a parked greenlet of a few KiB, not
+# an OS thread, and one process holds thousands of them. A thread pool (gthread) ran out at 2 x 8.
+worker_class = "gevent"
+# Open connections one worker process serves at once (streams, long polls and ordinary requests).
+# Keep it above BLOOMQ_MAX_WATCHERS, so ordinary requests still get in when watchers are at their cap.
+worker_connections = _positive_int("BLOOMQ_WEB_CONNECTIONS", 2000)
+# The gevent worker reports to the arbiter from its own loop (once a second), not from a request, so a
+# stream longer than this is not cut; only a worker whose loop is stuck this long is restarted.
 timeout = 60
 accesslog = "-"
+
+# Each watcher holds two descriptors (the client's socket and a Redis connection): raise the soft limit
+# as far as the hard limit allows, before the workers fork, so they inherit it.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+_wanted = 2 * worker_connections + 256
+if _soft != resource.RLIM_INFINITY and _soft < _wanted:
+    _limit = _wanted if _hard == resource.RLIM_INFINITY else min(_wanted, _hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(_soft, _limit), _hard))

@@ -20,6 +20,7 @@ from web.auth import csrf, init_auth
 from web.errors import register_error_handlers
 from web.limits import limiter
 from web.service import JobService
+from web.watchers import WatcherSlots
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -28,6 +29,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings.log_level, settings.log_format, "web")
     app = Flask(__name__)
     client = connect(settings.redis_url)
+    # Every waiting watcher holds a Redis connection (a blocking XREAD, or a pub/sub subscription), and
+    # redis-py's pool refuses more than 100 by default. Concurrency is bounded where it is configured
+    # (BLOOMQ_MAX_WATCHERS, gunicorn's worker_connections), so the pool does not cap it a second time.
+    client.connection_pool.max_connections = 2**31
     app.config["SECRET_KEY"] = settings.secret_key or shared_secret_key(client)
     app.json.sort_keys = False  # keep the resource's documented field order
     app.json.ensure_ascii = False  # prompts and outputs in any script stay readable
@@ -43,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         celery=make_celery(settings),
     )
     app.extensions["bloomq"] = service
+    app.extensions["bloomq.watchers"] = WatcherSlots(client, settings.max_watchers_per_key, settings.max_watchers)
 
     from web.api import api
     from web.views import views

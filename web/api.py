@@ -19,10 +19,11 @@ from jobs.schema import Job, JobRequest
 from jobs.store import CancelOutcome
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, validation_error
-from web.limits import limit_submissions
+from web.limits import limit_submissions, who
 from web.metrics import render_metrics
 from web.openapi import build_openapi
 from web.service import JobService
+from web.watchers import Watch, WatcherSlots
 
 PREFIX = "/api/v1"
 
@@ -47,7 +48,10 @@ def read_json_object() -> dict[str, Any]:
         raise ApiError(413, "payload_too_large", f"the body is over the limit of {limit} bytes")
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # Python's JSON reader recurses once per nesting level
+        raise ApiError(400, "bad_request", "the body is nested too deeply to be a job request") from None
     if body is None:
         raise ApiError(400, "bad_request", "the body is not valid JSON")
     if not isinstance(body, dict):
@@ -87,8 +91,17 @@ def get_job(job_id: str) -> Response:
     _require_uuid(job_id)
     wait = _wait_seconds(request.args.get("wait"))
     svc = service()
-    job = svc.get(job_id, current_owner()) if wait == 0 else svc.wait(job_id, wait, current_owner())
+    if wait == 0:
+        return jsonify(job_resource(svc.get(job_id, current_owner())))
+    with watch(wait):
+        job = svc.wait(job_id, wait, current_owner())
     return jsonify(job_resource(job))
+
+
+def watch(seconds: float) -> Watch:
+    """A watcher slot for this client, held while a long poll or stream waits (429/503 when full)."""
+    slots: WatcherSlots = current_app.extensions["bloomq.watchers"]
+    return slots.acquire(who(), seconds)
 
 
 def _wait_seconds(raw: str | None) -> float:
@@ -136,12 +149,15 @@ def job_events(job_id: str) -> Response:
         raise ApiError(422, "validation_error", "Last-Event-ID is not an event id of this stream",
                        [{"name": "Last-Event-ID", "message": "expected an id like 1700000000000-0"}])
     max_seconds = svc.settings.stream_max_seconds
+    # Held until the response is closed: at its end, or when a write finds the client gone (within one
+    # keep-alive), since the WSGI server closes the response either way.
+    slot = watch(max_seconds + KEEPALIVE_SECONDS)
 
     def generate() -> Iterator[str]:
         yield "retry: 1000\n\n"
         cursor, ends = after, time.monotonic() + max_seconds
         while time.monotonic() < ends:
-            events = svc.store.read_events(job_id, cursor, block_ms=5000)
+            events = svc.store.read_events(job_id, cursor, block_ms=int(KEEPALIVE_SECONDS * 1000))
             if not events:
                 yield ": keep-alive\n\n"
                 continue
@@ -152,11 +168,18 @@ def job_events(job_id: str) -> Response:
                 yield f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
                 if event == "done":
                     return
-        # Close long streams so no server thread is held forever; EventSource reconnects with
+        # Close long streams so no watcher slot is held forever; EventSource reconnects with
         # Last-Event-ID and picks up where this left off.
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
+    response = Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
+    response.call_on_close(slot.release)
+    return response
+
+
+# An idle stream sends a comment this often: it keeps proxies from timing the stream out, and the write
+# is how a client that went away is noticed (and its slot released).
+KEEPALIVE_SECONDS = 5
 
 
 @api.get(f"{PREFIX}/models")

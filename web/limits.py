@@ -7,8 +7,8 @@ from flask import current_app, g, request
 from flask_limiter import Limiter
 
 
-def _who() -> str:
-    """The API key's owner id, or the client address when auth is off."""
+def who() -> str:
+    """The API key's owner id, or the client address when auth is off: whom per-key limits count."""
     return g.get("owner") or request.remote_addr or "unknown"
 
 
@@ -20,5 +20,5 @@ def _limits_off() -> bool:
     return not current_app.extensions["bloomq"].settings.rate_limit
 
 
-limiter = Limiter(key_func=_who, headers_enabled=True)
+limiter = Limiter(key_func=who, headers_enabled=True)
 limit_submissions = limiter.limit(_submission_limit, exempt_when=_limits_off)

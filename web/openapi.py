@@ -125,7 +125,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "parameters": [JOB_ID, {"name": "wait", "in": "query", "required": False,
                                             "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
                     "responses": {"200": {"description": "The job", **_json("JobResource")},
-                                  **_errors(404, 422, 503)},
+                                  **_errors(404, 422, 429, 503)},
                 }
             },
             f"{jobs}/{{job_id}}/cancel": {
@@ -148,7 +148,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                                             "schema": {"type": "string", "pattern": "^[0-9]{1,19}-[0-9]{1,19}$"}}],
                     "responses": {"200": {"description": "The event stream",
                                           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                                  **_errors(404, 422, 503)},
+                                  **_errors(404, 422, 429, 503)},
                 }
             },
             "/api/v1/models": {"get": {"operationId": "listModels", "summary": "Configured models",
