@@ -168,3 +168,43 @@ def test_orphaned_running_job_is_requeued_and_the_dead_attempts_result_refused(r
     assert store.succeed(job.id, mine, 0.1, attempt=second.attempts).output.generated_text == "from b"
     assert store.get(job.id).output.generated_text == "from b"
     assert store.running_jobs() == []
+
+
+def test_a_running_job_is_taken_over_only_when_its_owner_is_dead(redis_client):
+    from jobs.workers import WorkerDirectory, WorkerInfo
+
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    store.start(job.id, "a", "a:1")
+    owner = WorkerInfo(name="a", instance="a:1", model="tiny", host="h", device="cpu", dtype="float32", pid=1)
+    directory = WorkerDirectory(redis_client)
+    directory.announce(owner, ttl_seconds=30)
+    assert store.start(job.id, "b", "b:2") is None  # a second delivery while its owner lives: refused
+    assert store.get(job.id).worker_instance == "a:1" and store.get(job.id).attempts == 1
+    directory.withdraw("a:1")
+    taken = store.start(job.id, "b", "b:2")
+    assert taken.worker_instance == "b:2" and taken.attempts == 2
+
+
+def test_an_idempotency_key_is_bound_with_the_job_in_one_transaction(redis_client):
+    store = JobStore(redis_client, 100)
+    first, second = _job(), _job()
+    assert store.create(first, ("idem:k", '{"job_id": "%s"}' % first.id)) is None
+    earlier = store.create(second, ("idem:k", '{"job_id": "%s"}' % second.id))
+    assert json.loads(earlier)["job_id"] == first.id  # the key already made a job: nothing written
+    assert store.get(second.id) is None and store.get(first.id) is not None
+
+
+def test_a_device_fault_requeues_the_job_and_the_second_fails_it_as_poison(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    first = store.start(job.id, "a", "a:1")
+    assert store.record_device_fault(job.id, first.attempts + 1, "stale attempt") is None
+    requeued = store.record_device_fault(job.id, first.attempts, "CUDA error: an illegal memory access")
+    assert requeued.status is JobStatus.QUEUED and requeued.device_faults == 1
+    second = store.start(job.id, "b", "b:2")
+    poisoned = store.record_device_fault(job.id, second.attempts, "CUDA error: device-side assert triggered")
+    assert poisoned.status is JobStatus.FAILED and poisoned.error.type == "poison_job"
+    assert "device-side assert" in poisoned.error.message and store.running_jobs() == []

@@ -195,3 +195,36 @@ def test_bad_wait_is_a_422_naming_it(client, wait):
     job = _submit(client, {"inputs": "Hello"}).get_json()
     response = client.get(f"/api/v1/jobs/{job['id']}?wait={wait}")
     assert response.status_code == 422 and response.get_json()["error"]["fields"][0]["name"] == "wait"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"inputs": "a", "parameters": {"temperature": Infinity}}', "parameters.temperature"),
+        ('{"inputs": "a", "parameters": {"top_p": NaN}}', "parameters.top_p"),
+        ('{"inputs": "a", "parameters": {"repetition_penalty": -Infinity}}', "parameters.repetition_penalty"),
+        ('{"inputs": "a", "timeout": NaN}', "timeout"),
+        ('{"inputs": "a", "parameters": {"temperature": 0.00001}}', "parameters.temperature"),
+        ('{"inputs": "a", "parameters": {"top_k": 9223372036854775807}}', "parameters.top_k"),
+    ],
+)
+def test_non_finite_and_out_of_bounds_numbers_are_refused_never_stored(client, redis_client, raw, field):
+    response = client.post("/api/v1/jobs", data=raw, content_type="application/json")
+    assert response.status_code == 422
+    assert field in [f["name"] for f in response.get_json()["error"]["fields"]]
+    assert redis_client.llen("bloomq.tiny-bloom") == 0  # nothing queued
+
+
+def test_temperature_zero_is_still_greedy_and_the_bounds_themselves_are_accepted(client):
+    body = {"inputs": "a", "parameters": {"temperature": 0, "top_k": 250880, "top_p": 1e-6,
+                                          "repetition_penalty": 100}}
+    response = _submit(client, body)
+    assert response.status_code == 202
+    assert response.get_json()["parameters"]["do_sample"] is False
+
+
+def test_a_body_nested_thousands_deep_is_a_400_not_a_500(client):
+    raw = '{"inputs": "a", "parameters": ' + "[" * 5000 + "]" * 5000 + "}"
+    response = client.post("/api/v1/jobs", data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert "nested" in response.get_json()["error"]["message"]
