@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench bench-watchers chaos redis-server chromium wrk clean
+.PHONY: install run test tiny bench bench-watchers bench-burst chaos redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: install redis-server wrk
 # 1000 event streams and 200 long polls on running jobs: gevent (as configured) against the old gthread pool.
 bench-watchers: install redis-server
 	$(PY) bench/watchers.py $(BENCH_ARGS)
+
+# Bursts of 16 and 64 simultaneous submissions: how they start (spread, prefills, time to first token).
+bench-burst: install redis-server
+	$(PY) bench/burst.py $(BENCH_ARGS)
 
 # N = 1000 jobs while the worker is killed several times and Redis restarts once.
 chaos: install redis-server

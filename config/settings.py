@@ -115,7 +115,7 @@ class Settings:
     log_level: str = "INFO"
     max_batch_size: int = 32
     max_batch_total_tokens: int | None = None
-    batch_wait_ms: float = 0.0
+    batch_wait_ms: float = 5.0
     max_job_seconds: float = 3600.0
     webhook_secret: str = field(default="", repr=False)
     webhook_allow: tuple[str, ...] = ()

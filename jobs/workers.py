@@ -26,6 +26,7 @@ class WorkerInfo(BaseModel):
     devices: list[str] = Field(default_factory=list, description="GPU indexes this process sees (empty: CPU).")
     batch_capacity: int = Field(1, description="How many jobs this worker runs at once.")
     jobs_running: int = Field(0, description="Jobs in its batch or waiting in its engine, at the last heartbeat.")
+    prefills: int = Field(0, description="Prefill passes (groups of new jobs joining its batch) since it started.")
     memory_bytes: int = Field(0, description="Device memory in use (GPU), or resident memory (CPU).")
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow)

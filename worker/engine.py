@@ -35,6 +35,7 @@ CAP_RECOVERY_STEPS = 16  # successful decode steps per extra batch row, after an
 # Times a sequence is started over (after failures it shares with others: out of memory, a failed merge)
 # before it fails: enough for the halving retry to get from the largest batch down to one row.
 MAX_RESTARTS = 8
+BURST_WINDOWS = 10  # an idle engine waits for a burst at most this many quiet periods (BLOOMQ_BATCH_WAIT_MS)
 
 # Errors after which a CUDA context is unusable: every later call fails too, so the process must go.
 FATAL_DEVICE_MARKERS = (
@@ -159,6 +160,7 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and metrics)
+        self.prefills = 0  # prefill passes run: groups of new requests joining (for benchmarks and metrics)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         # Called (on the engine thread) when the device fails for good; the worker process then exits.
         self.on_fatal = on_fatal
@@ -341,15 +343,22 @@ class Engine:
             self._prefill(picked)
 
     def _wait_for_batch_to_fill(self) -> None:
-        """With an idle engine, give a burst of requests ``max_wait_seconds`` to arrive together."""
-        deadline = self._waiting[0].submitted_at + self.config.max_wait_seconds
+        """With an idle engine, let a burst of requests start together: wait until none has arrived for
+        ``max_wait_seconds`` (the burst is over), the batch is full, or ``BURST_WINDOWS`` such waits have
+        passed since the first one arrived (a steady trickle does not hold the first one back for long)."""
+        quiet = self.config.max_wait_seconds
+        if quiet <= 0:
+            return
+        limit = self._waiting[0].submitted_at + quiet * BURST_WINDOWS
         while len(self._waiting) < self._cap and not self._stopping.is_set():
-            left = deadline - time.perf_counter()
-            if left <= 0:
+            now = time.perf_counter()
+            until = min(self._waiting[-1].submitted_at + quiet, limit)
+            if until <= now:
                 return
-            self._cond.wait(timeout=left)
+            self._cond.wait(timeout=until - now)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        self.prefills += 1
         try:
             new = Batch.prefill(self.model, seqs, self.pad_token_id, self.vocab_size)
         except Exception as exc:

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     def current_info() -> WorkerInfo:
         # Each heartbeat also hands the batch sizes of the steps since the last one to the shared metrics.
         record_batch_sizes(client, spec.name, engine.take_batch_sizes())
-        return info.model_copy(update={"jobs_running": engine.load, "memory_bytes": engine.memory_in_use()})
+        return info.model_copy(update={"jobs_running": engine.load, "prefills": engine.prefills,
+                                       "memory_bytes": engine.memory_in_use()})
 
     heartbeat = Heartbeat(directory, current_info, settings.heartbeat_seconds)
     background = [
