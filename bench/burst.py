@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.throughput import _up, machine, pct, seconds_between  # noqa: E402
+from bench.throughput import _up, machine, pct, report, seconds_between  # noqa: E402
 from jobs.store import job_stream_key  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
@@ -147,11 +147,7 @@ def main() -> int:
     finally:
         web.stop()
         redis_server.stop()
-    table = render(args, rows)
-    print(table)
-    if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as out:
-            out.write(table + "\n")
+    report(render(args, rows), record=not args.no_record)
     return 0
 
 

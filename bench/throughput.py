@@ -312,12 +312,16 @@ def main() -> int:
     print(f"(c) transformers generate, static batches of {args.batch_size} ...", flush=True)
     results["c"] = run_static_generate(model_dir, jobs, args.batch_size)
 
-    table = render(args, results, overhead, intake)
+    report(render(args, results, overhead, intake), record=not args.no_record)
+    return 0
+
+
+def report(table: str, record: bool = True) -> None:
+    """Print a results table and (unless told not to) append it to bench/RESULTS.md."""
     print(table)
-    if not args.no_record:
+    if record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as out:
             out.write(table + "\n")
-    return 0
 
 
 def _up(base: str) -> bool:

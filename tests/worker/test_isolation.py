@@ -44,6 +44,22 @@ class Wrapped:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
+def only_one_fails(eng, culprit_prompt: str, error: str) -> None:
+    """Run four jobs together: the culprit's fails with ``error``; the others match generate, never restarted."""
+    try:
+        seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
+        for seq, prompt in zip(seqs, PROMPTS, strict=False):
+            assert seq.done.wait(60)
+            if prompt == culprit_prompt:
+                with pytest.raises(GenerationError, match=error):
+                    eng.result(seq)
+                continue
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
+            assert seq.restarts == 0
+    finally:
+        eng.stop()
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_a_hostile_row_fails_alone_and_its_batch_mates_finish_unchanged(loaded, case):
     eng = make_engine(loaded, max_batch_size=8)
@@ -83,18 +99,7 @@ def test_non_finite_scores_from_the_model_fail_only_that_row(loaded):
             return out
 
     eng.model = NaNForOneRow(eng.model)
-    try:
-        seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
-        for seq, prompt in zip(seqs, PROMPTS, strict=False):
-            assert seq.done.wait(60)
-            if prompt == victim_prompt:
-                with pytest.raises(GenerationError, match="not finite"):
-                    eng.result(seq)
-                continue
-            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
-            assert seq.restarts == 0
-    finally:
-        eng.stop()
+    only_one_fails(eng, victim_prompt, "not finite")
 
 
 def test_a_decode_step_that_raises_is_probed_row_by_row_and_only_the_culprit_fails(loaded):
@@ -118,18 +123,7 @@ def test_a_decode_step_that_raises_is_probed_row_by_row_and_only_the_culprit_fai
             return super().__call__(input_ids, attention_mask, **kwargs)
 
     eng.model = BadTensorForOneRow(eng.model)
-    try:
-        seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
-        for seq, prompt in zip(seqs, PROMPTS, strict=False):
-            assert seq.done.wait(60)
-            if prompt == culprit_prompt:
-                with pytest.raises(GenerationError, match="bad tensor"):
-                    eng.result(seq)
-                continue
-            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=NEW_TOKENS)
-            assert seq.restarts == 0
-    finally:
-        eng.stop()
+    only_one_fails(eng, culprit_prompt, "bad tensor")
 
 
 def test_a_failure_that_never_clears_ends_every_job_instead_of_retrying_forever(loaded):
