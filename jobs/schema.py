@@ -19,6 +19,7 @@ MAX_TOP_K = 250_880  # BLOOM's vocabulary; a top_k at or over a model's vocabula
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
 MIN_PROBABILITY_MASS = 1e-6  # top_p and typical_p below this would round to 0 in float32
+MAX_TOP_N_TOKENS = 5  # alternatives reported per generated token (as TGI and OpenAI allow)
 API_JOBS_PATH = "/api/v1/jobs"  # where the web serves job resources
 PAGE_JOBS_PATH = "/jobs"  # where the web serves job pages
 
@@ -97,6 +98,13 @@ class GenerateParameters(BaseModel):
         default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation (not returned)."
     )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+    details: bool = Field(False, description="Report every generated token: id, text and log-probability.")
+    top_n_tokens: int | None = Field(
+        None, ge=0, le=MAX_TOP_N_TOKENS, description="With details: the n most likely tokens at each step too."
+    )
+    decoder_input_details: bool = Field(
+        False, description="With details: the prompt's tokens and their log-probabilities too."
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -144,6 +152,23 @@ class JobRequest(BaseModel):
     )
 
 
+class TokenDetail(BaseModel):
+    """One token with its log-probability under the model (before any sampling transform)."""
+
+    id: int
+    text: str
+    logprob: float | None = Field(None, description="Natural log; null for a prompt's first token.")
+    special: bool = False
+
+
+class GenerationDetails(BaseModel):
+    """Per-token details, for jobs that ask (``parameters.details``)."""
+
+    prefill: list[TokenDetail] = Field(default_factory=list, description="With decoder_input_details.")
+    tokens: list[TokenDetail] = Field(default_factory=list)
+    top_tokens: list[list[TokenDetail]] | None = Field(None, description="With top_n_tokens: per step, best first.")
+
+
 class JobOutput(BaseModel):
     """What a finished (or running) job has produced."""
 
@@ -151,6 +176,8 @@ class JobOutput(BaseModel):
     generated_tokens: int
     finish_reason: FinishReason | None = None
     seed: int | None = None
+    prompt_tokens: int | None = None
+    details: GenerationDetails | None = None
 
 
 class JobError(BaseModel):

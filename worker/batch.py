@@ -29,6 +29,24 @@ from worker.kvcache import growing_cache, with_room
 from worker.sampling import RowSampling, TokenChooser
 
 
+@dataclass(frozen=True)
+class StepDetail:
+    """A row's chosen token's log-probability in one step, and the most likely tokens (best first)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Choice:
+    """What one step chose: a token per row, the rows that could not choose (and why), and details for
+    the rows that asked."""
+
+    tokens: list[int]
+    errors: dict[int, Exception]
+    details: dict[int, StepDetail]
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request's whole state: prompt, parameters, tokens so far, and how to hand back the result."""
@@ -42,6 +60,9 @@ class Sequence:
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # with params.details: each new token's log-probability
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.top_n_tokens
+    prefill_logprobs: list[float | None] = field(default_factory=list)  # with params.decoder_input_details
     text: str = ""
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
@@ -67,9 +88,27 @@ class Sequence:
         """Forget progress (the sequence will be prefilled again), reseeding its random stream."""
         self.restarts += 1
         self.tokens = []
+        self.logprobs = []
+        self.top_tokens = []
         self.text = ""
         self.finish_reason = None
         self.generator = self.sampling.generator(device)
+
+    def record(self, token: int, detail: StepDetail | None) -> None:
+        """Append the token chosen in a step, with its details when the request asked for them."""
+        self.tokens.append(token)
+        if detail is not None:
+            self.logprobs.append(detail.logprob)
+            if self.params.top_n_tokens:
+                self.top_tokens.append(detail.top[: self.params.top_n_tokens])
+
+    def unrecord(self) -> None:
+        """Take back the last token (the job ended before it)."""
+        self.tokens.pop()
+        if len(self.logprobs) > len(self.tokens):
+            self.logprobs.pop()
+        if len(self.top_tokens) > len(self.tokens):
+            self.top_tokens.pop()
 
     def finish(self, reason: FinishReason | None = None, error: BaseException | None = None) -> None:
         """Mark the sequence done and wake whoever waits for it (only the first call counts)."""
@@ -98,6 +137,10 @@ class Batch:
         self.logits = logits  # [B, V] float32: scores for each row's next token
         self.seen = seen  # [B, V] bool: tokens present in each row (repetition penalty)
         self.chooser = TokenChooser([s.sampling for s in seqs], logits.device, [s.generator for s in seqs])
+        # Rows that asked for token details: only they pay for a log-softmax over the vocabulary.
+        detail_rows = [row for row, seq in enumerate(seqs) if seq.params.details]
+        self._detail_rows = torch.tensor(detail_rows, dtype=torch.long, device=logits.device) if detail_rows else None
+        self._top_n = max((seq.params.top_n_tokens or 0 for seq in seqs), default=0)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -121,13 +164,19 @@ class Batch:
         now = time.perf_counter()
         for seq in seqs:
             seq.started_at = seq.started_at or now  # model time includes the prefill
+        # Prompt log-probabilities need the scores at every prompt position: only then all logits are kept.
+        prompt_details = any(seq.params.decoder_input_details for seq in seqs)
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             cache=growing_cache(model.config),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if prompt_details else 1,
         )
+        if prompt_details:
+            for row, seq in enumerate(seqs):
+                if seq.params.decoder_input_details:
+                    seq.prefill_logprobs = _prompt_logprobs(out.logits[row], seq.prompt_ids, width)
         seen = torch.zeros((len(seqs), vocab_size), dtype=torch.bool, device=device)
         # Padding columns scatter into the pad id's slot with a 0 count, so they mark nothing as seen.
         counts = torch.zeros((len(seqs), vocab_size), dtype=torch.long, device=device)
@@ -135,14 +184,15 @@ class Batch:
         seen |= counts > 0
         return cls(list(seqs), attention_mask, out.cache, out.logits[:, -1, :].float(), seen)
 
-    def choose(self) -> tuple[list[int], list[int]]:
-        """Pick every row's next token from the pending logits: (tokens, rows with no valid choice)."""
+    def choose(self, invalid_error: Exception) -> Choice:
+        """Pick every row's next token from the pending logits; rows with no valid distribution get
+        ``invalid_error``."""
         tokens, invalid = self.chooser.choose(self.logits, self.seen)
-        return self._chosen(tokens, invalid)
+        return self._chosen(tokens, invalid, {}, invalid_error)
 
-    def choose_rows_alone(self) -> tuple[list[int], dict[int, Exception]]:
-        """Pick each row's token on its own, after choosing for the whole batch raised: (tokens, the
-        rows whose choice raised or had no valid distribution, with why)."""
+    def choose_rows_alone(self, invalid_error: Exception) -> Choice:
+        """Pick each row's token on its own, after choosing for the whole batch raised; the rows whose
+        choice raises get that error."""
         device = self.logits.device
         tokens = torch.zeros(len(self.seqs), dtype=torch.long, device=device)
         invalid = torch.zeros(len(self.seqs), dtype=torch.bool, device=device)
@@ -156,17 +206,32 @@ class Batch:
                 invalid[row] = True
                 continue
             tokens[row], invalid[row] = token[0], bad[0]
-        chosen, flagged = self._chosen(tokens, invalid)
-        for row in flagged:
-            errors.setdefault(row, ValueError("no valid next-token distribution"))
-        return chosen, errors
+        return self._chosen(tokens, invalid, errors, invalid_error)
 
-    def _chosen(self, tokens: torch.Tensor, invalid: torch.Tensor) -> tuple[list[int], list[int]]:
+    def _chosen(
+        self, tokens: torch.Tensor, invalid: torch.Tensor, errors: dict[int, Exception], invalid_error: Exception
+    ) -> Choice:
         self.seen[torch.arange(len(self.seqs), device=tokens.device), tokens] = True
         self._last = tokens
         # One transfer from the device for both answers.
         values, flags = torch.stack([tokens, invalid.long()]).tolist()
-        return values, [row for row, flag in enumerate(flags) if flag]
+        for row, flag in enumerate(flags):
+            if flag:
+                errors.setdefault(row, invalid_error)
+        return Choice(values, errors, self._details(tokens))
+
+    def _details(self, tokens: torch.Tensor) -> dict[int, StepDetail]:
+        """Log-probabilities (under the model's raw scores) of the chosen tokens, for the rows that ask."""
+        rows = self._detail_rows
+        if rows is None:
+            return {}
+        logprobs = self.logits.index_select(0, rows).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()
+        top: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if self._top_n:
+            values, ids = logprobs.topk(self._top_n, dim=-1)
+            top = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return {row: StepDetail(lp, t) for row, lp, t in zip(rows.tolist(), chosen, top, strict=True)}
 
     def forward(self, model: Any) -> None:
         """Feed the tokens just chosen; afterwards ``logits`` hold the scores for the next ones.
@@ -280,6 +345,21 @@ class Batch:
         width = max([self.length, *(s.prompt_len for s in extra)])
         remaining = max([*(s.remaining for s in self.seqs), *(s.max_new_tokens for s in extra)])
         return rows * (width + remaining)
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], width: int) -> list[float | None]:
+    """Each prompt token's log-probability given the tokens before it (None for the first).
+
+    ``logits``: [width, vocab] for one left-padded row; the prompt fills its last ``len(prompt_ids)``
+    columns. Done in chunks so the float32 copy stays small.
+    """
+    start = width - len(prompt_ids)
+    targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
+    values: list[float | None] = [None]
+    for offset in range(0, len(targets), 256):
+        scores = logits[start + offset : start + offset + 256][: len(targets) - offset].float().log_softmax(dim=-1)
+        values.extend(scores.gather(1, targets[offset : offset + 256].unsqueeze(1)).squeeze(1).tolist())
+    return values
 
 
 def peak_slots_alone(seqs: Seq[Sequence]) -> int:

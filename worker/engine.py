@@ -23,7 +23,7 @@ import torch
 
 from config.models import ModelSpec
 from jobs.lengths import LengthError, check_lengths
-from jobs.schema import FinishReason, GenerateParameters, JobOutput
+from jobs.schema import FinishReason, GenerateParameters, GenerationDetails, JobOutput, TokenDetail
 from worker.batch import Batch, Sequence, peak_slots_alone
 from worker.loading import LoadedModel
 from worker.sampling import RowSampling
@@ -151,6 +151,7 @@ class Engine:
         pad = self.model.generation_config.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self._special_ids = frozenset(self.tokenizer.all_special_ids)
         self.max_slots = self.config.max_batch_slots or default_slot_budget(self.model, self.device)
         self.batch: Batch | None = None
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -248,9 +249,26 @@ class Engine:
             generated_tokens=len(seq.tokens),
             finish_reason=seq.finish_reason,
             seed=seq.sampling.seed,
+            prompt_tokens=seq.prompt_len,
+            details=self._details(seq) if seq.params.details else None,
         )
         seconds = (seq.finished_at or time.perf_counter()) - (seq.started_at or seq.submitted_at)
         return GenerationResult(output, seq.prompt_len, seconds)
+
+    def token_detail(self, token: int, logprob: float | None) -> TokenDetail:
+        """A token as the details show it: its own text (special tokens included) and log-probability."""
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        return TokenDetail(id=token, text=text, logprob=logprob, special=token in self._special_ids)
+
+    def _details(self, seq: Sequence) -> GenerationDetails:
+        tokens = [self.token_detail(t, lp) for t, lp in zip(seq.tokens, seq.logprobs, strict=False)]
+        top = None
+        if seq.params.top_n_tokens:
+            top = [[self.token_detail(t, lp) for t, lp in step] for step in seq.top_tokens[: len(seq.tokens)]]
+        prefill = []
+        if seq.params.decoder_input_details:
+            prefill = [self.token_detail(t, lp) for t, lp in zip(seq.prompt_ids, seq.prefill_logprobs, strict=False)]
+        return GenerationDetails(prefill=prefill, tokens=tokens, top_tokens=top)
 
     def stop(self) -> None:
         """Stop the engine thread (requests still waiting are failed)."""
@@ -408,8 +426,7 @@ class Engine:
         assert batch is not None
         self.batch_sizes[len(batch)] += 1
         try:
-            tokens, invalid = batch.choose()
-            errors: dict[int, Exception] = {row: _NON_FINITE for row in invalid}
+            choice = batch.choose(_NON_FINITE)
         except Exception as exc:
             if self._fatal(exc, batch.seqs):
                 self.batch = None
@@ -420,13 +437,13 @@ class Engine:
                 return
             log.warning("choosing tokens for %d rows raised %s: %s; choosing row by row", len(batch),
                         type(exc).__name__, exc)
-            tokens, errors = batch.choose_rows_alone()
+            choice = batch.choose_rows_alone(_NON_FINITE)
         keep = []
-        for row, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
-            if row in errors:
-                seq.finish(error=_row_error(f"choosing new token {len(seq.tokens) + 1}", errors[row]))
+        for row, (seq, token) in enumerate(zip(batch.seqs, choice.tokens, strict=True)):
+            if row in choice.errors:
+                seq.finish(error=_row_error(f"choosing new token {len(seq.tokens) + 1}", choice.errors[row]))
                 continue
-            seq.tokens.append(token)
+            seq.record(token, choice.details.get(row))
             reason = self._finish_reason(seq, token)
             if reason is None:
                 keep.append(row)
@@ -551,7 +568,7 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         stopped = self._stop_reason(seq)
         if stopped is not None:
-            seq.tokens.pop()  # the token chosen in this step is not kept: the job ended before it
+            seq.unrecord()  # the token chosen in this step is not kept: the job ended before it
             return stopped
         if token in seq.eos_token_ids:
             return FinishReason.EOS_TOKEN

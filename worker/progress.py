@@ -82,6 +82,10 @@ class ProgressPublisher:
                 self.tick()
             except Exception:
                 log.warning("progress publishing failed; retrying", exc_info=True)
+            with self._lock:
+                if not self._followed:  # idle: the next follow() starts a new thread
+                    self._thread = None
+                    return
 
     def tick(self) -> None:
         """Publish what changed since the last tick (the thread calls this; tests may too)."""
