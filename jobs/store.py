@@ -78,6 +78,7 @@ class ProgressUpdate:
     output: JobOutput | None = None
     attempt: int = 0  # which attempt produced it: readers ignore reports of an attempt no longer current
     restarted: bool = False  # the engine started the text over (within the same attempt) since the last report
+    token_details: list[dict[str, Any]] | None = None  # the new tokens, one each, for jobs that asked for details
 
 
 @dataclass(frozen=True)
@@ -240,8 +241,10 @@ class JobStore:
         for update in updates:
             if update.restarted:
                 self._event(pipe, update.job_id, "restart", {"attempt": update.attempt})
-            if update.delta:
-                token = {"text": update.delta, "index": update.tokens, "attempt": update.attempt}
+            if update.delta or update.token_details:
+                token: dict[str, Any] = {"text": update.delta, "index": update.tokens, "attempt": update.attempt}
+                if update.token_details is not None:
+                    token["tokens"] = update.token_details
                 self._event(pipe, update.job_id, "token", token)
             if update.output is not None:
                 pipe.hset(job_key(update.job_id), _progress_field(update.attempt), update.output.model_dump_json())

@@ -26,6 +26,7 @@ class _Followed:
     seq: Sequence
     attempt: int
     sent: str = ""
+    sent_tokens: int = 0  # tokens already streamed one by one (jobs that asked for details)
     restarts: int = 0  # the sequence's restart count when its text was last sent
     last_progress: float = 0.0
 
@@ -68,7 +69,7 @@ class ProgressPublisher:
             followed = self._followed.pop(job_id, None)
             if followed is None or followed.seq.error is not None:
                 return
-            update = self._update(job_id, followed, followed.seq.text, None)
+            update = self._update(job_id, followed, followed.seq.text, None, final=True)
             if update is not None:
                 try:
                     self.store.publish_progress([update])
@@ -107,8 +108,11 @@ class ProgressPublisher:
                 if update.restarted:
                     followed.restarts = followed.seq.restarts
                     followed.sent = ""
+                    followed.sent_tokens = 0
                 if update.delta:
                     followed.sent = text
+                if update.token_details:
+                    followed.sent_tokens += len(update.token_details)
                 if update.output is not None:
                     followed.last_progress = now
         for job_id in reply.cancel:
@@ -116,14 +120,26 @@ class ProgressPublisher:
         for job_id in reply.superseded:
             self.on_superseded(job_id)
 
-    @staticmethod
-    def _update(job_id: str, followed: _Followed, text: str, output: JobOutput | None) -> ProgressUpdate | None:
+    def _update(
+        self, job_id: str, followed: _Followed, text: str, output: JobOutput | None, final: bool = False
+    ) -> ProgressUpdate | None:
         """The report for ``text``: only what extends the text already sent, or, when the engine started
-        the sequence over since, a restart followed by the new text from its beginning."""
-        restarted = followed.seq.restarts != followed.restarts
+        the sequence over since, a restart followed by the new text from its beginning. For a job that asked
+        for details, the new tokens one by one too (all of them once it is ``final``; while it runs, not the
+        last one, whose log-probability may not be recorded yet)."""
+        seq = followed.seq
+        restarted = seq.restarts != followed.restarts
         sent = "" if restarted else followed.sent
         delta = text[len(sent) :] if text.startswith(sent) else ""
-        if not (delta or restarted or output is not None):
+        details = None
+        if seq.params.details:
+            start = 0 if restarted else followed.sent_tokens
+            end = min(len(seq.tokens), len(seq.logprobs)) if final else min(len(seq.tokens), len(seq.logprobs)) - 1
+            details = [
+                self.engine.token_detail(seq.tokens[i], seq.logprobs[i]).model_dump() for i in range(start, max(start, end))
+            ]
+        if not (delta or restarted or output is not None or details):
             return None
-        tokens = len(followed.seq.tokens)
-        return ProgressUpdate(job_id, delta, tokens, output, attempt=followed.attempt, restarted=restarted)
+        tokens = len(seq.tokens)
+        return ProgressUpdate(job_id, delta, tokens, output, attempt=followed.attempt, restarted=restarted,
+                              token_details=details or None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from jobs.schema import GenerateParameters, Job, new_job_id
+from jobs.schema import GenerateParameters, Job, TokenDetail, new_job_id
 from jobs.store import JobStore
 from worker.progress import ProgressPublisher
 
@@ -17,6 +17,8 @@ class Seq:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     restarts: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    params: GenerateParameters = field(default_factory=lambda: GenerateParameters(max_new_tokens=9))
     error: Exception | None = None
     sampling: object = field(default_factory=lambda: type("S", (), {"seed": None})())
 
@@ -24,6 +26,9 @@ class Seq:
 class Engine:
     def partial_text(self, seq: Seq) -> str:
         return seq.text
+
+    def token_detail(self, token: int, logprob: float) -> TokenDetail:
+        return TokenDetail(id=token, text=f"<{token}>", logprob=logprob)
 
 
 def _running(store: JobStore) -> Job:
@@ -89,3 +94,17 @@ def test_partial_output_reaches_the_record_and_cancels_and_takeovers_are_reporte
     other_seq.text = "xy"
     publisher.tick()
     assert cancelled == [job.id] and superseded == [other.id]
+
+
+def test_a_job_that_asked_for_details_streams_every_token_once_with_its_logprob(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _running(store)
+    seq = Seq(params=GenerateParameters(max_new_tokens=9, details=True))
+    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None)
+    publisher.follow(job.id, seq, job.attempts)
+    seq.text, seq.tokens, seq.logprobs = "ab", [5, 6], [-0.5, -0.25]
+    publisher.tick()  # the newest token waits: a stop may still take it back
+    seq.text, seq.tokens, seq.logprobs = "abc", [5, 6, 7], [-0.5, -0.25, -1.0]
+    publisher.forget(job.id)
+    streamed = [t for event, data in _events(store, job.id) if event == "token" for t in data.get("tokens", [])]
+    assert [(t["id"], t["logprob"]) for t in streamed] == [(5, -0.5), (6, -0.25), (7, -1.0)]
