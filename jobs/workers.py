@@ -19,6 +19,9 @@ class WorkerInfo(BaseModel):
     name: str = Field(description="Node name: model@host.devices")
     instance: str = Field(description="This process: name and pid. A restarted worker is a new instance.")
     model: str
+    source: str = Field("", description="Where it loaded the model from (hub id or directory).")
+    max_input_tokens: int = Field(0, description="The model's prompt limit (0: not announced).")
+    max_total_tokens: int = Field(0, description="The model's prompt + new tokens limit (0: not announced).")
     host: str
     device: str
     dtype: str

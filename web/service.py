@@ -163,13 +163,11 @@ class JobService:
         return job
 
     def models(self) -> list[dict[str, Any]]:
-        """Configured models (and any other model with live workers), with queue depth and live workers."""
+        """Configured models and every model a live worker serves, with queue depth and live workers."""
         live = self.directory.live()
         specs: dict[str, ModelSpec] = {spec.name: spec for spec in self.registry.configured}
         for worker in live:
-            spec = self.registry.get(worker.model)
-            if spec is not None:
-                specs.setdefault(spec.name, spec)
+            specs.setdefault(worker.model, self.registry.get(worker.model) or _announced_spec(worker))
         pipe = self.store.redis.pipeline(transaction=False)
         for spec in specs.values():
             pipe.llen(spec.queue)
@@ -200,10 +198,21 @@ class JobService:
             self._live_models_at = now
         return model in self._live_models
 
+    def spec_for(self, name: str) -> ModelSpec | None:
+        """The model a job may name ``name`` (short name or reference): a configured or preset model, or
+        one a live worker announces (a machine that joins with a new model needs no web restart)."""
+        spec = self.registry.get(name)
+        if spec is not None:
+            return spec
+        for worker in self.directory.live():
+            if name in (worker.model, worker.source):
+                return _announced_spec(worker)
+        return None
+
     def _model_for(self, name: str | None) -> ModelSpec:
         if name is None:
             return self.registry.default
-        spec = self.registry.get(name)
+        spec = self.spec_for(name)
         if spec is None:
             known = ", ".join(self.registry.names())
             raise ApiError(
@@ -213,6 +222,14 @@ class JobService:
                 [{"name": "model", "message": f"unknown model {name!r}; known models: {known}"}],
             )
         return spec
+
+
+def _announced_spec(worker: WorkerInfo) -> ModelSpec:
+    """A model known only from a live worker's announcement (its limits as the worker gives them)."""
+    limits = {}
+    if worker.max_input_tokens and worker.max_total_tokens:
+        limits = {"max_input_tokens": worker.max_input_tokens, "max_total_tokens": worker.max_total_tokens}
+    return ModelSpec(name=worker.model, source=worker.source or worker.model, **limits)
 
 
 def _field_error(name: str, message: str) -> ApiError:

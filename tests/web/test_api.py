@@ -228,3 +228,19 @@ def test_a_body_nested_thousands_deep_is_a_400_not_a_500(client):
     response = client.post("/api/v1/jobs", data=raw, content_type="application/json")
     assert response.status_code == 400
     assert "nested" in response.get_json()["error"]["message"]
+
+
+def test_a_model_announced_only_by_a_live_worker_is_listed_and_accepted(client, redis_client):
+    from jobs.workers import WorkerDirectory, WorkerInfo
+
+    info = WorkerInfo(name="newcomer@gpu-9.gpu0", instance="newcomer@gpu-9.gpu0:1", model="newcomer",
+                      source="/data/newcomer", max_input_tokens=100, max_total_tokens=300, host="gpu-9",
+                      device="cuda:0", dtype="bfloat16", pid=1)
+    WorkerDirectory(redis_client).announce(info, ttl_seconds=30)
+    models = {m["name"]: m for m in client.get("/api/v1/models").get_json()["models"]}
+    assert models["newcomer"]["workers"] == 1 and models["newcomer"]["max_total_tokens"] == 300
+    accepted = _submit(client, {"inputs": "hi", "model": "newcomer", "parameters": {"max_new_tokens": 5}})
+    assert accepted.status_code == 202 and accepted.get_json()["model"] == "newcomer"
+    over = _submit(client, {"inputs": "hi", "model": "newcomer", "parameters": {"max_new_tokens": 300}})
+    assert over.status_code == 422  # the announced limits apply
+    assert _submit(client, {"inputs": "hi", "model": "nobody-serves-this"}).status_code == 422
