@@ -98,6 +98,7 @@ class GenerateParameters(BaseModel):
         default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation (not returned)."
     )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+    truncate: int | None = Field(None, ge=1, description="Keep only the prompt's last n tokens.")
     details: bool = Field(False, description="Report every generated token: id, text and log-probability.")
     top_n_tokens: int | None = Field(
         None, ge=0, le=MAX_TOP_N_TOKENS, description="With details: the n most likely tokens at each step too."

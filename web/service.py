@@ -56,7 +56,10 @@ class JobService:
         spec = self._model_for(request.model)
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
         try:
-            check_lengths(spec, params, self.prompt_counter.count(spec, request.inputs))
+            counted = self.prompt_counter.count(spec, request.inputs)
+            if counted is not None and params.truncate is not None:
+                counted = min(counted, params.truncate)
+            check_lengths(spec, params, counted)
         except LengthError as exc:
             raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)

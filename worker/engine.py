@@ -280,6 +280,8 @@ class Engine:
 
     def _prepare(self, prompt: str, params: GenerateParameters) -> Sequence:
         prompt_ids = self.tokenizer(prompt).input_ids
+        if params.truncate is not None:
+            prompt_ids = prompt_ids[-params.truncate :]
         try:
             max_new = check_lengths(self.spec, params, len(prompt_ids))
         except LengthError as exc:

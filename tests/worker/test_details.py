@@ -48,3 +48,12 @@ def test_details_leave_the_text_unchanged(engine):
     with_details = engine.generate(PROMPTS[2], params(max_new_tokens=20, details=True)).output
     without = engine.generate(PROMPTS[2], params(max_new_tokens=20)).output
     assert with_details.generated_text == without.generated_text
+
+
+def test_truncate_keeps_only_the_prompts_last_tokens(engine):
+    long_prompt = " ".join(["word"] * 40) + " " + PROMPTS[0]
+    last = engine.tokenizer(long_prompt).input_ids[-6:]
+    truncated = engine.generate(long_prompt, params(max_new_tokens=10, truncate=6)).output
+    alone = engine.generate(engine.tokenizer.decode(last), params(max_new_tokens=10)).output
+    assert truncated.prompt_tokens == 6
+    assert truncated.generated_text == alone.generated_text
