@@ -18,10 +18,11 @@ def _positive_int(name: str, default: int) -> int:
 bind = f"{os.environ.get('BLOOMQ_HOST', '127.0.0.1')}:{os.environ.get('BLOOMQ_PORT', '5000')}"
 workers = _positive_int("BLOOMQ_WEB_WORKERS", 2)
 # Most of the web's time is spent waiting: an event stream (up to BLOOMQ_STREAM_MAX_SECONDS) or a long
-# poll (up to 60 s) sits in a blocking Redis read. With gevent each request is a greenlet, and the worker
-# monkey-patches sockets before the app is imported, so redis-py's blocking XREAD / pub-sub reads (and
-# Celery's producer) yield to the other greenlets: a waiting client is a parked greenlet of a few KiB, not
-# an OS thread, and one process holds thousands of them. A thread pool (gthread) ran out at 2 x 8.
+# poll (up to 60 s) waits on Redis. With gevent each request is a greenlet, and the worker monkey-patches
+# sockets and locks before the app is imported, so redis-py's blocking reads (a job feed's XREAD, a long
+# poll's pub/sub) and Celery's producer yield to the other greenlets: a waiting client is a parked
+# greenlet, not an OS thread, and one process holds thousands of them. A thread pool (gthread) ran out at
+# 2 x 8.
 worker_class = "gevent"
 # Open connections one worker process serves at once (streams, long polls and ordinary requests).
 # Keep it above BLOOMQ_MAX_WATCHERS, so ordinary requests still get in when watchers are at their cap.
@@ -31,8 +32,8 @@ worker_connections = _positive_int("BLOOMQ_WEB_CONNECTIONS", 2000)
 timeout = 60
 accesslog = "-"
 
-# Each watcher holds two descriptors (the client's socket and a Redis connection): raise the soft limit
-# as far as the hard limit allows, before the workers fork, so they inherit it.
+# A connection holds up to two descriptors (the client's socket, and a long poll's Redis subscription):
+# raise the soft limit as far as the hard limit allows, before the workers fork, so they inherit it.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 _wanted = 2 * worker_connections + 256
 if _soft != resource.RLIM_INFINITY and _soft < _wanted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from datetime import UTC, datetime
 from enum import Enum
@@ -133,6 +134,10 @@ class GenerateParameters(BaseModel):
         changes: dict[str, Any] = {"do_sample": self.sampling}
         if self.max_new_tokens is None and self.max_length is None:
             changes["max_new_tokens"] = default_max_new_tokens
+        if self.sampling and self.seed is None:
+            # Chosen now, not by the worker: a job that restarts (another worker, a retry) replays the same
+            # text, and the seed shows in the job's parameters.
+            changes["seed"] = secrets.randbits(63)
         return self.model_copy(update=changes)
 
 

@@ -18,6 +18,7 @@ from jobs.store import JobStore, connect
 from jobs.workers import WorkerDirectory
 from web.auth import csrf, init_auth
 from web.errors import register_error_handlers
+from web.feeds import JobFeeds
 from web.limits import limiter
 from web.service import JobService
 from web.watchers import WatcherSlots
@@ -29,7 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings.log_level, settings.log_format, "web")
     app = Flask(__name__)
     client = connect(settings.redis_url)
-    # Every waiting watcher holds a Redis connection (a blocking XREAD, or a pub/sub subscription), and
+    # Every long poll holds a Redis connection (its pub/sub subscription), as does each job feed, and
     # redis-py's pool refuses more than 100 by default. Concurrency is bounded where it is configured
     # (BLOOMQ_MAX_WATCHERS, gunicorn's worker_connections), so the pool does not cap it a second time.
     client.connection_pool.max_connections = 2**31
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions["bloomq"] = service
     app.extensions["bloomq.watchers"] = WatcherSlots(client, settings.max_watchers_per_key, settings.max_watchers)
+    app.extensions["bloomq.feeds"] = JobFeeds(service.store)
 
     from web.api import api
     from web.views import views

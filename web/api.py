@@ -19,6 +19,7 @@ from jobs.schema import Job, JobRequest
 from jobs.store import CancelOutcome
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, validation_error
+from web.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
 from web.limits import limit_submissions, who
 from web.metrics import render_metrics
 from web.openapi import build_openapi
@@ -153,23 +154,21 @@ def job_events(job_id: str) -> Response:
     # keep-alive), since the WSGI server closes the response either way.
     slot = watch(max_seconds + KEEPALIVE_SECONDS)
 
+    feeds: JobFeeds = current_app.extensions["bloomq.feeds"]
+
     def generate() -> Iterator[str]:
         yield "retry: 1000\n\n"
-        cursor, ends = after, time.monotonic() + max_seconds
-        while time.monotonic() < ends:
-            events = svc.store.read_events(job_id, cursor, block_ms=int(KEEPALIVE_SECONDS * 1000))
-            if not events:
-                yield ": keep-alive\n\n"
-                continue
-            for event_id, event, data in events:
-                cursor = event_id
-                if event == "done":
-                    data = json.dumps(Job.model_validate_json(data).to_resource(), ensure_ascii=False)
-                yield f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
-                if event == "done":
+        ends = time.monotonic() + max_seconds
+        feed = feeds.join(job_id)  # every stream of this job in this process shares one Redis reader
+        try:
+            for batch in feed.follow(after, KEEPALIVE_SECONDS):
+                yield "".join(_sse(event) for event in batch) if batch else ": keep-alive\n\n"
+                if time.monotonic() >= ends:
+                    # Close long streams so no watcher slot is held forever; EventSource reconnects
+                    # with Last-Event-ID and picks up where this left off.
                     return
-        # Close long streams so no watcher slot is held forever; EventSource reconnects with
-        # Last-Event-ID and picks up where this left off.
+        finally:
+            feeds.leave(feed)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     response = Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
@@ -177,9 +176,12 @@ def job_events(job_id: str) -> Response:
     return response
 
 
-# An idle stream sends a comment this often: it keeps proxies from timing the stream out, and the write
-# is how a client that went away is noticed (and its slot released).
-KEEPALIVE_SECONDS = 5
+def _sse(event: Event) -> str:
+    event_id, name, data = event
+    if name == "done":
+        data = json.dumps(Job.model_validate_json(data).to_resource(), ensure_ascii=False)
+    return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n"
+
 
 
 @api.get(f"{PREFIX}/models")
