@@ -80,6 +80,21 @@ def _comma_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _chat_templates(raw: str) -> dict[str, str]:
+    """``model=path,model2=path2``: each model's chat template (Jinja), read now so a bad path fails loudly."""
+    templates = {}
+    for item in _comma_list(raw):
+        model, sep, path = item.partition("=")
+        if not sep or not model.strip() or not path.strip():
+            raise ValueError(f"{item!r}: expected model=path/to/template.jinja")
+        try:
+            with open(path.strip(), encoding="utf-8") as source:
+                templates[model.strip()] = source.read()
+        except OSError as exc:
+            raise ValueError(f"{item!r}: cannot read the template: {exc.strerror}") from exc
+    return templates
+
+
 def _dtype(raw: str) -> str:
     value = raw.lower()
     value = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(value, value)
@@ -131,6 +146,7 @@ class Settings:
     api_keys_file: str = ""
     rate_limit: str = ""
     secret_key: str = field(default="", repr=False)
+    chat_templates: dict[str, str] = field(default_factory=dict, repr=False)
     # Watchers: the event streams and long polls the web holds open while they wait.
     max_watchers: int = 1000
     max_watchers_per_key: int = 100
@@ -176,6 +192,7 @@ class Settings:
             api_keys_file=_read(env, "BLOOMQ_API_KEYS_FILE", d.api_keys_file, _existing_file),
             rate_limit=_read(env, "BLOOMQ_RATE_LIMIT", d.rate_limit, _rate_limit),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
+            chat_templates=_read(env, "BLOOMQ_CHAT_TEMPLATES", d.chat_templates, _chat_templates),
             max_watchers=_read(env, "BLOOMQ_MAX_WATCHERS", d.max_watchers, _positive_int),
             max_watchers_per_key=_read(env, "BLOOMQ_MAX_WATCHERS_PER_KEY", d.max_watchers_per_key, _positive_int),
         )

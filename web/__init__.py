@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 import redis
 from flask import Flask
@@ -52,13 +53,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloomq.watchers"] = WatcherSlots(client, settings.max_watchers_per_key, settings.max_watchers)
     app.extensions["bloomq.feeds"] = JobFeeds(service.store)
 
+    app.extensions["bloomq.started"] = int(time.time())
+
     from web.api import api
+    from web.openai_api import openai_api
+    from web.tgi_api import tgi_api
     from web.views import views
 
     init_auth(app, settings)
-    csrf.exempt(api)  # programs authenticate with Bearer keys; browser sessions are checked in auth
     limiter.init_app(app)
-    app.register_blueprint(api)
+    for blueprint in (api, openai_api, tgi_api):
+        csrf.exempt(blueprint)  # programs authenticate with Bearer keys; browser sessions are checked in auth
+        app.register_blueprint(blueprint)
     app.register_blueprint(views)
     register_error_handlers(app)
     return app

@@ -52,7 +52,7 @@ def validation_error(exc: ValidationError) -> ApiError:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith("/api/") or request.path in ("/healthz", "/readyz")
+    return request.path.startswith(("/api/", "/v1/", "/models/")) or request.path in ("/healthz", "/readyz")
 
 
 def _json(err: ApiError) -> Response:

@@ -1,0 +1,98 @@
+"""The compatible APIs' request handling with no worker (errors, routing, models), the text relay across
+restarts, and chat templates."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import Settings
+from web import create_app
+from web.chat import ChatTemplateError, render_chat
+from web.relay import JobEvent, TextRelay
+
+
+@pytest.fixture()
+def client(redis_server, redis_client):
+    app = create_app(Settings(redis_url=redis_server.url, model="/data/bloom-560m"))
+    app.config["TESTING"] = True
+    return app.test_client()
+
+
+def test_a_model_is_found_by_short_name_or_full_reference_and_errors_take_tgis_shape(client):
+    for url in ("/models/bloom-560m/generate", "/models/bigscience/bloom-560m/generate"):
+        response = client.post(url, json={"inputs": "hi", "parameters": {"temperature": -1}})
+        assert response.status_code == 422
+        assert response.get_json()["error_type"] == "validation"
+        assert "temperature" in response.get_json()["error"]
+    missing = client.post("/models/nobody/generate", json={"inputs": "hi"})
+    assert missing.status_code == 404 and missing.get_json()["error_type"] == "not_found"
+    refused = client.post("/models/bloom-560m", json={"inputs": "hi", "parameters": {"watermark": True}})
+    assert refused.status_code == 422 and "watermark" in refused.get_json()["error"]
+
+
+def test_tgi_ignores_unknown_parameters_but_checks_known_ones(client, redis_client):
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 3, "some_future_knob": 1, "top_n_tokens": 9}}
+    response = client.post("/models/bloom-560m/generate", json=body)
+    assert response.status_code == 422 and "top_n_tokens" in response.get_json()["error"]
+    assert redis_client.llen("bloomq.bloom-560m") == 0
+
+
+def test_openai_errors_have_openais_shape_and_name_the_parameter(client):
+    cases = [
+        ({"model": "bloom-560m", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "bloom-560m", "prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"model": "bloom-560m", "prompt": "x", "logprobs": 6}, 400, "logprobs"),
+        ({"model": "bloom-560m", "prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+        ({"model": "bloom-560m", "prompt": "x", "stop": list("abcde")}, 400, "stop"),
+        ({"model": "bloom-560m", "prompt": "x", "n": 9}, 400, "n"),
+        ({"model": "bloom-560m", "prompt": ""}, 400, "prompt"),
+        ({"model": "nobody", "prompt": "x"}, 404, "model"),
+    ]
+    for body, status, param in cases:
+        response = client.post("/v1/completions", json=body)
+        error = response.get_json()["error"]
+        assert response.status_code == status, body
+        assert error["param"] == param and error["message"] and error["type"], body
+
+
+def test_chat_on_a_model_without_a_template_points_to_completions(client):
+    response = client.post("/v1/chat/completions",
+                           json={"model": "bloom-560m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400
+    assert "/v1/completions" in response.get_json()["error"]["message"]
+
+
+def test_models_list_in_openais_shape(client):
+    body = client.get("/v1/models").get_json()
+    assert body["object"] == "list"
+    assert {"id": "bloom-560m", "object": "model", "owned_by": "bloomq", "max_model_len": 2048}.items() <= \
+        body["data"][0].items()
+
+
+def _event(name: str, **data) -> JobEvent:
+    return JobEvent(0, name, data)
+
+
+def test_the_relay_does_not_resend_text_after_a_restart_and_notices_divergence():
+    relay = TextRelay()
+    assert relay.feed(_event("status", status="running", attempt=1)) == ""
+    assert relay.feed(_event("token", text="Hello", attempt=1)) == "Hello"
+    assert relay.feed(_event("restart", attempt=1)) == ""
+    assert relay.feed(_event("token", text="Hel", attempt=1)) == ""  # the client has it already
+    assert relay.feed(_event("token", text="lo there", attempt=1)) == " there"
+    assert relay.feed(_event("status", status="running", attempt=2)) == ""  # another worker starts over
+    assert relay.feed(_event("token", text="Hello there!", attempt=2)) == "!"
+    assert relay.feed(_event("token", text="late", attempt=1)) == ""  # the replaced attempt is ignored
+    assert relay.finish("Hello there!!") == "!" and not relay.diverged
+    relay.feed(_event("restart", attempt=2))
+    relay.feed(_event("token", text="Goodbye", attempt=2))
+    assert relay.diverged
+
+
+def test_chat_templates_render_in_a_sandbox():
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{{ bos_token }}"
+    assert render_chat(template, [{"role": "user", "content": "hi"}]) == "<user>hi<s>"
+    with pytest.raises(ChatTemplateError, match="no system"):
+        render_chat("{{ raise_exception('no system messages') }}", [{"role": "system", "content": "x"}])
+    with pytest.raises(ChatTemplateError):
+        render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
