@@ -95,9 +95,54 @@ def _errors(*codes: int) -> dict[str, Any]:
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 
 
+def _compatible_paths() -> dict[str, Any]:
+    """The OpenAI- and TGI-compatible routes (their bodies from the models that validate them)."""
+    stream = {"text/event-stream": {"schema": {"type": "string"}}}
+    any_json = {"application/json": {"schema": {"type": "object"}}}
+
+    def post(op: str, summary: str, body: str, streams: bool = True) -> dict[str, Any]:
+        content = {**any_json, **stream} if streams else any_json
+        return {"post": {"operationId": op, "summary": summary, "requestBody": {"required": True, **_json(body)},
+                         "responses": {"200": {"description": "The result (or its event stream)", "content": content},
+                                       "400": {"description": "Invalid request", "content": any_json},
+                                       "404": {"description": "Unknown model", "content": any_json},
+                                       "422": {"description": "Invalid parameters", "content": any_json},
+                                       "429": {"description": "Too many requests", "content": any_json}}}}
+
+    def get(op: str, summary: str) -> dict[str, Any]:
+        return {"get": {"operationId": op, "summary": summary,
+                        "responses": {"200": {"description": summary, "content": any_json},
+                                      "404": {"description": "Unknown model", "content": any_json}}}}
+
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "short name or full reference, e.g. bloom-560m or bigscience/bloom-560m"}]
+    tgi = "/models/{name}"
+    paths = {
+        "/v1/models": get("openaiListModels", "OpenAI: models a job may use"),
+        "/v1/completions": post("openaiCompletions", "OpenAI: text completions (one job per prompt and choice)",
+                                "CompletionRequest"),
+        "/v1/chat/completions": post("openaiChat", "OpenAI: chat, for models with a chat template", "ChatRequest"),
+        tgi: post("hfInference", "Hugging Face Inference API / TGI '/': a list with one result", "TgiRequest"),
+        f"{tgi}/generate": post("tgiGenerate", "TGI /generate", "TgiRequest", streams=False),
+        f"{tgi}/generate_stream": post("tgiGenerateStream", "TGI /generate_stream: one event per token",
+                                       "TgiRequest"),
+        f"{tgi}/info": get("tgiInfo", "TGI /info"),
+        f"{tgi}/health": get("tgiHealth", "TGI /health (503 when no worker serves the model)"),
+    }
+    for path, item in paths.items():
+        if path.startswith(tgi):
+            for operation in item.values():
+                operation["parameters"] = name
+    return paths
+
+
 def build_openapi(version: str) -> dict[str, Any]:
     """The whole document."""
-    _, top = models_json_schema(_MODELS, ref_template=REF)
+    from web.openai_api import ChatRequest, CompletionRequest  # (they import the API, which imports this)
+    from web.tgi_api import TgiRequest
+
+    models = [*_MODELS, (CompletionRequest, "validation"), (ChatRequest, "validation"), (TgiRequest, "validation")]
+    _, top = models_json_schema(models, ref_template=REF)
     schemas = top.get("$defs", {})
     jobs = API_JOBS_PATH
     return {
@@ -162,6 +207,7 @@ def build_openapi(version: str) -> dict[str, Any]:
             "/readyz": {"get": {"operationId": "ready", "summary": "Ready to serve, or why not",
                                 "responses": {"200": {"description": "Ready", **_json("Readiness")},
                                               "503": {"description": "Not ready", **_json("Readiness")}}}},
+            **_compatible_paths(),
         },
         "components": {"schemas": schemas},
     }

@@ -96,3 +96,12 @@ def test_chat_templates_render_in_a_sandbox():
         render_chat("{{ raise_exception('no system messages') }}", [{"role": "system", "content": "x"}])
     with pytest.raises(ChatTemplateError):
         render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+
+
+def test_the_openapi_document_covers_the_compatible_routes(client):
+    doc = client.get("/api/v1/openapi.json").get_json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/models/{name}",
+                 "/models/{name}/generate", "/models/{name}/generate_stream", "/models/{name}/info"):
+        assert path in doc["paths"], path
+    assert "prompt" in doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert "inputs" in doc["components"]["schemas"]["TgiRequest"]["properties"]
