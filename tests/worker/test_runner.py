@@ -15,6 +15,8 @@ class FakeSeq:
         self.text = ""
         self.error = None
         self.restarts = 0
+        self.logprobs = []
+        self.params = GenerateParameters(max_new_tokens=2)
         self.sampling = type("S", (), {"seed": None})()
 
 
