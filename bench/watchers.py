@@ -74,6 +74,8 @@ class Phase:
     rss_loaded: float
     web_cores: float
     jobs_wall: float
+    machine_idle: float  # cores busy machine-wide (all processes) while the idle figures were taken
+    machine_loaded: float  # the same while the watchers were open
 
 
 def timed(call: Callable[[], requests.Response], seconds: float, probe: Probe, stop: threading.Event) -> None:
@@ -125,6 +127,21 @@ def web_usage(pid: int) -> tuple[float, float]:
     return total_kib / 1024, cpu_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (all cores)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / tick, total / tick
+
+
+def cores_busy(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Average cores busy between two ``machine_busy`` readings."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return (os.cpu_count() or 1) * busy / total if total else 0.0
+
+
 def run_phase(args: argparse.Namespace, name: str, redis_url: str, model: Path, client: redis.Redis) -> Phase:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -135,7 +152,9 @@ def run_phase(args: argparse.Namespace, name: str, redis_url: str, model: Path, 
         wait_for(lambda: _up(base), timeout=30, what=f"the {name} web")
         wait_for(lambda: live_workers(base) >= 1, timeout=300, what="the worker")
         probe_job = _submit(base, "probe", 1)
+        machine_before = machine_busy()
         idle = measure(base, probe_job, args.idle_seconds)
+        machine_idle = cores_busy(machine_before, machine_busy())
         rss_idle, _ = web_usage(web.pid)
         jobs = [_submit(base, f"Story {i}: once upon a time", args.max_new_tokens) for i in range(args.jobs)]
         wait_for(lambda: _count_running(base, jobs) == len(jobs), timeout=120, interval=0.5, what="the long jobs")
@@ -148,14 +167,16 @@ def run_phase(args: argparse.Namespace, name: str, redis_url: str, model: Path, 
                                     args.open_seconds)
             print(f"[{name}] {answered} streams answered, {held} watchers held by the web; measuring", flush=True)
             cpu_before, started = web_usage(web.pid)[1], time.monotonic()
+            machine_before = machine_busy()
             loaded = measure(base, jobs[0], args.load_seconds)
+            machine_loaded = cores_busy(machine_before, machine_busy())
             rss_loaded, cpu_after = web_usage(web.pid)
             web_cores = (cpu_after - cpu_before) / (time.monotonic() - started)
             running_after = _count_running(base, jobs)
             outcomes = crowd.results(timeout=args.watch_timeout + 60)
         wait_for(lambda: _count_running(base, jobs) == 0, timeout=600, interval=1, what="the long jobs to end")
         return Phase(idle, loaded, outcomes, answered, held, running_after, rss_idle, rss_loaded, web_cores,
-                     _wall(base, jobs))
+                     _wall(base, jobs), machine_idle, machine_loaded)
     finally:
         web.stop(timeout=20)
         worker.stop()
@@ -294,6 +315,8 @@ def render(args: argparse.Namespace, phases: dict[str, Phase]) -> str:
     row("web RSS MiB (all processes), idle", [p.rss_idle for p in ph])
     row("web RSS MiB (all processes), with watchers open", [p.rss_loaded for p in ph])
     row("web CPU with watchers open (cores busy, of 2)", [p.web_cores for p in ph], "{:.2f}")
+    row("whole machine CPU while idle figures were taken (cores busy, of 2)", [p.machine_idle for p in ph], "{:.2f}")
+    row("whole machine CPU with watchers open (cores busy, of 2)", [p.machine_loaded for p in ph], "{:.2f}")
     lines.append("")
     for name, phase in phases.items():
         kinds = Counter(_kind(o.error) for o in phase.outcomes if o.error)
