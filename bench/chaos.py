@@ -27,6 +27,16 @@ from tests.support import RedisServer, free_port, live_workers, start_web, start
 LOGS = ROOT / "test-artifacts" / "chaos"
 
 
+def chaos_model() -> Path:
+    """The tiny random BLOOM the chaos runs use (built once, kept under .models)."""
+    from worker.tiny import build_tiny_bloom
+
+    model = ROOT / ".models" / "chaos-bloom"
+    if not (model / "config.json").exists():
+        build_tiny_bloom(model, hidden_size=256, n_layer=4, n_head=4)
+    return model
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -35,11 +45,7 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    from worker.tiny import build_tiny_bloom
-
-    model = ROOT / ".models" / "chaos-bloom"
-    if not (model / "config.json").exists():
-        build_tiny_bloom(model, hidden_size=256, n_layer=4, n_head=4)
+    model = chaos_model()
     LOGS.mkdir(parents=True, exist_ok=True)
     for old in LOGS.glob("*.log"):
         old.unlink()

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 BLOOM_CONTEXT = 2048
 
 
-def queue_for(model_name: str) -> str:
-    """The Celery queue of a model (by its short name)."""
-    return f"bloomq.{model_name}"
+def queue_for(model_name: str, priority_class: str = "interactive") -> str:
+    """The Celery queue of a model (by its short name) for a priority class: ``interactive`` jobs (form,
+    job API, the compatible APIs) and ``batch`` jobs (lines of a batch) wait apart, and workers take from
+    the interactive queue first."""
+    return f"bloomq.{model_name}" if priority_class == "interactive" else f"bloomq.{model_name}.{priority_class}"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,11 @@ class ModelSpec:
     def queue(self) -> str:
         """The Celery queue this model's workers consume."""
         return queue_for(self.name)
+
+    @property
+    def batch_queue(self) -> str:
+        """The Celery queue of this model's batch jobs (taken only when the interactive one is empty)."""
+        return queue_for(self.name, "batch")
 
     @property
     def max_new_tokens(self) -> int:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote, urlsplit
 
 T = TypeVar("T")
 
@@ -60,6 +61,72 @@ def _rate_limit(raw: str) -> str:
 
     parse_many(raw)
     return raw
+
+
+SENTINEL_SCHEME = "sentinel"
+DEFAULT_SENTINEL_MASTER = "mymaster"
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A Redis reached through Sentinel: the sentinels to ask, the master's name, the database."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str = DEFAULT_SENTINEL_MASTER
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def broker_url(self) -> str:
+        """The URL as kombu's Sentinel transport reads it: it takes credentials and database from the
+        first entry only, so every entry carries them."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        return ";".join(f"{SENTINEL_SCHEME}://{auth}{_netloc(host, port)}/{self.db}" for host, port in self.sentinels)
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_sentinel_url(url: str, master: str = DEFAULT_SENTINEL_MASTER) -> SentinelTarget | None:
+    """``sentinel://h1:26379;sentinel://h2:26379/0`` (Celery's spelling) as a SentinelTarget; None for a
+    plain Redis URL. A database or credentials given on any entry apply to all; entries may not disagree."""
+    if urlsplit(url).scheme != SENTINEL_SCHEME:
+        return None
+    sentinels, dbs, users, passwords = [], set(), set(), set()
+    for entry in url.split(";"):
+        parts = urlsplit(entry.strip())
+        if parts.scheme != SENTINEL_SCHEME or not parts.hostname:
+            raise ValueError(f"{entry!r}: every entry must be sentinel://host:port")
+        sentinels.append((parts.hostname, parts.port or 26379))
+        if parts.path.strip("/"):
+            dbs.add(int(parts.path.strip("/")))
+        if parts.username:
+            users.add(unquote(parts.username))
+        if parts.password is not None:
+            passwords.add(unquote(parts.password))
+    if len(dbs) > 1 or len(users) > 1 or len(passwords) > 1:
+        raise ValueError("the entries name different databases or credentials")
+    return SentinelTarget(tuple(sentinels), master, dbs.pop() if dbs else 0, users.pop() if users else None,
+                          passwords.pop() if passwords else None)
+
+
+def _redis_url(raw: str) -> str:
+    scheme = urlsplit(raw).scheme
+    if scheme not in ("redis", "rediss", "unix", SENTINEL_SCHEME):
+        raise ValueError("must be a redis://, rediss://, unix:// or sentinel://host:port;sentinel://... URL")
+    parse_sentinel_url(raw)
+    return raw
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
+    return value
 
 
 def _log_format(raw: str) -> str:
@@ -118,6 +185,10 @@ class Settings:
     """Everything bloomq reads from its environment."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_sentinel_master: str = DEFAULT_SENTINEL_MASTER
+    # A submission is answered 202 only once this many replicas acknowledged it (Redis WAIT).
+    redis_min_replicas: int = 0
+    redis_replica_wait_seconds: float = 1.0
     model: str = "bigscience/bloom-560m"
     extra_models: tuple[str, ...] = ()
     host: str = "127.0.0.1"
@@ -157,7 +228,12 @@ class Settings:
         env = os.environ if env is None else env
         d = cls()
         return cls(
-            redis_url=_read(env, "BLOOMQ_REDIS_URL", d.redis_url, str),
+            redis_url=_read(env, "BLOOMQ_REDIS_URL", d.redis_url, _redis_url),
+            redis_sentinel_master=_read(env, "BLOOMQ_REDIS_SENTINEL_MASTER", d.redis_sentinel_master, str),
+            redis_min_replicas=_read(env, "BLOOMQ_REDIS_MIN_REPLICAS", d.redis_min_replicas, _non_negative_int),
+            redis_replica_wait_seconds=_read(
+                env, "BLOOMQ_REDIS_REPLICA_WAIT_SECONDS", d.redis_replica_wait_seconds, _positive_float
+            ),
             model=_read(env, "BLOOMQ_MODEL", d.model, str),
             extra_models=_read(env, "BLOOMQ_MODELS", d.extra_models, _comma_list),
             host=_read(env, "BLOOMQ_HOST", d.host, str),
@@ -203,6 +279,11 @@ class Settings:
         import socket
 
         return self.worker_host or socket.gethostname()
+
+    @property
+    def redis_sentinel(self) -> SentinelTarget | None:
+        """Where Sentinel says the master is, when ``BLOOMQ_REDIS_URL`` is a sentinel:// URL; else None."""
+        return parse_sentinel_url(self.redis_url, self.redis_sentinel_master)
 
     @property
     def model_refs(self) -> tuple[str, ...]:

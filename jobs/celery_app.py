@@ -15,7 +15,10 @@ WEBHOOK_RETRIES = 4  # 5 attempts in all, 2, 4, 8 and 16 s apart
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app on ``settings.redis_url``: late acks, one message prefetched, results in our store."""
-    app = Celery("bloomq", broker=settings.redis_url, set_as_current=False)
+    sentinel = settings.redis_sentinel
+    # Through Sentinel, kombu asks the sentinels for the master whenever it (re)connects.
+    app = Celery("bloomq", broker=sentinel.broker_url if sentinel else settings.redis_url, set_as_current=False)
+    sentinel_options = {"master_name": sentinel.master} if sentinel else {}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -32,6 +35,9 @@ def make_celery(settings: Settings) -> Celery:
             # only every 10th sweep, i.e. ~100 s), so a dead worker's job comes back promptly.
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # BRPOP the queues in the order the worker lists them (interactive first), not round robin.
+            "queue_order_strategy": "priority",
+            **sentinel_options,
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
 
+from config.models import queue_for
+
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63
@@ -62,6 +64,9 @@ class FinishReason(str, Enum):
 
 # When a job's webhook is called.
 WebhookEvent = Literal["started", "completed"]
+# Interactive jobs (form, job API, compatible APIs) run before batch jobs (lines of a batch).
+PriorityClass = Literal["interactive", "batch"]
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
@@ -156,6 +161,9 @@ class JobRequest(BaseModel):
     webhook_events: list[WebhookEvent] = Field(
         default_factory=lambda: ["completed"], max_length=2, description="When to call the webhook."
     )
+    priority: int = Field(
+        0, ge=MIN_PRIORITY, le=MAX_PRIORITY, description="Lower runs first among waiting jobs of its class (as vLLM)."
+    )
 
 
 class TokenDetail(BaseModel):
@@ -226,6 +234,14 @@ class Job(BaseModel):
     webhook: str | None = None
     webhook_events: list[WebhookEvent] = Field(default_factory=list)
     owner: str | None = Field(None, description="The API key (a short id of its hash) that made the job.")
+    priority_class: PriorityClass = Field("interactive", description="interactive jobs run before batch jobs.")
+    priority: int = Field(0, description="Lower runs first among waiting jobs of its class.")
+    batch_id: str | None = Field(None, description="The batch this job is a line of.")
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue this job's message goes to."""
+        return queue_for(self.model, self.priority_class)
 
     @field_serializer("created_at", "started_at", "finished_at", "deadline")
     def _iso_utc(self, value: datetime | None) -> str | None:

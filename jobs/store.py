@@ -23,7 +23,9 @@ from datetime import datetime
 from typing import Any
 
 import redis
+from redis.sentinel import Sentinel
 
+from config.settings import DEFAULT_SENTINEL_MASTER, parse_sentinel_url
 from jobs import metrics
 from jobs.schema import Job, JobError, JobMetrics, JobOutput, JobStatus, utcnow
 from jobs.workers import WORKER_KEY_PREFIX
@@ -39,7 +41,18 @@ QUEUED_KEY = "bloomq:queued"  # job id -> when it was (re)queued or last re-sent
 CANCEL_CHANNEL = "bloomq:cancels"
 EXPIRED = JobError(type="expired", message="the job was still queued at its deadline")
 POISON_AFTER = 2  # fatal device errors a job may be part of before it is failed as a poison job
+# Marks a job record as sent, if it exists (a write WAIT can follow; HSET propagates even when unchanged).
+_MARK_SENT = ("if redis.call('HEXISTS', KEYS[1], 'doc') == 1 then redis.call('HSET', KEYS[1], 'sent', '1') return 1 end "
+              "return 0")
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
+
+
+BATCH_KEY_PREFIX = "bloomq:batch:"
+
+
+def batch_key(batch_id: str) -> str:
+    """The Redis key of a batch record (its line counters live there too)."""
+    return f"{BATCH_KEY_PREFIX}{batch_id}"
 
 
 def job_key(job_id: str) -> str:
@@ -57,15 +70,22 @@ def job_stream_key(job_id: str) -> str:
     return f"{JOB_STREAM_PREFIX}{job_id}"
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client with short timeouts, so a dead Redis is reported instead of hanging a request."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=3,
-        socket_timeout=10,
-        health_check_interval=15,
-        retry_on_timeout=True,
-    )
+def connect(url: str, sentinel_master: str = DEFAULT_SENTINEL_MASTER) -> redis.Redis:
+    """A Redis client with short timeouts, so a dead Redis is reported instead of hanging a request.
+
+    For a ``sentinel://`` URL the client asks the sentinels where the master named ``sentinel_master``
+    is, at every (re)connection: after a failover it finds the new master without a restart, and a
+    connection to a former master that was turned into a replica is dropped at its first refused write.
+    """
+    options: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10, "health_check_interval": 15,
+                               "retry_on_timeout": True}
+    target = parse_sentinel_url(url, sentinel_master)
+    if target is None:
+        return redis.Redis.from_url(url, **options)
+    # Sentinels answer at once or are skipped: a dead one must not hold up finding the master.
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={"socket_connect_timeout": 0.5, "socket_timeout": 1},
+                        db=target.db, username=target.username, password=target.password, **options)
+    return sentinel.master_for(target.master)
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,21 @@ class JobStore:
                     return None
                 except redis.WatchError:
                     continue
+
+    def replicated(self, job_id: str, replicas: int, timeout_seconds: float) -> bool:
+        """Whether ``job_id``'s record, and every write the master took before this call (the job's
+        Celery message included), has reached ``replicas`` replicas, waiting up to ``timeout_seconds``.
+
+        WAIT covers the writes of the connection that issues it, up to its last one; replication is one
+        ordered stream, so a write made here after the message was sent (on kombu's own connection)
+        carries the message with it. That write only marks a record that exists: if a failover
+        reconnected us to a master without it, the answer is no.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.eval(_MARK_SENT, 1, job_key(job_id))
+            pipe.execute_command("WAIT", replicas, int(timeout_seconds * 1000))
+            present, acknowledged = pipe.execute()
+        return bool(present) and acknowledged >= replicas
 
     def delete(self, job_id: str) -> None:
         """Remove a job record (used when its message could not be queued)."""
@@ -479,6 +514,9 @@ class JobStore:
                                                              "attempt": updated.attempts})
                     if updated.status.terminal:
                         self._event(pipe, job_id, "done", updated.model_dump(mode="json"))
+                        if updated.batch_id is not None:  # the batch's progress, counted exactly once
+                            outcome = "completed" if updated.status is JobStatus.SUCCEEDED else "failed"
+                            pipe.hincrby(batch_key(updated.batch_id), outcome, 1)
                         pipe.zrem(DEADLINES_KEY, job_id)
                         metrics.record_finished(pipe, updated)
                     pipe.publish(job_events_channel(job_id), updated.status.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -42,10 +43,12 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05,
 class RedisServer:
     """A private redis-server on a free port, data in ``workdir``."""
 
-    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False,
+                 args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.args = args  # more redis-server options, e.g. ("--replicaof", host, port)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,7 +62,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
@@ -76,6 +79,103 @@ class RedisServer:
         self.stop()
         time.sleep(down_seconds)
         self.start()
+
+
+    def kill(self) -> None:
+        """SIGKILL: the machine is gone, nothing is flushed."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class SentinelCluster:
+    """A Redis master, its replicas and three sentinels (``redis-server --sentinel``), on free ports.
+
+    Sentinels judge a master down after ``down_after_ms`` and fail over with a quorum of two, so a test
+    sees a failover within a few seconds of a kill.
+    """
+
+    def __init__(self, workdir: Path, replicas: int = 1, master_name: str = "mymaster", appendonly: bool = False,
+                 down_after_ms: int = 1000) -> None:
+        self.workdir = workdir
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        # Diskless sync at once, so a replica (or a former master rejoining) is in sync in milliseconds.
+        fast_sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+        self.nodes = [RedisServer(workdir / "node-0", appendonly=appendonly, args=fast_sync)]
+        master_port = str(self.nodes[0].port)
+        self.nodes += [RedisServer(workdir / f"node-{i}", appendonly=appendonly,
+                                   args=(*fast_sync, "--replicaof", "127.0.0.1", master_port))
+                       for i in range(1, replicas + 1)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The Sentinel URL as bloomq (and Celery) read it."""
+        return ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports) + "/0"
+
+    def start(self) -> SentinelCluster:
+        for node in self.nodes:
+            node.start()
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (make test installs it)"
+        for port in self.sentinel_ports:
+            conf = self.workdir / f"sentinel-{port}.conf"  # Sentinel rewrites its config: one file each
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", f"dir {self.workdir}",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.nodes[0].port} 2",
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} 2000", "",
+            ]))
+            self.sentinels.append(subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL))
+        # Ready when every sentinel knows every replica and the two other sentinels, and replicas are in sync.
+        wait_for(self._ready, timeout=30, interval=0.2, what="the sentinels to see the replicas and each other")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            for port in self.sentinel_ports:
+                state = redis.Redis(port=port, socket_timeout=1).sentinel_master(self.master_name)
+                if state["num-slaves"] < len(self.nodes) - 1 or state["num-other-sentinels"] < 2:
+                    return False
+            return all(redis.Redis(port=node.port).info("replication").get("master_link_status") == "up"
+                       for node in self.nodes[1:])
+        except redis.RedisError:
+            return False
+
+    def master_port(self) -> int | None:
+        """The port of the master as a majority of the sentinels see it (None while they disagree)."""
+        seen = collections.Counter()
+        for port in self.sentinel_ports:
+            try:
+                _host, master = redis.Redis(port=port, socket_timeout=1).sentinel_get_master_addr_by_name(
+                    self.master_name)
+            except (redis.RedisError, TypeError):
+                continue
+            seen[int(master)] += 1
+        port, votes = seen.most_common(1)[0] if seen else (None, 0)
+        return port if votes >= 2 else None
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def wait_for_failover(self, old_port: int, timeout: float = 30) -> RedisServer:
+        """The new master, once a majority of the sentinels name another node than ``old_port``."""
+        port = wait_for(lambda: (p := self.master_port()) not in (None, old_port) and p, timeout=timeout,
+                        interval=0.1, what="the sentinels to fail over")
+        return self.node(port)
+
+    def role(self, node: RedisServer) -> str:
+        return redis.Redis(port=node.port, socket_timeout=1).info("replication")["role"]
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            if sentinel.poll() is None:
+                sentinel.terminate()
+                sentinel.wait(timeout=10)
+        for node in self.nodes:
+            node.stop()
 
 
 def _pings(client: redis.Redis) -> bool:

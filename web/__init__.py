@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 import redis
 from flask import Flask
@@ -30,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format, "web")
     app = Flask(__name__)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_sentinel_master)
     # Every long poll holds a Redis connection (its pub/sub subscription), as does each job feed, and
     # redis-py's pool refuses more than 100 by default. Concurrency is bounded where it is configured
     # (BLOOMQ_MAX_WATCHERS, gunicorn's worker_connections), so the pool does not cap it a second time.
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # keep the resource's documented field order
     app.json.ensure_ascii = False  # prompts and outputs in any script stay readable
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["RATELIMIT_STORAGE_URI"] = settings.redis_url
+    app.config["RATELIMIT_STORAGE_URI"], app.config["RATELIMIT_STORAGE_OPTIONS"] = limiter_storage(settings)
     app.config["RATELIMIT_SWALLOW_ERRORS"] = True  # a Redis outage is answered by the job store (503)
 
     service = JobService(
@@ -68,6 +69,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(views)
     register_error_handlers(app)
     return app
+
+
+def limiter_storage(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The rate limiter's storage URI and options: the same Redis (or Sentinel master) as the job store."""
+    sentinel = settings.redis_sentinel
+    if sentinel is None:
+        return settings.redis_url, {}
+    hosts = ",".join(f"{host}:{port}" for host, port in sentinel.sentinels)
+    # Counts are read from the master too: a replica's lagging count would let a burst through.
+    options = {"db": sentinel.db, "use_replicas": False, "socket_connect_timeout": 3, "socket_timeout": 10,
+               "sentinel_kwargs": {"socket_connect_timeout": 0.5, "socket_timeout": 1, "username": None,
+                                   "password": None}}
+    if sentinel.password is not None:
+        options.update(username=sentinel.username, password=sentinel.password)
+    return f"redis+sentinel://{hosts}/{sentinel.master}", options
 
 
 SECRET_KEY_NAME = "bloomq:web-secret-key"

@@ -83,7 +83,7 @@ def register_error_handlers(app: Flask) -> None:
         log.error("Redis unavailable: %s", err)
         message = "the job store (Redis) is unavailable; try again shortly"
         if _wants_json():
-            return _json(ApiError(503, "unavailable", message)), 503
+            return _json(ApiError(503, "unavailable", message, retry_after=1)), 503  # a restart or failover: soon back
         return render_template("error.html", code=503, message=message), 503
 
     @app.errorhandler(HTTPException)

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -30,6 +30,7 @@ from web.tokens import PromptCounter
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_RETRY_AFTER = 5  # seconds a client is told to wait when a model's queue is full
+UNAVAILABLE_RETRY_AFTER = 1  # ... and when Redis is unavailable (restarting, failing over)
 
 
 @dataclass
@@ -46,12 +47,18 @@ class JobService:
     _live_models_at: float = -1e9
 
     def submit(
-        self, request: JobRequest, idempotency_key: str | None = None, owner: str | None = None
+        self,
+        request: JobRequest,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        batch: BatchLine | None = None,
     ) -> tuple[Job, bool]:
         """Validate ``request``, store it queued and send it to its model's queue.
 
         Returns the job and whether it is new: with an ``idempotency_key`` already used for the same
-        request, the earlier job comes back instead (``False``); for another request, a 409.
+        request, the earlier job comes back instead (``False``); for another request, a 409. ``batch``:
+        the job is a line of a batch (batch priority class, the batch's deadline, no queue cap: the batch
+        file's own limits bound it).
         """
         spec = self._model_for(request.model)
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
@@ -63,7 +70,8 @@ class JobService:
         except LengthError as exc:
             raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)
-        self._check_queue(spec)
+        if batch is None:
+            self._check_queue(spec)
         timeout = min(request.timeout or self.settings.max_job_seconds, self.settings.max_job_seconds)
         if request.timeout is not None and request.timeout > self.settings.max_job_seconds:
             raise ApiError(422, "validation_error", "timeout is over the server's maximum", [
@@ -76,8 +84,12 @@ class JobService:
             webhook=request.webhook,
             webhook_events=list(request.webhook_events) if request.webhook else [],
             owner=owner,
+            priority=request.priority,
         )
         job = job.model_copy(update={"deadline": job.created_at + timedelta(seconds=timeout)})
+        if batch is not None:
+            job = job.model_copy(update={"priority_class": "batch", "batch_id": batch.batch_id,
+                                         "deadline": batch.deadline})
         claim = None
         if idempotency_key is not None:
             claim = _IdempotencyClaim(f"{owner or ''}|{idempotency_key}", request, job.id)  # each owner has its own keys
@@ -85,10 +97,9 @@ class JobService:
             # The key is bound in the same transaction that stores the job: a crash in between cannot
             # leave a key pointing at a job that was never made.
             earlier = self.store.create(job, claim.binding if claim else None)
-            if earlier is not None:
-                assert claim is not None
-                return self._earlier_job(claim, earlier), False
-            send_generate(self.celery, job.id, spec.queue)
+            if earlier is None:
+                send_generate(self.celery, job.id, job.queue)
+                self._confirm_durable(job.id)
         except Exception as exc:
             # Nothing half-written: a job that could not be queued is not left behind as "queued", and
             # its idempotency key is free for the client's retry.
@@ -97,11 +108,25 @@ class JobService:
                 if claim is not None:
                     self.store.redis.delete(claim.redis_key)
             if isinstance(exc, OperationalError):  # Celery's wrapping of a broker connection error
-                raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly") from exc
+                raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly",
+                               retry_after=UNAVAILABLE_RETRY_AFTER) from exc
             raise
+        if earlier is not None:  # outside the clean-up above: the key stays bound to the job it made
+            assert claim is not None
+            found = self._earlier_job(claim, earlier)
+            self._confirm_durable(found.id)
+            return found, False
         with job_context(job.id):
             log.info("job %s: queued for %s", job.id, spec.name)
         return job, True
+
+    def _confirm_durable(self, job_id: str) -> None:
+        """With ``BLOOMQ_REDIS_MIN_REPLICAS``, a 503 unless the job and its message reached that many
+        replicas in time: a job is accepted only once a failover cannot take it away."""
+        replicas = self.settings.redis_min_replicas
+        if replicas and not self.store.replicated(job_id, replicas, self.settings.redis_replica_wait_seconds):
+            raise ApiError(503, "unavailable", f"the job could not be copied to {replicas} Redis replica(s) in time "
+                           "(a failover, or a replica down); try again shortly", retry_after=UNAVAILABLE_RETRY_AFTER)
 
     def cancel(self, job_id: str, owner: str | None = None) -> tuple[Job, str]:
         """Cancel a job (see JobStore.cancel); a 404 ApiError when unknown or another key's."""
@@ -244,6 +269,14 @@ def _owned(job: Job | None, owner: str | None) -> Job | None:
     if job is None or owner is None or job.owner == owner:
         return job
     return None
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """What makes a job a line of a batch."""
+
+    batch_id: str
+    deadline: datetime
 
 
 @dataclass(frozen=True)

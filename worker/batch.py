@@ -69,6 +69,7 @@ class Sequence:
     deadline: float | None = None  # time.perf_counter() value after which the sequence is stopped
     cancelled: bool = False  # set by another thread; the engine stops the sequence at its next step
     isolated: bool = False  # suspected of crashing a worker: runs alone, never batched with others
+    rank: tuple[int, int] = (0, 0)  # (priority class, priority): lower is admitted first
     restarts: int = 0  # times the engine started it over from its prompt (after an out-of-memory, say)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None

@@ -197,18 +197,25 @@ class Engine:
         return self.result(seq)
 
     def submit(
-        self, prompt: str, params: GenerateParameters, timeout: float | None = None, isolated: bool = False
+        self,
+        prompt: str,
+        params: GenerateParameters,
+        timeout: float | None = None,
+        isolated: bool = False,
+        rank: tuple[int, int] = (0, 0),
     ) -> Sequence:
         """Validate and queue a request; the returned sequence's ``done`` is set when it finishes.
 
         ``timeout``: seconds from now after which the sequence is stopped (finish reason ``timeout``),
         keeping the text it has. ``isolated``: run it alone, never batched with another request (a
-        request suspected of having crashed a worker).
+        request suspected of having crashed a worker). ``rank``: lower is admitted first (priority class,
+        then priority).
         """
         if self.fatal_error is not None:
             raise DeviceFault(f"this worker's device failed and it is stopping: {self.fatal_error}")
         seq = self._prepare(prompt, params)
         seq.isolated = isolated
+        seq.rank = rank
         if timeout is not None:
             seq.deadline = time.perf_counter() + timeout
         with self._cond:
@@ -346,19 +353,24 @@ class Engine:
                 self._wait_for_batch_to_fill()
             running = len(self.batch) if self.batch is not None else 0
             picked: list[Sequence] = []
-            while self._waiting and running + len(picked) < self._cap:
-                candidate = [*picked, self._waiting[0]]
-                if self._waiting[0].isolated and (running or picked):
+            # Most urgent first: interactive before batch, then by priority, then in order of arrival.
+            for seq in sorted(self._waiting, key=lambda s: s.rank):
+                if running + len(picked) >= self._cap:
+                    break
+                candidate = [*picked, seq]
+                if seq.isolated and (running or picked):
                     break  # it waits for an empty engine
                 if self.batch is not None:
                     slots = self.batch.peak_slots(candidate)
                 else:
                     slots = peak_slots_alone(candidate)
                 if slots > self.max_slots and (self.batch is not None or picked):
-                    break  # first come, first served: later requests wait rather than overtake
-                picked.append(self._waiting.popleft())
-                if picked[-1].isolated:
+                    break  # in order: later requests wait rather than overtake
+                picked.append(seq)
+                if seq.isolated:
                     break
+            for seq in picked:
+                self._waiting.remove(seq)
         if picked:
             self._prefill(picked)
 

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import redis
 
-from config.models import queue_for
 from jobs.schema import Job, JobStatus
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory
@@ -119,7 +118,7 @@ class OrphanRecovery(Periodic):
             job = self.store.get(job_id)
             if job is None or job.status is not JobStatus.QUEUED or job.model not in live_models:
                 continue
-            queue = queue_for(job.model)
+            queue = job.queue
             if queue not in empty_queues:
                 empty_queues[queue] = self.store.redis.llen(queue) == 0
             if empty_queues[queue]:

@@ -96,7 +96,11 @@ class JobRunner:
             # A job that was in a batch when a worker's device failed runs alone: if it is the cause, the
             # next failure names it (a poison job) without taking other jobs down with it.
             seq = self.engine.submit(
-                job.inputs, job.parameters, timeout=_seconds_left(job.deadline), isolated=job.device_faults > 0
+                job.inputs,
+                job.parameters,
+                timeout=_seconds_left(job.deadline),
+                isolated=job.device_faults > 0,
+                rank=(0 if job.priority_class == "interactive" else 1, job.priority),
             )
         except GenerationError as exc:
             log.info("job %s: %s: %s", job_id, exc.type, exc)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from config.logs import configure_logging
-from config.models import ModelRegistry, ModelSpec, queue_for
+from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.celery_app import WEBHOOK_QUEUE, make_celery, send_generate
 from jobs.metrics import record_batch_sizes
@@ -92,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         on_fatal=on_device_fault,
     )
     log.info("engine: up to %d jobs per batch, %d KV token slots", settings.max_batch_size, engine.max_slots)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_sentinel_master)
     store = JobStore(client, settings.job_retention_seconds)
     app = make_celery(settings)
     directory = WorkerDirectory(client)
     instance = f"{name}:{os.getpid()}"
 
     def requeue(job: Job) -> None:
-        send_generate(app, job.id, queue_for(job.model))
+        send_generate(app, job.id, job.queue)
 
     runner = JobRunner(store, engine, name, celery=app, instance=instance, requeue=requeue,
                        result_patience=settings.result_patience_seconds)
@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 # Threads, never a fork: the model is already loaded (maybe on CUDA) in this process. Each
                 # thread hands its job to the one engine thread, which batches them.
                 "--pool=threads",
-                # One thread per batch row, plus one for webhook tasks (they only hand over to the dispatcher).
-                f"--concurrency={settings.max_batch_size + 1}",
-                f"--queues={spec.queue},{WEBHOOK_QUEUE}",
+                # Two threads per batch row, plus one for webhook tasks (they only hand over to the dispatcher):
+                # with the batch full, jobs still come in and wait in the engine, where the most urgent one
+                # (interactive before batch, then by priority) takes the next free row.
+                f"--concurrency={2 * settings.max_batch_size + 1}",
+                # Taken in this order (queue_order_strategy "priority"): interactive jobs, webhooks, batch lines.
+                f"--queues={spec.queue},{WEBHOOK_QUEUE},{spec.batch_queue}",
                 f"--hostname={name}",
                 f"--loglevel={settings.log_level}",
                 "--without-gossip",

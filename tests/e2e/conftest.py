@@ -15,6 +15,7 @@ from tests.support import (
     WORKER_COMMAND,
     Proc,
     RedisServer,
+    SentinelCluster,
     free_port,
     live_workers,
     start_web,
@@ -25,7 +26,7 @@ from tests.support import (
 
 @dataclass
 class Stack:
-    redis: RedisServer
+    redis: RedisServer | SentinelCluster
     model: str
     logs: Path
     web: Proc | None = None
@@ -79,13 +80,18 @@ def _up(url: str) -> bool:
 
 
 def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, appendonly: bool = False,
-               **env: str) -> Stack:
+               replicas: int = 0, **env: str) -> Stack:
+    """A stack on a private redis-server, or with ``replicas``, on a master, replicas and three sentinels."""
     name = request.node.name
     logs = ARTIFACTS / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
         old.unlink()
-    redis = RedisServer(tmp_path_factory.mktemp(f"redis-{name}"), appendonly=appendonly).start()
+    workdir = tmp_path_factory.mktemp(f"redis-{name}")
+    if replicas:
+        redis = SentinelCluster(workdir, replicas=replicas, appendonly=appendonly).start()
+    else:
+        redis = RedisServer(workdir, appendonly=appendonly).start()
     return Stack(redis=redis, model=str(model), logs=logs, env=env)
 
 

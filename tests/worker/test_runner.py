@@ -33,7 +33,7 @@ class FakeEngine:
         self.fatal_error = None
         self.submitted = threading.Event()
 
-    def submit(self, prompt, params, timeout=None, isolated=False):
+    def submit(self, prompt, params, timeout=None, isolated=False, rank=(0, 0)):
         self.calls += 1
         self.isolated.append(isolated)
         if self.submit_error:
