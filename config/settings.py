@@ -218,6 +218,8 @@ class Settings:
     rate_limit: str = ""
     secret_key: str = field(default="", repr=False)
     chat_templates: dict[str, str] = field(default_factory=dict, repr=False)
+    max_batch_file_bytes: int = 16 * 1024 * 1024
+    max_batch_lines: int = 10_000
     # Watchers: the event streams and long polls the web holds open while they wait.
     max_watchers: int = 1000
     max_watchers_per_key: int = 100
@@ -269,6 +271,8 @@ class Settings:
             rate_limit=_read(env, "BLOOMQ_RATE_LIMIT", d.rate_limit, _rate_limit),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
             chat_templates=_read(env, "BLOOMQ_CHAT_TEMPLATES", d.chat_templates, _chat_templates),
+            max_batch_file_bytes=_read(env, "BLOOMQ_MAX_BATCH_FILE_BYTES", d.max_batch_file_bytes, _positive_int),
+            max_batch_lines=_read(env, "BLOOMQ_MAX_BATCH_LINES", d.max_batch_lines, _positive_int),
             max_watchers=_read(env, "BLOOMQ_MAX_WATCHERS", d.max_watchers, _positive_int),
             max_watchers_per_key=_read(env, "BLOOMQ_MAX_WATCHERS_PER_KEY", d.max_watchers_per_key, _positive_int),
         )

@@ -14,6 +14,7 @@ tells readers to start the text over, and tokens of a replaced attempt are to be
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from config.settings import DEFAULT_SENTINEL_MASTER, parse_sentinel_url
 from jobs import metrics
@@ -83,9 +84,35 @@ def connect(url: str, sentinel_master: str = DEFAULT_SENTINEL_MASTER) -> redis.R
     if target is None:
         return redis.Redis.from_url(url, **options)
     # Sentinels answer at once or are skipped: a dead one must not hold up finding the master.
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={"socket_connect_timeout": 0.5, "socket_timeout": 1},
-                        db=target.db, username=target.username, password=target.password, **options)
+    sentinel = MajoritySentinel(list(target.sentinels),
+                                sentinel_kwargs={"socket_connect_timeout": 0.5, "socket_timeout": 1},
+                                db=target.db, username=target.username, password=target.password, **options)
     return sentinel.master_for(target.master)
+
+
+class MajoritySentinel(Sentinel):
+    """redis-py's Sentinel client, trusting a master address only when most of the sentinels name it.
+
+    redis-py takes the first answer. A sentinel that has not yet heard of a failover (they learn of it
+    within a couple of seconds) still names the old master; if that machine is back by then, it is still
+    a master until the sentinels turn it into a replica, and everything written to it is thrown away when
+    it resynchronises: a job store must not be split like that.
+    """
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        votes: collections.Counter[tuple[str, int]] = collections.Counter()
+        for sentinel in self.sentinels:
+            try:
+                state = sentinel.sentinel_masters().get(service_name)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            if state and self.check_master_state(state, service_name):
+                votes[(state["ip"], state["port"])] += 1
+        if votes:
+            address, count = votes.most_common(1)[0]
+            if count > len(self.sentinels) // 2:
+                return address
+        raise MasterNotFoundError(f"no master named {service_name!r} by a majority of the sentinels ({dict(votes)})")
 
 
 @dataclass(frozen=True)
@@ -517,6 +544,8 @@ class JobStore:
                         if updated.batch_id is not None:  # the batch's progress, counted exactly once
                             outcome = "completed" if updated.status is JobStatus.SUCCEEDED else "failed"
                             pipe.hincrby(batch_key(updated.batch_id), outcome, 1)
+                            if updated.error is not None and updated.error.type == EXPIRED.type:
+                                pipe.hincrby(batch_key(updated.batch_id), "expired", 1)
                         pipe.zrem(DEADLINES_KEY, job_id)
                         metrics.record_finished(pipe, updated)
                     pipe.publish(job_events_channel(job_id), updated.status.value)

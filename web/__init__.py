@@ -16,6 +16,7 @@ from config.logs import configure_logging
 from config.models import ModelRegistry
 from config.settings import Settings
 from jobs.celery_app import make_celery
+from jobs.batches import BatchStore
 from jobs.store import JobStore, connect
 from jobs.workers import WorkerDirectory
 from web.auth import csrf, init_auth
@@ -57,13 +58,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloomq.started"] = int(time.time())
 
     from web.api import api
+    from web.batches_api import batches_api
     from web.openai_api import openai_api
     from web.tgi_api import tgi_api
     from web.views import views
 
     init_auth(app, settings)
     limiter.init_app(app)
-    for blueprint in (api, openai_api, tgi_api):
+    app.extensions["bloomq.batches"] = BatchStore(client, settings.job_retention_seconds)
+    for blueprint in (api, openai_api, batches_api, tgi_api):
         csrf.exempt(blueprint)  # programs authenticate with Bearer keys; browser sessions are checked in auth
         app.register_blueprint(blueprint)
     app.register_blueprint(views)

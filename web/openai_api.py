@@ -21,7 +21,7 @@ from web.chat import ChatTemplateError, render_chat
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
 from web.relay import JobEvent, TextRelay, cancel_unfinished, follow_jobs, wait_for_jobs
-from web.service import JobService
+from web.service import BatchLine, JobService
 
 MAX_CHOICES = 8  # n, and prompts in one request, times each other
 JOB_ID_HEADER = "X-Bloomq-Job-Id"
@@ -140,7 +140,7 @@ def _service() -> JobService:
 
 
 @openai_api.errorhandler(ApiError)
-def _openai_error(err: ApiError) -> Response:
+def openai_error(err: ApiError) -> Response:
     """Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
     status = 400 if err.status == 422 else err.status
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -200,30 +200,15 @@ def completions() -> Response:
         req = CompletionRequest.model_validate(read_json_object())
     except ValidationError as exc:
         raise _invalid(exc) from None
-    if any(not p for p in req.prompts):
-        raise ApiError(422, "invalid_request_error", "prompt: must not be empty", [{"name": "prompt", "message": ""}])
-    if len(req.prompts) * req.n > MAX_CHOICES:
-        raise ApiError(422, "invalid_request_error",
-                       f"prompt: at most {MAX_CHOICES} completions per request (prompts x n)",
-                       [{"name": "prompt", "message": "too many prompts for n"}])
-    bad = req.unsupported()
-    if bad:
-        raise ApiError(422, "invalid_request_error", bad[1], [{"name": bad[0], "message": bad[1]}])
+    check_completion(req)
     spec = _spec(req.model)
-    inputs = [(prompt, req.parameters(choice, req.logprobs, req.echo))
-              for prompt in req.prompts for choice in range(req.n)]
-    jobs = _submit(spec.name, inputs, req.max_tokens is None, spec.max_total_tokens)
+    jobs = submit_jobs(spec.name, completion_jobs(req), req.max_tokens is None, spec.max_total_tokens)
     completion = Completion(f"cmpl-{uuid.uuid4().hex}", spec.name, "text_completion", len(req.prompts), req.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return completion.stream(jobs, include_usage, logprobs=req.logprobs is not None, echo=req.echo)
     done = completion.wait(jobs)
-    choices = [
-        {"index": i, "text": job.output.generated_text, "logprobs": _logprobs(job, req.echo) if req.logprobs is not None
-         else None, "finish_reason": _finish(job)}
-        for i, job in enumerate(done)
-    ]
-    return completion.respond(done, choices)
+    return completion.respond(done, completion_choices(done, req))
 
 
 @openai_api.post("/chat/completions")
@@ -253,7 +238,7 @@ def chat_completions() -> Response:
         req.max_tokens = None  # chat's default: as many as the model allows
     top = req.top_logprobs or 0
     inputs = [(prompt, req.parameters(choice, top if req.logprobs else None)) for choice in range(req.n)]
-    jobs = _submit(spec.name, inputs, req.max_tokens is None, spec.max_total_tokens)
+    jobs = submit_jobs(spec.name, inputs, req.max_tokens is None, spec.max_total_tokens)
     completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", spec.name, "chat.completion", 1, req.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -267,10 +252,11 @@ def chat_completions() -> Response:
     return completion.respond(done, choices)
 
 
-def _submit(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int) -> list[Job]:
+def submit_jobs(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int,
+            batch: BatchLine | None = None) -> list[Job]:
     """One job per (prompt, parameters); an error naming the OpenAI parameter when the job API refuses."""
     svc = _service()
-    key = request.headers.get("Idempotency-Key")
+    key = request.headers.get("Idempotency-Key") if batch is None else None
     jobs = []
     for index, (prompt, params) in enumerate(inputs):
         if to_the_limit:
@@ -280,7 +266,8 @@ def _submit(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: 
         except ValidationError as exc:
             raise _invalid_parameters(exc) from None
         try:
-            job, _ = svc.submit(job_request, idempotency_key=f"{key}#{index}" if key else None, owner=current_owner())
+            job, _ = svc.submit(job_request, idempotency_key=f"{key}#{index}" if key else None, owner=current_owner(),
+                                batch=batch)
         except ApiError as err:
             raise _renamed(err) from None
         jobs.append(job)
@@ -330,10 +317,13 @@ class Completion:
                 raise _job_error(job)
         return done
 
-    def respond(self, jobs: list[Job], choices: list[dict[str, Any]]) -> Response:
-        body = {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+    def body(self, jobs: list[Job], choices: list[dict[str, Any]]) -> dict[str, Any]:
+        """The response body over the finished ``jobs``."""
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage(jobs)}
-        response = jsonify(body)
+
+    def respond(self, jobs: list[Job], choices: list[dict[str, Any]]) -> Response:
+        response = jsonify(self.body(jobs, choices))
         response.headers[JOB_ID_HEADER] = ",".join(job.id for job in jobs)
         return response
 
@@ -433,6 +423,34 @@ class Completion:
                 detail = {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
                           "top_logprobs": None, "text_offset": None}
             yield chunk(event.index, text, None, detail)
+
+
+def completion_choices(jobs: list[Job], req: CompletionRequest) -> list[dict[str, Any]]:
+    """The ``choices`` of a completions response, one per (succeeded) job."""
+    return [
+        {"index": i, "text": job.output.generated_text if job.output else "",
+         "logprobs": _logprobs(job, req.echo) if req.logprobs is not None else None, "finish_reason": _finish(job)}
+        for i, job in enumerate(jobs)
+    ]
+
+
+def completion_jobs(req: CompletionRequest) -> list[tuple[str, dict[str, Any]]]:
+    """(prompt, job parameters) for every job a completions request makes: one per prompt and choice."""
+    return [(prompt, req.parameters(choice, req.logprobs, req.echo)) for prompt in req.prompts
+            for choice in range(req.n)]
+
+
+def check_completion(req: CompletionRequest) -> None:
+    """What the completions endpoint refuses beyond the request schema (an ApiError naming the param)."""
+    if any(not p for p in req.prompts):
+        raise ApiError(422, "invalid_request_error", "prompt: must not be empty", [{"name": "prompt", "message": ""}])
+    if len(req.prompts) * req.n > MAX_CHOICES:
+        raise ApiError(422, "invalid_request_error",
+                       f"prompt: at most {MAX_CHOICES} completions per request (prompts x n)",
+                       [{"name": "prompt", "message": "too many prompts for n"}])
+    bad = req.unsupported()
+    if bad:
+        raise ApiError(422, "invalid_request_error", bad[1], [{"name": bad[0], "message": bad[1]}])
 
 
 def _finish(job: Job) -> str:

@@ -1,0 +1,123 @@
+"""The OpenAI Batch API through the ``openai`` client against the live stack, and priority classes."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import redis
+import requests
+
+from tests.e2e.conftest import make_reference, running_stack
+from tests.support import wait_for, wait_for_job
+
+PROMPTS = ["Once upon a time", "从前有一座山", "def fibonacci(n):", "Il était une fois", "كان يا ما كان", "x"]
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory, tiny_model_dir):
+    with running_stack(request, tmp_path_factory, tiny_model_dir) as s:
+        yield s
+
+
+@pytest.fixture()
+def oai(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+
+
+def _line(custom_id: str, prompt: str, max_tokens: int, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny-bloom", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **body}}
+
+
+def _until(oai, batch_id: str, statuses: tuple[str, ...], timeout: float = 120):
+    return wait_for(lambda: (b := oai.batches.retrieve(batch_id)).status in statuses and b, timeout=timeout,
+                    interval=0.2, what=f"batch {batch_id} to reach {statuses}")
+
+
+def test_a_batch_runs_every_line_as_a_job_and_returns_one_output_line_each(stack, oai, reference):
+    lines = [_line(f"req-{i}", prompt, 16) for i, prompt in enumerate(PROMPTS)]
+    upload = oai.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
+    assert upload.bytes == len(_jsonl(lines))
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+                               metadata={"project": "labels"})
+    assert batch.status == "in_progress" and batch.request_counts.total == len(PROMPTS)
+    done = _until(oai, batch.id, ("completed",))
+    assert done.request_counts.completed == len(PROMPTS) and done.request_counts.failed == 0
+    assert done.metadata == {"project": "labels"} and done.error_file_id is None
+    output = [json.loads(row) for row in oai.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(row["custom_id"] for row in output) == sorted(line["custom_id"] for line in lines)
+    for row in output:
+        prompt = PROMPTS[int(row["custom_id"].split("-")[1])]
+        assert row["response"]["status_code"] == 200 and row["error"] is None
+        assert row["response"]["body"]["choices"][0]["text"] == reference(prompt, max_new_tokens=16)
+        job = requests.get(f"{stack.url}/api/v1/jobs/{row['response']['request_id']}", timeout=10).json()
+        assert job["status"] == "succeeded" and job["priority_class"] == "batch" and job["batch_id"] == batch.id
+
+
+def test_a_malformed_file_fails_the_batch_with_line_numbers_and_runs_nothing(stack, oai):
+    content = _jsonl([_line("a", "hi", 4), _line("a", "again", 4)]) + b"not json\n" + _jsonl(
+        [_line("b", "hi", 4, temperature=9), {"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}])
+    upload = oai.files.create(file=("bad.jsonl", content), purpose="batch")
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    assert batch.status == "failed"
+    errors = {(e.line, e.code) for e in batch.errors.data}
+    assert errors == {(2, "duplicate_custom_id"), (3, "invalid_json_line"), (4, "invalid_request"),
+                      (5, "invalid_url")}
+    assert next(e for e in batch.errors.data if e.line == 4).param == "body.temperature"
+    client = redis.Redis.from_url(stack.redis.url)
+    assert client.llen("bloomq.tiny-bloom.batch") == 0 and batch.request_counts.total == 0
+
+
+def test_a_cancelled_batch_stops_its_lines_and_keeps_what_finished(stack, oai):
+    lines = [_line(f"long-{i}", PROMPTS[i % len(PROMPTS)], 1900) for i in range(40)]
+    upload = oai.files.create(file=("long.jsonl", _jsonl(lines)), purpose="batch")
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    cancelling = oai.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = _until(oai, batch.id, ("cancelled",))
+    assert done.request_counts.completed + done.request_counts.failed == 40
+    assert done.request_counts.failed > 0
+    errors = [json.loads(row) for row in oai.files.content(done.error_file_id).text.splitlines()]
+    assert len(errors) == done.request_counts.failed
+    assert {row["error"]["code"] for row in errors} == {"batch_cancelled"}
+
+
+def test_batches_are_listed_newest_first_with_cursor_paging(oai):
+    ids = []
+    for i in range(3):
+        upload = oai.files.create(file=(f"p{i}.jsonl", _jsonl([_line("only", "hi", 2)])), purpose="batch")
+        ids.append(oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                      completion_window="24h").id)
+    first = oai.batches.list(limit=2)
+    assert [b.id for b in first.data] == ids[::-1][:2] and first.has_more
+    second = oai.batches.list(limit=2, after=first.data[-1].id)
+    assert second.data[0].id == ids[0]
+    everything = [b.id for b in oai.batches.list(limit=2)]  # iterating follows the cursor page by page
+    assert everything[:3] == ids[::-1] and len(everything) == len(set(everything))
+
+
+def test_an_interactive_job_finishes_before_a_batch_that_filled_the_worker(request, tmp_path_factory, slow_model_dir):
+    reference = make_reference(slow_model_dir)
+    with running_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_MAX_BATCH_SIZE="2") as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": "slow-bloom", "prompt": PROMPTS[i % 6], "max_tokens": 60, "temperature": 0}}
+                 for i in range(12)]
+        upload = client.files.create(file=("fill.jsonl", _jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 1, timeout=120,
+                 what="the batch to be under way")
+        urgent = s.submit("Urgent question", parameters={"max_new_tokens": 20})
+        done = wait_for_job(s.url, urgent["id"], timeout=120)
+        finished = client.batches.retrieve(batch.id)
+        assert done["status"] == "succeeded"
+        assert done["output"]["generated_text"] == reference("Urgent question", max_new_tokens=20)
+        assert finished.status == "in_progress"  # the batch was still running when the urgent job ended
+        print(f"interactive job queued {done['metrics']['queue_seconds'] * 1000:.0f} ms behind a full batch")
+        assert _until(client, batch.id, ("completed",), timeout=300).request_counts.completed == 12
