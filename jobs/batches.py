@@ -197,3 +197,76 @@ class BatchStore:
         """Seconds to keep a batch: its window, then the retention period."""
         window = max(0, (batch.expires_at or _now()) - _now())
         return window + self.retention_seconds
+
+
+BATCH_QUEUE_PREFIX = "bloomq:batch-queue:"  # + model + ":" + owner: one list of job ids per key
+BATCH_OWNERS_PREFIX = "bloomq:batch-owners:"  # + model: the keys with lines waiting
+BATCH_TURN_PREFIX = "bloomq:batch-turn:"  # + model: whose turn it is
+BATCH_TAKEN_PREFIX = "bloomq:batch-taken:"  # + worker instance: lines it took and has not finished
+
+# Take the next line in turn: each key with waiting lines gives one, round robin, so one key's huge batch
+# does not make another key's small one wait for it. Atomic, so keys leave the rotation exactly when empty.
+_TAKE = """
+local owners = redis.call('SMEMBERS', KEYS[1])
+if #owners == 0 then return nil end
+table.sort(owners)
+local turn = redis.call('INCR', KEYS[2])
+for i = 0, #owners - 1 do
+  local owner = owners[((turn + i) % #owners) + 1]
+  local id = redis.call('LPOP', ARGV[1] .. owner)
+  if id then
+    redis.call('RPUSH', KEYS[3], id)
+    return id
+  end
+  redis.call('SREM', KEYS[1], owner)
+end
+return nil
+"""
+
+
+class BatchQueue:
+    """Batch lines waiting for a worker: per model, one list per API key, taken in turn.
+
+    Batch lines do not go through Celery: a worker's feeder takes them while its engine has rows to
+    spare, so they never fill the threads that bring interactive jobs in. A worker records the lines it
+    took until they end; those of a worker that died are put back by the reaper (``recover``)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._take = client.register_script(_TAKE)
+
+    @staticmethod
+    def _list(model: str, owner: str | None) -> str:
+        return f"{BATCH_QUEUE_PREFIX}{model}:{owner or '-'}"
+
+    def push(self, model: str, owner: str | None, job_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(self._list(model, owner), job_id)
+        pipe.sadd(BATCH_OWNERS_PREFIX + model, owner or "-")
+        pipe.execute()
+
+    def take(self, model: str, instance: str) -> str | None:
+        """The next job id in turn (recorded as taken by ``instance``), or None when no line waits."""
+        raw = self._take(keys=[BATCH_OWNERS_PREFIX + model, BATCH_TURN_PREFIX + model, BATCH_TAKEN_PREFIX + instance],
+                         args=[f"{BATCH_QUEUE_PREFIX}{model}:"])
+        return raw.decode() if raw is not None else None
+
+    def done(self, instance: str, job_id: str) -> None:
+        """``instance`` has finished with a line it took."""
+        self.redis.lrem(BATCH_TAKEN_PREFIX + instance, 1, job_id)
+
+    def taken_by_the_dead(self, live_instances: set[str]) -> dict[str, list[str]]:
+        """Lines taken by worker instances that are no longer live: instance -> job ids."""
+        found = {}
+        for raw in self.redis.scan_iter(match=BATCH_TAKEN_PREFIX + "*", count=500):
+            instance = raw.decode().removeprefix(BATCH_TAKEN_PREFIX)
+            if instance not in live_instances:
+                found[instance] = [item.decode() for item in self.redis.lrange(raw, 0, -1)]
+        return found
+
+    def forget_taken(self, instance: str) -> None:
+        self.redis.delete(BATCH_TAKEN_PREFIX + instance)
+
+    def depth(self, model: str) -> int:
+        owners = [raw.decode() for raw in self.redis.smembers(BATCH_OWNERS_PREFIX + model)]
+        return sum(self.redis.llen(f"{BATCH_QUEUE_PREFIX}{model}:{owner}") for owner in owners)

@@ -19,6 +19,7 @@ from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.celery_app import notify_completed, send_generate
+from jobs.batches import BatchQueue
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.webhooks import WebhookURLError, check_url
@@ -98,7 +99,10 @@ class JobService:
             # leave a key pointing at a job that was never made.
             earlier = self.store.create(job, claim.binding if claim else None)
             if earlier is None:
-                send_generate(self.celery, job.id, job.queue)
+                if job.priority_class == "batch":
+                    BatchQueue(self.store.redis).push(job.model, job.owner, job.id)
+                else:
+                    send_generate(self.celery, job.id, job.queue)
                 self._confirm_durable(job.id)
         except Exception as exc:
             # Nothing half-written: a job that could not be queued is not left behind as "queued", and

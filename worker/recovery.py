@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import redis
 
+from jobs.batches import BatchQueue
 from jobs.schema import Job, JobStatus
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory
@@ -87,10 +88,11 @@ class OrphanRecovery(Periodic):
 
     def _recover(self) -> None:
         self._resend_lost_deliveries()
+        live = {w.instance for w in self.directory.live()} | {self.instance}
+        self._return_batch_lines(live)
         running = self.store.running_jobs()
         if not running:
             return
-        live = {w.instance for w in self.directory.live()} | {self.instance}
         for job_id in running:
             job = self.store.requeue_if_orphaned(job_id, live)
             if job is not None:
@@ -100,6 +102,17 @@ class OrphanRecovery(Periodic):
             stuck = self.store.fail_if_stuck(job_id, grace_seconds=self.stuck_grace)
             if stuck is not None:
                 log.error("job %s: still running %ds past its deadline; failed", job_id, self.stuck_grace)
+
+    def _return_batch_lines(self, live: set[str]) -> None:
+        """Put back the batch lines a dead worker had taken and not finished (still queued: never started;
+        running ones come back as orphans)."""
+        for instance, job_ids in BatchQueue(self.store.redis).taken_by_the_dead(live).items():
+            for job_id in job_ids:
+                job = self.store.get(job_id)
+                if job is not None and job.status is JobStatus.QUEUED:
+                    log.warning("job %s: batch line taken by %s, which is gone; putting it back", job_id, instance)
+                    self.requeue(job)
+            BatchQueue(self.store.redis).forget_taken(instance)
 
     def _resend_lost_deliveries(self) -> None:
         """Re-send jobs whose message went to a worker that died before starting them.
@@ -118,6 +131,8 @@ class OrphanRecovery(Periodic):
             job = self.store.get(job_id)
             if job is None or job.status is not JobStatus.QUEUED or job.model not in live_models:
                 continue
+            if job.priority_class == "batch":
+                continue  # batch lines wait in their own lists, and come back through _return_batch_lines
             queue = job.queue
             if queue not in empty_queues:
                 empty_queues[queue] = self.store.redis.llen(queue) == 0

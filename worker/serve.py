@@ -18,6 +18,7 @@ from pathlib import Path
 from config.logs import configure_logging
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
+from jobs.batches import BatchQueue
 from jobs.celery_app import WEBHOOK_QUEUE, make_celery, send_generate
 from jobs.metrics import record_batch_sizes
 from jobs.schema import Job
@@ -25,6 +26,7 @@ from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.liveness import CancelListener, Heartbeat
+from worker.feeder import BatchFeeder, batch_rows
 from worker.recovery import DeadlineExpiry, OrphanRecovery
 from worker.launcher import READY_FILE_ENV
 
@@ -98,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     directory = WorkerDirectory(client)
     instance = f"{name}:{os.getpid()}"
 
+    batch_queue = BatchQueue(client)
+
     def requeue(job: Job) -> None:
-        send_generate(app, job.id, job.queue)
+        if job.priority_class == "batch":
+            batch_queue.push(job.model, job.owner, job.id)
+        else:
+            send_generate(app, job.id, job.queue)
 
     runner = JobRunner(store, engine, name, celery=app, instance=instance, requeue=requeue,
                        result_patience=settings.result_patience_seconds)
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat = Heartbeat(directory, current_info, settings.heartbeat_seconds)
     background = [
         heartbeat,
+        BatchFeeder(batch_queue, spec.name, runner, batch_rows(settings.max_batch_size)),
         CancelListener(client, runner.cancel),
         DeadlineExpiry(store, on_expired=runner.notify_expired),
         OrphanRecovery(
@@ -164,12 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Threads, never a fork: the model is already loaded (maybe on CUDA) in this process. Each
                 # thread hands its job to the one engine thread, which batches them.
                 "--pool=threads",
-                # Two threads per batch row, plus one for webhook tasks (they only hand over to the dispatcher):
-                # with the batch full, jobs still come in and wait in the engine, where the most urgent one
-                # (interactive before batch, then by priority) takes the next free row.
-                f"--concurrency={2 * settings.max_batch_size + 1}",
-                # Taken in this order (queue_order_strategy "priority"): interactive jobs, webhooks, batch lines.
-                f"--queues={spec.queue},{WEBHOOK_QUEUE},{spec.batch_queue}",
+                # One thread per batch row, plus one for webhook tasks (they only hand over to the dispatcher).
+                f"--concurrency={settings.max_batch_size + 1}",
+                # Interactive jobs, then webhooks (queue_order_strategy "priority"); batch lines come through
+                # the batch feeder instead, so they never take these threads.
+                f"--queues={spec.queue},{WEBHOOK_QUEUE}",
                 f"--hostname={name}",
                 f"--loglevel={settings.log_level}",
                 "--without-gossip",

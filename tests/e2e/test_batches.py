@@ -121,3 +121,27 @@ def test_an_interactive_job_finishes_before_a_batch_that_filled_the_worker(reque
         assert finished.status == "in_progress"  # the batch was still running when the urgent job ended
         print(f"interactive job queued {done['metrics']['queue_seconds'] * 1000:.0f} ms behind a full batch")
         assert _until(client, batch.id, ("completed",), timeout=300).request_counts.completed == 12
+
+
+def test_two_keys_batches_share_the_worker_fairly(request, tmp_path_factory, tiny_model_dir):
+    keys = ("key-big", "key-small")
+    with running_stack(request, tmp_path_factory, tiny_model_dir, BLOOMQ_API_KEYS=",".join(keys),
+                       BLOOMQ_MAX_BATCH_SIZE="2") as s:
+        clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key=k, max_retries=0, timeout=60) for k in keys]
+
+        def start(client, n):
+            lines = [_line(f"r{i}", PROMPTS[i % 6], 300) for i in range(n)]
+            upload = client.files.create(file=("b.jsonl", _jsonl(lines)), purpose="batch")
+            return client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                         completion_window="24h")
+
+        big = start(clients[0], 40)  # first in, and four times the size
+        small = start(clients[1], 10)
+        with pytest.raises(openai.NotFoundError):
+            clients[1].batches.retrieve(big.id)  # another key's batch
+        _until(clients[1], small.id, ("completed",), timeout=180)
+        progress = clients[0].batches.retrieve(big.id).request_counts
+        # Taking turns, the small batch ended while the big one had done about as many lines, not all 40.
+        assert progress.completed < 40
+        print(f"when the small batch (10 lines) ended, the big one had {progress.completed} of 40 done")
+        assert _until(clients[0], big.id, ("completed",), timeout=300).request_counts.completed == 40
