@@ -145,3 +145,34 @@ def test_two_keys_batches_share_the_worker_fairly(request, tmp_path_factory, tin
         assert progress.completed < 40
         print(f"when the small batch (10 lines) ended, the big one had {progress.completed} of 40 done")
         assert _until(clients[0], big.id, ("completed",), timeout=300).request_counts.completed == 40
+
+
+def test_a_worker_killed_and_redis_restarted_mid_batch_lose_no_line(request, tmp_path_factory, slow_model_dir):
+    from tests.e2e.conftest import make_stack
+
+    stack = make_stack(request, tmp_path_factory, slow_model_dir, appendonly=True, BLOOMQ_MAX_BATCH_SIZE="4")
+    try:
+        stack.start_web()
+        first = stack.start_worker()
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=2, timeout=60)
+        lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": "slow-bloom", "prompt": PROMPTS[i % 6], "max_tokens": 40 + 10 * (i % 5),
+                           "temperature": 0}} for i in range(24)]
+        upload = client.files.create(file=("crash.jsonl", _jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2, timeout=120,
+                 what="the batch to be under way")
+        first.kill()  # SIGKILL with lines running in its engine and taken from the queue
+        stack.start_worker()
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 8, timeout=120,
+                 what="the batch to go on")
+        stack.redis.restart(down_seconds=1)
+        done = _until(client, batch.id, ("completed",), timeout=300)
+        assert done.request_counts.completed == 24 and done.request_counts.failed == 0
+        output = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
+        assert sorted(row["custom_id"] for row in output) == sorted(f"l{i}" for i in range(24))
+        logs = "".join(w.log() for w in stack.workers)
+        for row in output:  # exactly once: one stored result per line's job
+            assert logs.count(f"job {row['response']['request_id']}: succeeded") == 1
+    finally:
+        stack.stop()
