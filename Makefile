@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench bench-watchers bench-burst chaos bench-failover redis-server chromium wrk clean
+.PHONY: install run test tiny bench bench-watchers bench-burst bench-priorities chaos bench-failover redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,9 +52,17 @@ bench-watchers: install redis-server
 bench-burst: install redis-server
 	$(PY) bench/burst.py $(BENCH_ARGS)
 
+# A batch filling the worker while interactive jobs arrive; two keys' batches side by side.
+bench-priorities: install redis-server
+	$(PY) bench/priorities.py $(BENCH_ARGS)
+
 # N = 1000 jobs while the worker is killed several times and Redis restarts once.
 chaos: install redis-server
 	$(PY) bench/chaos.py $(CHAOS_ARGS)
+
+# A batch filling the worker while interactive jobs arrive; two keys' batches side by side.
+bench-priorities: install redis-server
+	$(PY) bench/priorities.py $(BENCH_ARGS)
 
 # N = 1000 jobs while the Sentinel-managed Redis master is killed twice; submit latency with WAIT on and off.
 bench-failover: install redis-server

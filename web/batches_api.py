@@ -18,7 +18,16 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
-from jobs.batches import ERRORS_SUFFIX, OUTPUT_SUFFIX, BatchError, BatchErrors, BatchLine, BatchObject, BatchStore
+from jobs.batches import (
+    ERRORS_SUFFIX,
+    OUTPUT_SUFFIX,
+    BatchError,
+    BatchErrors,
+    BatchLine,
+    BatchObject,
+    BatchStore,
+    RequestCounts,
+)
 from jobs.schema import Job, JobStatus
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, field_errors
@@ -81,7 +90,7 @@ def upload_file() -> Response:
 
 def _own_file(file_id: str):  # noqa: ANN202 - a FileObject
     if file_id.endswith((OUTPUT_SUFFIX, ERRORS_SUFFIX)):
-        batch = _own_batch(file_id.removeprefix("file-").removesuffix(OUTPUT_SUFFIX).removesuffix(ERRORS_SUFFIX))
+        batch = own_batch(file_id.removeprefix("file-").removesuffix(OUTPUT_SUFFIX).removesuffix(ERRORS_SUFFIX))
         return None, batch
     meta = _store().file(file_id)
     if meta is None or (current_owner() is not None and meta.owner != current_owner()):
@@ -142,8 +151,13 @@ def create_batch() -> Response:
     meta, _ = _own_file(file_id)
     if meta is None:
         raise _invalid("input_file_id", "a batch's result file cannot be a batch's input")
+    return jsonify(_public(start_batch(file_id, window, metadata)))
+
+
+def start_batch(file_id: str, window: str, metadata: dict[str, str] | None) -> BatchObject:
+    """Make a batch of the caller's file: validated as a whole, then every line queued."""
     now = int(time.time())
-    batch = BatchObject(id=f"batch_{secrets.token_hex(12)}", endpoint=endpoint, input_file_id=file_id,
+    batch = BatchObject(id=f"batch_{secrets.token_hex(12)}", endpoint=ENDPOINT, input_file_id=file_id,
                         completion_window=window, created_at=now, expires_at=now + WINDOWS[window],
                         metadata=metadata, owner=current_owner())
     store = _store()
@@ -153,7 +167,7 @@ def create_batch() -> Response:
         batch = batch.model_copy(update={"status": "failed", "failed_at": int(time.time()),
                                          "errors": BatchErrors(data=errors)})
         store.save(batch)
-        return jsonify(_public(batch))
+        return batch
     deadline = datetime.fromtimestamp(batch.expires_at, UTC)
     lines = []
     for custom_id, req in parsed:
@@ -166,9 +180,9 @@ def create_batch() -> Response:
     store.add_lines(batch.id, lines)
     total = sum(len(line.job_ids) for line in lines)
     batch = batch.model_copy(update={"status": "in_progress", "in_progress_at": int(time.time()),
-                                     "request_counts": {"total": total, "completed": 0, "failed": 0}})
+                                     "request_counts": RequestCounts(total=total)})
     store.save(batch)
-    return jsonify(_public(batch))
+    return batch
 
 
 def _parse(content: bytes) -> tuple[list[tuple[str, CompletionRequest]], list[BatchError]]:
@@ -221,7 +235,7 @@ def _parse(content: bytes) -> tuple[list[tuple[str, CompletionRequest]], list[Ba
     return parsed, errors
 
 
-def _own_batch(batch_id: str) -> BatchObject:
+def own_batch(batch_id: str) -> BatchObject:
     """The caller's batch, brought up to date (a 404 for an unknown one or another key's)."""
     found = _store().batch(batch_id)
     if found is None or (current_owner() is not None and found[0].owner != current_owner()):
@@ -235,8 +249,8 @@ def _progress(batch: BatchObject, counts: dict[str, int]) -> BatchObject:
     if batch.status not in ("in_progress", "cancelling"):
         return batch
     total = batch.request_counts.total
-    update: dict[str, Any] = {"request_counts": {"total": total, "completed": counts["completed"],
-                                                 "failed": counts["failed"]}}
+    update: dict[str, Any] = {"request_counts": RequestCounts(total=total, completed=counts["completed"],
+                                                              failed=counts["failed"])}
     if counts["completed"] + counts["failed"] >= total:
         now = int(time.time())
         if batch.status == "cancelling":
@@ -259,13 +273,13 @@ def _public(batch: BatchObject) -> dict[str, Any]:
 
 @batches_api.get("/batches/<batch_id>")
 def get_batch(batch_id: str) -> Response:
-    return jsonify(_public(_own_batch(batch_id)))
+    return jsonify(_public(own_batch(batch_id)))
 
 
 @batches_api.post("/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str) -> Response:
     """Queued lines never run; running ones stop within a step; the batch ends ``cancelled``."""
-    batch = _own_batch(batch_id)
+    batch = own_batch(batch_id)
     if batch.status not in ("validating", "in_progress"):
         return jsonify(_public(batch))
     batch = batch.model_copy(update={"status": "cancelling", "cancelling_at": int(time.time())})
@@ -292,7 +306,7 @@ def list_batches() -> Response:
     after = request.args.get("after")
     start = ids.index(after) + 1 if after in ids else 0
     page = ids[start : start + limit]
-    data = [_public(_own_batch(batch_id)) for batch_id in page]
+    data = [_public(own_batch(batch_id)) for batch_id in page]
     return jsonify({"object": "list", "data": data, "first_id": page[0] if page else None,
                     "last_id": page[-1] if page else None, "has_more": start + limit < len(ids)})
 

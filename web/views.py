@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -102,6 +103,67 @@ def job_page(job_id: str) -> str:
         events_url=url_for("api.job_events", job_id=job.id),
         cancel_url=url_for("api.cancel_job", job_id=job.id),
     )
+
+
+@views.get("/batches")
+def batches_page() -> str:
+    """Upload a batch (JSONL, or one prompt per line with the form's parameters) and follow your batches."""
+    return render_template("batches.html", models=_service().models(), batches=_your_batches(), errors={}, form={})
+
+
+@views.post("/batches")
+@limit_submissions
+def submit_batch() -> Response | tuple[str, int]:
+    """Start a batch from the uploaded file; redirect to its page, or show the form again with messages."""
+    from web.batches_api import start_batch
+
+    upload = request.files.get("file")
+    content = upload.read() if upload is not None else b""
+    errors: dict[str, str] = {}
+    if not content.strip():
+        errors["file"] = "choose a file with at least one line"
+    elif request.form.get("kind") == "prompts":
+        body, errors = form_to_request(MultiDict({**request.form.to_dict(), "inputs": "x"}))
+        content = _prompts_as_jsonl(content, body)
+    if not errors:
+        store = current_app.extensions["bloomq.batches"]
+        meta = store.add_file(content, upload.filename or "batch.jsonl", "batch", current_owner())
+        batch = start_batch(meta.id, "24h", None)
+        return redirect(url_for("views.batch_page", batch_id=batch.id), code=303)
+    return render_template("batches.html", models=_service().models(), batches=_your_batches(), errors=errors,
+                           form=request.form), 422
+
+
+@views.get("/batches/<batch_id>")
+def batch_page(batch_id: str) -> str:
+    """One batch: progress (the page refreshes itself while it runs), errors, and its result files."""
+    from web.batches_api import own_batch
+
+    return render_template("batch.html", batch=own_batch(batch_id))
+
+
+def _your_batches() -> list[Any]:
+    from web.batches_api import own_batch
+
+    store = current_app.extensions["bloomq.batches"]
+    return [own_batch(batch_id) for batch_id in store.batch_ids(current_owner())[:20]]
+
+
+def _prompts_as_jsonl(content: bytes, body: dict[str, Any]) -> bytes:
+    """A plain text file, one prompt per line, as batch requests with the form's parameters."""
+    params = body["parameters"]
+    request_body: dict[str, Any] = {"model": body.get("model") or _service().registry.default.name,
+                                    "max_tokens": params.get("max_new_tokens", 64)}
+    request_body["temperature"] = params.get("temperature", 0)
+    for name in ("top_k", "top_p", "repetition_penalty", "seed"):
+        if name in params:
+            request_body[name] = params[name]
+    lines = []
+    for number, prompt in enumerate(content.decode(errors="replace").splitlines(), start=1):
+        if prompt.strip():
+            lines.append(json.dumps({"custom_id": f"line-{number}", "method": "POST", "url": "/v1/completions",
+                                     "body": {**request_body, "prompt": prompt}}, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode()
 
 
 @views.route("/login", methods=["GET", "POST"])

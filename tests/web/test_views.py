@@ -66,3 +66,21 @@ def test_a_form_post_without_the_csrf_token_is_refused(client, redis_client):
 
 def test_the_pages_say_when_auth_is_off(client):
     assert "API keys are off" in client.get("/").get_data(as_text=True)
+
+
+def test_a_plain_text_file_of_prompts_becomes_a_batch_with_a_page(client, redis_client):
+    import io
+
+    page = client.get("/batches")
+    assert page.status_code == 200 and b"Your batches" in page.data
+    token = csrf_token(page.get_data(as_text=True))
+    data = {"kind": "prompts", "max_new_tokens": "5", "temperature": "0", "csrf_token": token,
+            "file": (io.BytesIO("first prompt\n\nsecond prompt\n".encode()), "prompts.txt")}
+    response = client.post("/batches", data=data, content_type="multipart/form-data")
+    assert response.status_code == 303
+    batch_page = client.get(response.headers["Location"])
+    assert batch_page.status_code == 200 and b"of 2" in batch_page.data  # two prompts, the blank line skipped
+    assert redis_client.llen("bloomq:batch-queue:tiny-bloom:-") == 2
+    empty = client.post("/batches", data={"kind": "prompts", "csrf_token": token, "file": (io.BytesIO(b""), "x.txt")},
+                        content_type="multipart/form-data")
+    assert empty.status_code == 422 and b"at least one line" in empty.data
