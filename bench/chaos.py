@@ -37,6 +37,13 @@ def chaos_model() -> Path:
     return model
 
 
+def fresh_logs(folder: Path) -> None:
+    """An empty log folder for this run's processes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.log"):
+        old.unlink()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -46,9 +53,7 @@ def main() -> int:
     args = parser.parse_args()
 
     model = chaos_model()
-    LOGS.mkdir(parents=True, exist_ok=True)
-    for old in LOGS.glob("*.log"):
-        old.unlink()
+    fresh_logs(LOGS)
     redis = RedisServer(Path(tempfile.mkdtemp(prefix="bloomq-chaos-")), appendonly=True).start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -19,11 +19,14 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config.settings import Settings, SettingsError  # noqa: E402
+from config.settings import DEFAULT_SENTINEL_MASTER, Settings, SettingsError  # noqa: E402
+from jobs.store import connect  # noqa: E402
 
 
-def redis_answers(url: str) -> bool:
+def redis_answers(url: str, sentinel_master: str = DEFAULT_SENTINEL_MASTER) -> bool:
     try:
+        if url.startswith("sentinel:"):
+            return bool(connect(url, sentinel_master).ping())
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except redis.RedisError:
         return False
@@ -31,6 +34,9 @@ def redis_answers(url: str) -> bool:
 
 def start_redis(url: str) -> subprocess.Popen[bytes]:
     parsed = urlparse(url)
+    if parsed.scheme == "sentinel":
+        sys.exit(f"no master answers through the sentinels of BLOOMQ_REDIS_URL={url}; start the Redis nodes and "
+                 "sentinels first (see the README's high availability section)")
     if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"nothing answers at BLOOMQ_REDIS_URL={url}, and it is not local, so it cannot be started here")
     binary = shutil.which("redis-server")
@@ -56,7 +62,7 @@ def main() -> int:
     except SettingsError as exc:
         sys.exit(f"[stack] {exc}")
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    if not redis_answers(settings.redis_url):
+    if not redis_answers(settings.redis_url, settings.redis_sentinel_master):
         children.append(("redis", start_redis(settings.redis_url)))
     python = sys.executable
     children.append(("worker", subprocess.Popen([python, "-m", "worker"], cwd=ROOT, process_group=0)))

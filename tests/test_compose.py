@@ -77,3 +77,15 @@ def test_dockerfile_builds_the_targets_compose_uses(compose):
     for service in ("web", "worker"):
         assert f"AS {compose['services'][service]['build']['target']}" in dockerfile
     assert Path(ROOT / "pyproject.toml").exists()
+
+
+def test_ha_profile_has_a_replica_and_three_sentinels_watching_the_master(compose):
+    services = compose["services"]
+    assert "--replicaof redis 6379" in " ".join(services["redis-replica"]["command"])
+    sentinels = [name for name, service in services.items() if "--sentinel" in " ".join(service["command"])]
+    assert sorted(sentinels) == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in ["redis-replica", *sentinels]:
+        assert services[name]["profiles"] == ["ha"]
+        assert "sentinel monitor mymaster redis 6379 2" in " ".join(services[name]["command"]) or name == "redis-replica"
+    env = compose["x-bloomq-env"]
+    assert {"BLOOMQ_REDIS_URL", "BLOOMQ_REDIS_SENTINEL_MASTER", "BLOOMQ_REDIS_MIN_REPLICAS"} <= set(env)

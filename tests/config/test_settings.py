@@ -33,3 +33,25 @@ def test_bad_value_fails_loudly_naming_the_variable(name, value):
 def test_default_model_is_listed_once_even_when_repeated():
     s = Settings.from_env({"BLOOMQ_MODEL": "bloom-1b7", "BLOOMQ_MODELS": "bloom-1b7,bloom-3b"})
     assert s.model_refs == ("bloom-1b7", "bloom-3b")
+
+
+def test_sentinel_urls_are_parsed_as_celery_spells_them():
+    from config.settings import parse_sentinel_url
+
+    s = Settings.from_env({"BLOOMQ_REDIS_URL": "sentinel://h1:26379;sentinel://h2:26380;sentinel://h3/2",
+                           "BLOOMQ_REDIS_SENTINEL_MASTER": "bloomq", "BLOOMQ_REDIS_MIN_REPLICAS": "1"})
+    target = s.redis_sentinel
+    assert target.sentinels == (("h1", 26379), ("h2", 26380), ("h3", 26379))
+    assert (target.master, target.db, s.redis_min_replicas) == ("bloomq", 2, 1)
+    # kombu reads the database and password from the first entry only: every entry carries them.
+    assert target.broker_url == "sentinel://h1:26379/2;sentinel://h2:26380/2;sentinel://h3:26379/2"
+    secret = parse_sentinel_url("sentinel://:p%40ss@h1:26379;sentinel://:p%40ss@h2:26379/1")
+    assert secret.password == "p@ss" and secret.broker_url.startswith("sentinel://:p%40ss@h1:26379/1;")
+    assert Settings().redis_sentinel is None and Settings().redis_min_replicas == 0
+
+
+@pytest.mark.parametrize("url", ["http://h:6379/0", "sentinel://h1:26379/1;sentinel://h2:26379/2",
+                                 "sentinel://h1:26379;redis://h2:6379/0", "sentinel://:26379"])
+def test_a_bad_redis_url_names_the_variable(url):
+    with pytest.raises(SettingsError, match="BLOOMQ_REDIS_URL"):
+        Settings.from_env({"BLOOMQ_REDIS_URL": url})

@@ -70,3 +70,22 @@ def test_prompt_length_is_checked_at_submit_with_the_models_own_tokenizer(redis_
     assert over_total.get_json()["error"]["fields"][0]["name"] == "parameters.max_new_tokens"
     assert client.post("/api/v1/jobs", json={"inputs": "Once upon a time"}).status_code == 202
     assert redis_client.llen("bloomq.tiny-bloom") == 1  # only the valid one was queued
+
+
+def test_without_replica_acknowledgement_a_submission_is_a_503_and_leaves_nothing(redis_server, redis_client):
+    # BLOOMQ_REDIS_MIN_REPLICAS=1 on a Redis without replicas: WAIT times out, so nothing is accepted.
+    app = create_app(Settings(redis_url=redis_server.url, model="/models/tiny-bloom", redis_min_replicas=1,
+                              redis_replica_wait_seconds=0.1))
+    client = app.test_client()
+    response = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers={"Idempotency-Key": "k1"})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.get_json()["error"]["type"] == "unavailable"
+    assert redis_client.keys("bloomq:job:*") == [] and redis_client.keys("bloomq:idem*") == []
+
+
+def test_an_idempotency_conflict_leaves_the_key_bound_to_its_job(client):
+    first = client.post("/api/v1/jobs", json={"inputs": "a"}, headers={"Idempotency-Key": "same"})
+    conflict = client.post("/api/v1/jobs", json={"inputs": "b"}, headers={"Idempotency-Key": "same"})
+    again = client.post("/api/v1/jobs", json={"inputs": "a"}, headers={"Idempotency-Key": "same"})
+    assert (first.status_code, conflict.status_code, again.status_code) == (202, 409, 200)
+    assert again.get_json()["id"] == first.get_json()["id"]
