@@ -14,13 +14,13 @@ from typing import Any, Literal
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.schema import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, FinishReason, GenerateParameters, Job, JobRequest
+from jobs.schema import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, FinishReason, Job, JobRequest
 from web.api import read_json_object, watch
 from web.auth import authenticate_api, current_owner
 from web.chat import ChatTemplateError, render_chat
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
-from web.relay import JobEvent, TextRelay, cancel_unfinished, follow_jobs, wait_for_jobs
+from web.relay import JobEvent, TextRelay, cancel_unfinished, follow_jobs, wait_until_succeeded
 from web.service import BatchLine, JobService
 
 MAX_CHOICES = 8  # n, and prompts in one request, times each other
@@ -308,14 +308,7 @@ class Completion:
 
     def wait(self, jobs: list[Job]) -> list[Job]:
         """The jobs once final, holding the client's connection (a watcher slot, no thread)."""
-        svc = _service()
-        seconds = svc.settings.max_job_seconds + 60
-        with watch(seconds):
-            done = wait_for_jobs(svc, [job.id for job in jobs], seconds)
-        for job in done:
-            if job.status.value != "succeeded":
-                raise _job_error(job)
-        return done
+        return wait_until_succeeded(_service(), jobs, _job_error)
 
     def body(self, jobs: list[Job], choices: list[dict[str, Any]]) -> dict[str, Any]:
         """The response body over the finished ``jobs``."""

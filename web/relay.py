@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,20 @@ def wait_for_jobs(svc: JobService, job_ids: list[str], timeout: float) -> list[J
             raise LookupError(f"job {job_id} disappeared while waiting for it")
         jobs.append(job)
     return jobs
+
+
+def wait_until_succeeded(svc: JobService, jobs: list[Job], error: Callable[[Job], Exception]) -> list[Job]:
+    """The jobs once every one is final, holding the client's connection meanwhile (a watcher slot, no
+    thread); ``error(job)`` is raised for the first one that did not succeed (or did not finish in time)."""
+    from web.api import watch  # (the API module imports the service this one uses)
+
+    seconds = svc.settings.max_job_seconds + 60
+    with watch(seconds):
+        done = wait_for_jobs(svc, [job.id for job in jobs], seconds)
+    for job in done:
+        if job.status.value != "succeeded":
+            raise error(job)
+    return done
 
 
 @dataclass

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config.models import ModelSpec
@@ -22,7 +22,7 @@ from web.api import read_json_object, watch
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
-from web.relay import cancel_unfinished, follow_jobs, wait_for_jobs
+from web.relay import cancel_unfinished, follow_jobs, wait_until_succeeded
 from web.service import JobService
 
 MAX_BEST_OF = 2
@@ -207,13 +207,7 @@ def _generate(spec: ModelSpec, req: TgiRequest, params: dict[str, Any]) -> tuple
         if best_of > 1 and "seed" in params:
             job_params["seed"] = params["seed"] + i
         jobs.append(_submit(spec, req.inputs, job_params))
-    svc = _service()
-    seconds = svc.settings.max_job_seconds + 60
-    with watch(seconds):
-        done = wait_for_jobs(svc, [job.id for job in jobs], seconds)
-    for job in done:
-        if job.status.value != "succeeded":
-            raise _job_error(job)
+    done = wait_until_succeeded(_service(), jobs, _job_error)
     done.sort(key=_score, reverse=True)  # best_of: the most likely sequence first
     best = done[0]
     result: dict[str, Any] = {"generated_text": best.output.generated_text}

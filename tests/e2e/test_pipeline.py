@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import re
 
-import pytest
 import requests
 
 from tests.support import csrf_token, wait_for_job
