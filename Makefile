@@ -60,10 +60,6 @@ bench-priorities: install redis-server
 chaos: install redis-server
 	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
-# A batch filling the worker while interactive jobs arrive; two keys' batches side by side.
-bench-priorities: install redis-server
-	$(PY) bench/priorities.py $(BENCH_ARGS)
-
 # N = 1000 jobs while the Sentinel-managed Redis master is killed twice; submit latency with WAIT on and off.
 bench-failover: install redis-server
 	$(PY) bench/failover.py $(BENCH_ARGS)
