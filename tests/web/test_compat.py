@@ -105,3 +105,33 @@ def test_the_openapi_document_covers_the_compatible_routes(client):
         assert path in doc["paths"], path
     assert "prompt" in doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "inputs" in doc["components"]["schemas"]["TgiRequest"]["properties"]
+
+
+def test_lines_left_at_the_end_of_the_window_expire_the_batch(client, redis_client):
+    import io
+    import json
+    from datetime import timedelta
+
+    from jobs.schema import utcnow
+    from web.batches_api import _store
+
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "bloom-560m", "prompt": "hi", "max_tokens": 3}} for i in range(2)]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = client.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content), "b.jsonl")},
+                         content_type="multipart/form-data").get_json()
+    batch = client.post("/v1/batches", json={"input_file_id": upload["id"], "endpoint": "/v1/completions",
+                                             "completion_window": "24h"}).get_json()
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 2
+    store = client.application.extensions["bloomq"].store
+    with client.application.app_context():
+        job_ids = [job_id for line in _store().lines(batch["id"]) for job_id in line.job_ids]
+    past = utcnow() - timedelta(seconds=1)
+    for job_id in job_ids:  # the window ran out with no worker to take the lines
+        store._update(job_id, lambda job: job.model_copy(update={"deadline": past}))
+    assert sorted(store.expire_overdue(now=utcnow() + timedelta(days=2))) == sorted(job_ids)
+    expired = client.get(f"/v1/batches/{batch['id']}").get_json()
+    assert expired["status"] == "expired" and expired["request_counts"]["failed"] == 2
+    assert expired["output_file_id"] is None
+    rows = client.get(f"/v1/files/{expired['error_file_id']}/content").get_data(as_text=True).splitlines()
+    assert {json.loads(row)["error"]["code"] for row in rows} == {"batch_expired"}
