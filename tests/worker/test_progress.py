@@ -73,6 +73,7 @@ def test_a_restart_is_announced_and_the_text_resumes_from_its_beginning(redis_cl
     publisher.tick()
     events = [(event, data.get("text")) for event, data in _events(store, job.id) if event in ("token", "restart")]
     assert events == [("token", "Hello"), ("restart", None), ("token", "He"), ("token", "llo!")]
+    publisher.forget(job.id)
 
 
 def test_partial_output_reaches_the_record_and_cancels_and_takeovers_are_reported(redis_client):
@@ -94,6 +95,8 @@ def test_partial_output_reaches_the_record_and_cancels_and_takeovers_are_reporte
     other_seq.text = "xy"
     publisher.tick()
     assert cancelled == [job.id] and superseded == [other.id]
+    publisher.forget(job.id)
+    publisher.forget(other.id)
 
 
 def test_a_job_that_asked_for_details_streams_every_token_once_with_its_logprob(redis_client):
