@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench bench-watchers bench-burst bench-priorities chaos bench-failover redis-server chromium wrk clean
+.PHONY: install run test tiny bench bench-watchers bench-burst bench-priorities bench-gpu chaos bench-failover redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-burst: install redis-server
 # A batch filling the worker while interactive jobs arrive; two keys' batches side by side.
 bench-priorities: install redis-server
 	$(PY) bench/priorities.py $(BENCH_ARGS)
+
+# The stack on the real GPU, the engine's decode step against the memory-bandwidth floor, HF generate, prefill.
+bench-gpu: install redis-server
+	$(PY) bench/gpu.py $(BENCH_ARGS)
 
 # N = 1000 jobs while the worker is killed several times and Redis restarts once.
 chaos: install redis-server
