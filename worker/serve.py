@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                                        "memory_bytes": engine.memory_in_use()})
 
     heartbeat = Heartbeat(directory, current_info, settings.heartbeat_seconds)
+    feeder = BatchFeeder(batch_queue, spec.name, runner, batch_rows(settings.max_batch_size))
+    # Started in this order (announced before taking any batch line); stopped feeder first, so its lines
+    # finish while this worker still announces itself and no reaper takes them.
     background = [
         heartbeat,
-        BatchFeeder(batch_queue, spec.name, runner, batch_rows(settings.max_batch_size)),
+        feeder,
         CancelListener(client, runner.cancel),
         DeadlineExpiry(store, on_expired=runner.notify_expired),
         OrphanRecovery(
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     finally:
-        for item in background:
+        for item in [feeder, *(item for item in background if item is not feeder)]:
             item.stop()
         engine.stop()
         webhooks.shutdown()
