@@ -31,15 +31,8 @@ from jobs.batches import (
 from jobs.schema import Job, JobStatus
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, field_errors
-from web.openai_api import (
-    Completion,
-    CompletionRequest,
-    check_completion,
-    completion_choices,
-    completion_jobs,
-    openai_error,
-    submit_jobs,
-)
+from web.openai_api import Completion, completion_choices, openai_error, submit_jobs
+from web.openai_schema import CompletionRequest, check_completion, completion_jobs
 from web.service import BatchLine as JobBatchLine
 from web.service import JobService
 

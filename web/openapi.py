@@ -138,8 +138,8 @@ def _compatible_paths() -> dict[str, Any]:
 
 def build_openapi(version: str) -> dict[str, Any]:
     """The whole document."""
-    from web.openai_api import ChatRequest, CompletionRequest  # (they import the API, which imports this)
-    from web.tgi_api import TgiRequest
+    from web.openai_schema import ChatRequest, CompletionRequest
+    from web.tgi_api import TgiRequest  # (it imports the API, which imports this)
 
     models = [*_MODELS, (CompletionRequest, "validation"), (ChatRequest, "validation"), (TgiRequest, "validation")]
     _, top = models_json_schema(models, ref_template=REF)
