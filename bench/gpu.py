@@ -63,7 +63,8 @@ from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from jobs.schema import GenerateParameters  # noqa: E402
 from worker.batch import Batch, Sequence  # noqa: E402
-from worker.engine import Engine, EngineConfig, kv_bytes_per_slot  # noqa: E402
+from worker.engine import Engine, EngineConfig  # noqa: E402
+from worker.memory import kv_bytes_per_slot  # noqa: E402
 from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
 from worker.sampling import RowSampling  # noqa: E402
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -25,6 +24,17 @@ from config.models import ModelSpec
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import FinishReason, GenerateParameters, GenerationDetails, JobOutput, TokenDetail
 from worker.batch import Batch, Sequence, peak_slots_alone
+from worker.faults import (
+    NON_FINITE,
+    DeviceFault,
+    GenerationError,
+    OutOfMemory,
+    RequestValidationError,
+    is_fatal_device_error,
+    out_of_memory,
+    row_error,
+)
+from worker.memory import default_slot_budget, free_device_memory
 from worker.loading import LoadedModel
 from worker.sampling import RowSampling
 
@@ -36,51 +46,6 @@ CAP_RECOVERY_STEPS = 16  # successful decode steps per extra batch row, after an
 # before it fails: enough for the halving retry to get from the largest batch down to one row.
 MAX_RESTARTS = 8
 BURST_WINDOWS = 10  # an idle engine waits for a burst at most this many quiet periods (BLOOMQ_BATCH_WAIT_MS)
-
-# Errors after which a CUDA context is unusable: every later call fails too, so the process must go.
-FATAL_DEVICE_MARKERS = (
-    "device-side assert",
-    "illegal memory access",
-    "unspecified launch failure",
-    "misaligned address",
-    "illegal instruction",
-    "CUDA error",
-)
-
-
-def is_fatal_device_error(exc: BaseException) -> bool:
-    """Whether ``exc`` left the device unusable (as opposed to failing one request)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return any(marker in str(exc) for marker in FATAL_DEVICE_MARKERS)
-
-
-class GenerationError(Exception):
-    """A job that cannot be generated; ``type`` goes into the job's error."""
-
-    type = "generation_error"
-
-
-class RequestValidationError(GenerationError):
-    """A request the model cannot serve (too long a prompt, too many tokens)."""
-
-    type = "validation_error"
-
-
-class DeviceFault(GenerationError):
-    """The device failed in a way that ends this worker process (see ``is_fatal_device_error``)."""
-
-    type = "device_error"
-
-
-class OutOfMemory(GenerationError):
-    """The request does not fit in device memory even alone."""
-
-    type = "out_of_memory"
-
 
 @dataclass
 class GenerationResult:
@@ -98,34 +63,6 @@ class EngineConfig:
     max_batch_size: int = 32
     max_batch_slots: int | None = None  # KV slots (rows x cache columns); None: derived from free memory
     max_wait_seconds: float = 0.0
-
-
-def kv_bytes_per_slot(model: Any) -> int:
-    """Bytes one token of one row occupies in the KV cache (keys + values, all layers)."""
-    config = model.config
-    itemsize = next(model.parameters()).element_size()
-    return 2 * config.n_layer * config.hidden_size * itemsize
-
-
-def default_slot_budget(model: Any, device: torch.device) -> int:
-    """KV slots that fit in the memory left after loading the model."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        available = free * 0.8  # the rest is for activations, logits and allocator slack
-    else:
-        available = _mem_available_bytes() * 0.5
-    return max(1, int(available // kv_bytes_per_slot(model)))
-
-
-def _mem_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class Engine:
@@ -396,7 +333,7 @@ class Engine:
         except Exception as exc:
             if self._fatal(exc, seqs + (self.batch.seqs if self.batch else [])):
                 return
-            if _out_of_memory(exc):
+            if out_of_memory(exc):
                 self._recover(seqs, exc)  # retry smaller, then fail alone
                 return
             new = self._prefill_apart(seqs, exc)  # find the request(s) at fault; the others go on
@@ -418,7 +355,7 @@ class Engine:
         """A group's prefill raised (not out of memory): prefill each request alone, fail the ones that
         fail alone, and return the others as one batch (None when none is left)."""
         if len(seqs) == 1:
-            seqs[0].finish(error=_row_error("reading the prompt", exc))
+            seqs[0].finish(error=row_error("reading the prompt", exc))
             return None
         log.warning("prefill of %d requests raised %s: %s; trying each alone", len(seqs), type(exc).__name__, exc)
         batches = []
@@ -428,10 +365,10 @@ class Engine:
             except Exception as alone:
                 if self._fatal(alone, seqs):
                     return None
-                if _out_of_memory(alone):
+                if out_of_memory(alone):
                     self._recover([seq], alone)
                     continue
-                seq.finish(error=_row_error("reading the prompt", alone))
+                seq.finish(error=row_error("reading the prompt", alone))
         return Batch.concatenate(batches) if batches else None
 
     def _step(self) -> None:
@@ -440,22 +377,22 @@ class Engine:
         assert batch is not None
         self.batch_sizes[len(batch)] += 1
         try:
-            choice = batch.choose(_NON_FINITE)
+            choice = batch.choose(NON_FINITE)
         except Exception as exc:
             if self._fatal(exc, batch.seqs):
                 self.batch = None
                 return
-            if _out_of_memory(exc):
+            if out_of_memory(exc):
                 self.batch = None
                 self._recover(batch.seqs, exc)
                 return
             log.warning("choosing tokens for %d rows raised %s: %s; choosing row by row", len(batch),
                         type(exc).__name__, exc)
-            choice = batch.choose_rows_alone(_NON_FINITE)
+            choice = batch.choose_rows_alone(NON_FINITE)
         keep = []
         for row, (seq, token) in enumerate(zip(batch.seqs, choice.tokens, strict=True)):
             if row in choice.errors:
-                seq.finish(error=_row_error(f"choosing new token {len(seq.tokens) + 1}", choice.errors[row]))
+                seq.finish(error=row_error(f"choosing new token {len(seq.tokens) + 1}", choice.errors[row]))
                 continue
             seq.record(token, choice.details.get(row))
             reason = self._finish_reason(seq, token)
@@ -495,11 +432,11 @@ class Engine:
                 self.batch = None
                 return
             first = exc
-        if not _out_of_memory(first) and len(batch) > 1:
+        if not out_of_memory(first) and len(batch) > 1:
             failing = batch.rows_failing_alone(self.model)
             if failing and len(failing) < len(batch):
                 for row, exc in failing.items():
-                    batch.seqs[row].finish(error=_row_error("running the model", exc))
+                    batch.seqs[row].finish(error=row_error("running the model", exc))
                 survivors = batch.filter([row for row in range(len(batch)) if row not in failing])
                 assert survivors is not None
                 self.batch = survivors
@@ -532,9 +469,9 @@ class Engine:
         """After a failure that cannot be pinned on one request (out of memory, a failed merge): a lone
         sequence fails; a group goes back to be retried in halves. Each sequence starts over at most
         ``MAX_RESTARTS`` times, then fails with the error."""
-        oom = _out_of_memory(exc)
+        oom = out_of_memory(exc)
         if oom:
-            _free_device_memory(self.device)
+            free_device_memory(self.device)
             rows = len(seqs) + (len(self.batch) if self.batch else 0)
             self._cap_ceiling = max(1, min(self._cap_ceiling, rows - 1))
         if len(seqs) == 1 and self.batch is None:
@@ -546,7 +483,7 @@ class Engine:
                     f"{seq.max_new_tokens} new): {exc}"
                 )
             else:
-                error = _row_error("generating", exc)
+                error = row_error("generating", exc)
             seq.finish(error=error)
             return
         retry = []
@@ -609,24 +546,3 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     """The index where the earliest stop sequence begins in ``text``, if any."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-_NON_FINITE = ValueError(
-    "the next-token distribution was not finite (NaN or infinity): the model's scores for this request, "
-    "after its repetition penalty and sampling parameters, give no valid choice"
-)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
-def _row_error(doing: str, exc: BaseException) -> GenerationError:
-    """The error one request fails with, when only it is at fault."""
-    detail = str(exc) if isinstance(exc, ValueError) and exc is _NON_FINITE else f"{type(exc).__name__}: {exc}"
-    return GenerationError(f"{doing} failed for this request alone ({detail}); other jobs were not affected")
-
-
-def _free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

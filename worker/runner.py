@@ -17,7 +17,8 @@ from jobs.celery_app import send_webhook
 from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
 from jobs.store import JobStore
 from worker.batch import Sequence
-from worker.engine import Engine, GenerationError
+from worker.engine import Engine
+from worker.faults import GenerationError
 from worker.progress import ProgressPublisher
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ import torch
 
 from config.models import resolve_model
 from jobs.schema import GenerateParameters
-from worker.engine import Engine, EngineConfig, OutOfMemory
+from worker.engine import Engine, EngineConfig
+from worker.faults import OutOfMemory
 from worker.loading import load_model, pick_device
 
 PROMPTS = [

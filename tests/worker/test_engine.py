@@ -7,7 +7,8 @@ import torch
 
 from config.models import resolve_model
 from jobs.schema import GenerateParameters
-from worker.engine import Engine, RequestValidationError
+from worker.engine import Engine
+from worker.faults import RequestValidationError
 from worker.loading import load_model, pick_device, pick_dtype
 
 PROMPTS = ["Once upon a time", "从前有一座山", "كان يا ما كان", "def fibonacci(n):", "x"]

@@ -12,7 +12,8 @@ import torch
 
 from jobs.schema import GenerateParameters
 from tests.worker.test_batching import PROMPTS, loaded, make_engine, params, reference  # noqa: F401
-from worker.engine import MAX_RESTARTS, DeviceFault, GenerationError
+from worker.engine import MAX_RESTARTS
+from worker.faults import DeviceFault, GenerationError
 
 NEW_TOKENS = 30
 

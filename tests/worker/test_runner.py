@@ -4,7 +4,8 @@ import threading
 
 from jobs.schema import FinishReason, GenerateParameters, Job, JobOutput, JobStatus, new_job_id
 from jobs.store import JobStore
-from worker.engine import GenerationResult, RequestValidationError
+from worker.engine import GenerationResult
+from worker.faults import RequestValidationError
 from worker.runner import JobRunner
 
 
