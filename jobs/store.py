@@ -214,7 +214,8 @@ class JobStore:
                     pipe.multi()
                     pipe.hset(key, mapping={"status": job.status.value, "attempt": job.attempts, "doc": job.to_json()})
                     pipe.expire(key, self.retention_seconds)
-                    self._event(pipe, job.id, "status", {"status": job.status.value})
+                    created = {"status": job.status.value, "cancel_requested": False, "attempt": 0}
+                    self._event(pipe, job.id, "status", created)
                     if job.deadline is not None:
                         pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
                     metrics.record_submitted(pipe, job)

@@ -55,8 +55,23 @@ def _wants_json() -> bool:
     return request.path.startswith(("/api/", "/v1/", "/models/")) or request.path in ("/healthz", "/readyz")
 
 
+class ClientGone(Exception):
+    """The client of a waiting request closed its connection (nobody is left to answer)."""
+
+
+def _body(err: ApiError) -> dict[str, Any]:
+    """The error in the shape the path's clients expect: OpenAI's under /v1, TGI's under /models."""
+    if request.path.startswith("/v1/"):
+        param = err.fields[0]["name"] if err.fields else None
+        kind = "server_error" if err.status >= 500 else "invalid_request_error"
+        return {"error": {"message": err.message, "type": kind, "param": param, "code": err.type}}
+    if request.path.startswith("/models/"):
+        return {"error": err.message, "error_type": err.type}
+    return err.to_dict()
+
+
 def _json(err: ApiError) -> Response:
-    response = jsonify(err.to_dict())
+    response = jsonify(_body(err))
     response.status_code = err.status
     if err.retry_after is not None:
         response.headers["Retry-After"] = str(err.retry_after)
@@ -95,6 +110,11 @@ def register_error_handlers(app: Flask) -> None:
                 response.headers["Allow"] = ", ".join(err.valid_methods)  # type: ignore[attr-defined]
             return response
         return render_template("error.html", code=err.code, message=err.description), err.code
+
+    @app.errorhandler(ClientGone)
+    def _client_gone(err: ClientGone) -> tuple[str, int]:
+        log.info("%s %s: %s", request.method, request.path, err)
+        return "", 499  # (nginx's "client closed request": nobody reads it)
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from flask import request
 
 from jobs.schema import Job
+from web.errors import ClientGone
 from web.feeds import KEEPALIVE_SECONDS, JobFeeds
 from web.service import JobService
 
@@ -37,14 +41,41 @@ def wait_for_jobs(svc: JobService, job_ids: list[str], timeout: float) -> list[J
     return jobs
 
 
+def client_gone() -> bool:
+    """Whether the client of this request has closed its connection (it can no longer get an answer).
+
+    gunicorn hands the connection's socket to the app (``gunicorn.socket``); a socket that reads as
+    end-of-file without blocking was closed by the client. Without it (another server), assume not.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
 def wait_until_succeeded(svc: JobService, jobs: list[Job], error: Callable[[Job], Exception]) -> list[Job]:
     """The jobs once every one is final, holding the client's connection meanwhile (a watcher slot, no
     thread); ``error(job)`` is raised for the first one that did not succeed (or did not finish in time)."""
     from web.api import watch  # (the API module imports the service this one uses)
 
     seconds = svc.settings.max_job_seconds + 60
+    deadline = time.monotonic() + seconds
+    job_ids = [job.id for job in jobs]
     with watch(seconds):
-        done = wait_for_jobs(svc, [job.id for job in jobs], seconds)
+        while True:
+            # In slices, so a client that hung up is noticed within one and its jobs canceled.
+            done = wait_for_jobs(svc, job_ids, min(KEEPALIVE_SECONDS, max(0.0, deadline - time.monotonic())))
+            if all(job.status.terminal for job in done) or time.monotonic() >= deadline:
+                break
+            if client_gone():
+                cancel_unfinished(svc, job_ids)
+                raise ClientGone(f"the client went away; its jobs {', '.join(job_ids)} were canceled")
     for job in done:
         if job.status.value != "succeeded":
             raise error(job)

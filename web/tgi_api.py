@@ -253,7 +253,7 @@ def _headers(job: Job, job_ids: list[str]) -> dict[str, str]:
     m, output = job.metrics, job.output
     queue, inference = m.queue_seconds or 0.0, m.inference_seconds or 0.0
     return {
-        "x-compute-type": "gpu+optimized",
+        "x-compute-type": "cpu" if (job.worker or "").endswith(".cpu") else "gpu",
         "x-compute-time": f"{queue + inference:.6f}",
         "x-queue-time": str(round(queue * 1000)),
         "x-inference-time": str(round(inference * 1000)),

@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+import redis
 import requests
 
 from tests.e2e.conftest import running_stack
@@ -195,3 +196,27 @@ def test_best_of_returns_the_likeliest_sequence_and_the_other(stack, model):
     (other,) = result["details"]["best_of_sequences"]
     assert best >= sum(t["logprob"] for t in other["tokens"])
     assert json.dumps(result)  # plain JSON all the way down
+
+
+def test_a_waiting_client_that_hangs_up_cancels_its_job(stack):
+    # bloom-560m is a preset with no worker here: its job would wait in the queue for as long as it is allowed.
+    body = {"model": "bloom-560m", "prompt": PROMPT, "max_tokens": 4}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{stack.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=1)
+    client = redis.Redis.from_url(stack.redis.url)
+
+    def canceled() -> bool:
+        ids = [raw.decode().removeprefix("bloomq:job:") for raw in client.scan_iter("bloomq:job:*")]
+        jobs = [_job(stack, job_id) for job_id in ids]
+        return any(j.get("model") == "bloom-560m" and j.get("status") == "canceled" for j in jobs)
+
+    wait_for(canceled, timeout=30, what="the hung-up client's job to be canceled")
+
+
+def test_unknown_compatible_paths_answer_in_their_clients_error_shape(stack):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    openai_404 = requests.get(f"{stack.url}/v1/no-such-route", headers=headers, timeout=10)
+    assert openai_404.status_code == 404 and set(openai_404.json()["error"]) == {"message", "type", "param", "code"}
+    tgi_405 = requests.get(f"{stack.url}/models/tiny-bloom/generate", headers=headers, timeout=10)
+    assert tgi_405.status_code == 405 and set(tgi_405.json()) == {"error", "error_type"}
