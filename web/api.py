@@ -116,7 +116,7 @@ def _wait_seconds(raw: str | None) -> float:
         raise ApiError(
             422,
             "validation_error",
-            "wait must be a number of seconds",
+            f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS}",
             [{"name": "wait", "message": f"must be a number between 0 and {MAX_WAIT_SECONDS}"}],
         )
     return value
