@@ -21,7 +21,15 @@ from web.chat import ChatTemplateError, render_chat
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
 from web.openai_schema import ChatRequest, CompletionRequest, check_completion, completion_jobs
-from web.relay import JobEvent, TextRelay, cancel_unfinished, follow_jobs, wait_until_succeeded
+from web.relay import (
+    JobEvent,
+    TextRelay,
+    cancel_unfinished,
+    failure_message,
+    follow_jobs,
+    unfinished_error,
+    wait_until_succeeded,
+)
 from web.service import BatchLine, JobService
 
 JOB_ID_HEADER = "X-Bloomq-Job-Id"
@@ -329,10 +337,10 @@ def _finish(job: Job) -> str:
 
 def _job_error(job: Job) -> ApiError:
     """A job that did not succeed, as the error a compatible client expects."""
-    if not job.status.terminal:
-        return ApiError(504, "timeout", f"job {job.id} did not finish in time; it goes on at /api/v1/jobs/{job.id}")
-    error = job.error
-    message = f"job {job.id} {job.status.value}: {error.message if error else 'canceled'}"
+    late = unfinished_error(job)
+    if late is not None:
+        return late
+    error, message = job.error, failure_message(job)
     if error is not None and error.type == "validation_error":
         name = error.message.split(":", 1)[0]
         return ApiError(422, "invalid_request_error", message, [{"name": _openai_name(name), "message": error.message}])

@@ -22,7 +22,7 @@ import redis
 from flask import request
 
 from jobs.schema import Job
-from web.errors import ClientGone
+from web.errors import ApiError, ClientGone
 from web.feeds import KEEPALIVE_SECONDS, JobFeeds
 from web.service import JobService
 
@@ -182,6 +182,18 @@ class TextRelay:
             return ""
         delta, self.sent = self.current[len(self.sent) :], self.current
         return delta
+
+
+def unfinished_error(job: Job) -> ApiError | None:
+    """The error for a job still going when its client's wait ended (None when it is final)."""
+    if job.status.terminal:
+        return None
+    return ApiError(504, "timeout", f"job {job.id} did not finish in time; it goes on at /api/v1/jobs/{job.id}")
+
+
+def failure_message(job: Job) -> str:
+    """What a final job that did not succeed says to a compatible client."""
+    return f"job {job.id} {job.status.value}: {job.error.message if job.error else 'canceled'}"
 
 
 def cancel_unfinished(svc: JobService, job_ids: list[str]) -> None:

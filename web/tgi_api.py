@@ -22,7 +22,7 @@ from web.api import read_json_object, watch
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
-from web.relay import cancel_unfinished, follow_jobs, wait_until_succeeded
+from web.relay import cancel_unfinished, failure_message, follow_jobs, unfinished_error, wait_until_succeeded
 from web.service import JobService
 
 MAX_BEST_OF = 2
@@ -326,13 +326,12 @@ def _stream(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Response:
 
 
 def _job_error(job: Job) -> ApiError:
-    if not job.status.terminal:
-        return ApiError(504, "timeout", f"job {job.id} did not finish in time; it goes on at /api/v1/jobs/{job.id}")
-    error = job.error
-    message = f"job {job.id} {job.status.value}: {error.message if error else 'canceled'}"
-    if error is not None and error.type == "validation_error":
-        return ApiError(422, "validation", message)
-    return ApiError(424, "generation", message)
+    late = unfinished_error(job)
+    if late is not None:
+        return late
+    if job.error is not None and job.error.type == "validation_error":
+        return ApiError(422, "validation", failure_message(job))
+    return ApiError(424, "generation", failure_message(job))
 
 
 def _version() -> str:
