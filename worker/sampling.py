@@ -77,8 +77,15 @@ class TokenChooser:
         # Generators belong to the requests (they carry each row's random stream across steps and
         # batches); fresh ones are made only when the caller has none.
         self.generators = list(generators) if generators is not None else [r.generator(device) for r in rows]
+        # Which transforms apply, decided from the rows' Python values: asking the device tensors would
+        # cost a host synchronisation per transform per step.
         self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         self.any_sample = any(r.do_sample for r in rows)
+        self.any_top_k = any(r.top_k > 0 for r in rows)
+        self.any_top_p = any(r.top_p < 1.0 for r in rows)
+        self.any_typical = any(r.typical_p < 1.0 for r in rows)
+        # The largest k any row keeps (a row without top_k keeps the whole vocabulary).
+        self.largest_k = None if any(r.top_k <= 0 for r in rows) else max((r.top_k for r in rows), default=None)
 
     def choose(self, logits: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row, and which rows had no valid distribution to choose from.
@@ -111,19 +118,19 @@ class TokenChooser:
 
     def _warp(self, scores: torch.Tensor) -> torch.Tensor:
         scores = scores / self.temperature
-        if bool((self.top_k > 0).any()):
-            scores = _top_k(scores, self.top_k)
-        if bool((self.top_p < 1.0).any()):
+        if self.any_top_k:
+            scores = _top_k(scores, self.top_k, self.largest_k)
+        if self.any_top_p:
             scores = _top_p(scores, self.top_p)
-        if bool((self.typical_p < 1.0).any()):
+        if self.any_typical:
             scores = torch.where(self.typical_p < 1.0, _typical(scores, self.typical_p), scores)
         return scores
 
 
-def _top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor, largest: int | None) -> torch.Tensor:
     vocab = scores.shape[-1]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
-    top_values = torch.topk(scores, int(k.max()), dim=-1).values
+    top_values = torch.topk(scores, vocab if largest is None else min(largest, vocab), dim=-1).values
     kth = top_values.gather(1, (k - 1).unsqueeze(1))
     return scores.masked_fill(scores < kth, NEG_INF)
 

@@ -24,7 +24,7 @@ def logits() -> torch.Tensor:
 @pytest.mark.parametrize(
     ("ours", "theirs", "values"),
     [
-        (lambda x, v: _top_k(x, torch.tensor(v)), lambda v: TopKLogitsWarper(top_k=v), [1, 5, 40]),
+        (lambda x, v: _top_k(x, torch.tensor(v), max(v)), lambda v: TopKLogitsWarper(top_k=v), [1, 5, 40]),
         (lambda x, v: _top_p(x, torch.tensor([[p] for p in v])), lambda v: TopPLogitsWarper(top_p=v), [0.1, 0.5, 0.95]),
         (lambda x, v: _typical(x, torch.tensor([[p] for p in v])), lambda v: TypicalLogitsWarper(mass=v),
          [0.2, 0.6, 0.9]),
