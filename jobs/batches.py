@@ -169,11 +169,14 @@ class BatchStore:
         pipe.execute()
 
     def lines(self, batch_id: str) -> Iterator[BatchLine]:
+        for chunk in self.line_chunks(batch_id):
+            yield from chunk
+
+    def line_chunks(self, batch_id: str, size: int = 500) -> Iterator[list[BatchLine]]:
+        """The batch's lines, ``size`` at a time (one Redis read each)."""
         key = BATCH_LINES_PREFIX + batch_id
-        length = self.redis.llen(key)
-        for start in range(0, length, 500):
-            for raw in self.redis.lrange(key, start, start + 499):
-                yield BatchLine.model_validate_json(raw)
+        for start in range(0, self.redis.llen(key), size):
+            yield [BatchLine.model_validate_json(raw) for raw in self.redis.lrange(key, start, start + size - 1)]
 
     def batch(self, batch_id: str) -> tuple[BatchObject, dict[str, int]] | None:
         """The batch document and its line counters (``completed``, ``failed``, ``expired``)."""

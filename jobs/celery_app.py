@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings
+from jobs.batches import BatchQueue
 from jobs.schema import Job
 
 TASK_GENERATE = "bloomq.generate"
@@ -49,6 +50,15 @@ def make_celery(settings: Settings) -> Celery:
 def send_generate(app: Celery, job_id: str, queue: str) -> None:
     """Queue a generation job by task name (the web never imports the task)."""
     app.send_task(TASK_GENERATE, args=[job_id], queue=queue, routing_key=queue)
+
+
+def enqueue(app: Celery, batch_queue: BatchQueue, job: Job) -> None:
+    """Send ``job`` to where it waits for a worker: its model's Celery queue, or, for a batch line, its
+    key's batch list (taken by the workers' batch feeders)."""
+    if job.priority_class == "batch":
+        batch_queue.push(job.model, job.owner, job.id)
+    else:
+        send_generate(app, job.id, job.queue)
 
 
 def send_webhook(app: Celery, job_id: str, event: str, attempt: int = 0, countdown: float | None = None) -> None:

@@ -155,16 +155,14 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when it is unknown or expired; a running job shows its latest progress."""
-        fields = self.redis.hgetall(job_key(job_id))
-        raw = fields.get(b"doc")
-        if raw is None:
-            return None
-        job = Job.from_json(raw)
-        # Only the current attempt's report counts: one from an attempt that was replaced is ignored.
-        progress = fields.get(_progress_field(job.attempts).encode())
-        if progress is not None and job.status is JobStatus.RUNNING:
-            job = job.model_copy(update={"output": JobOutput.model_validate_json(progress)})
-        return job
+        return _job_from_fields(self.redis.hgetall(job_key(job_id)))
+
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """Several jobs (as ``get`` reads them) in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [_job_from_fields(fields) for fields in pipe.execute()]
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once it is terminal, or as it is after ``timeout`` seconds; None when unknown."""
@@ -567,6 +565,19 @@ def _expired(job: Job, now: datetime) -> Job | None:
     if not job.overdue(now):
         return None
     return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": EXPIRED})
+
+
+def _job_from_fields(fields: dict[bytes, bytes]) -> Job | None:
+    """A job record as read from its hash; a running job shows its current attempt's progress."""
+    raw = fields.get(b"doc")
+    if raw is None:
+        return None
+    job = Job.from_json(raw)
+    # Only the current attempt's report counts: one from an attempt that was replaced is ignored.
+    progress = fields.get(_progress_field(job.attempts).encode())
+    if progress is not None and job.status is JobStatus.RUNNING:
+        job = job.model_copy(update={"output": JobOutput.model_validate_json(progress)})
+    return job
 
 
 def _progress_field(attempt: int) -> str:

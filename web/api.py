@@ -226,10 +226,11 @@ def metrics() -> Response:
 @api.get(f"{PREFIX}/openapi.json")
 def openapi() -> Response:
     """The OpenAPI document of this API."""
-    return jsonify(build_openapi(_version()))
+    return jsonify(build_openapi(version()))
 
 
-def _version() -> str:
+def version() -> str:
+    """This package's version ("0" when it is not installed)."""
     try:
         return importlib.metadata.version("bloomq")
     except importlib.metadata.PackageNotFoundError:

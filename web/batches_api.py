@@ -310,8 +310,14 @@ def list_batches() -> Response:
 def _result_lines(batch: BatchObject, errors: bool) -> Iterator[bytes]:
     """The output (or error) file: one JSON line per request, from the job records."""
     store = _service().store
-    for line in _store().lines(batch.id):
-        jobs = [store.get(job_id) for job_id in line.job_ids]
+    for chunk in _store().line_chunks(batch.id):
+        # The chunk's job records in one round trip, not one per job.
+        found = iter(store.get_many([job_id for line in chunk for job_id in line.job_ids]))
+        yield from _result_chunk(chunk, [[next(found) for _ in line.job_ids] for line in chunk], errors)
+
+
+def _result_chunk(chunk: list[BatchLine], chunk_jobs: list[list[Job | None]], errors: bool) -> Iterator[bytes]:
+    for line, jobs in zip(chunk, chunk_jobs, strict=True):
         failed = next((job for job in jobs if job is None or job.status is not JobStatus.SUCCEEDED), None)
         if failed is None and not errors:
             req = CompletionRequest.model_validate(line.request)

@@ -18,8 +18,8 @@ from kombu.exceptions import OperationalError
 from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
-from jobs.celery_app import notify_completed, send_generate
 from jobs.batches import BatchQueue
+from jobs.celery_app import enqueue, notify_completed
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.webhooks import WebhookURLError, check_url
@@ -46,6 +46,10 @@ class JobService:
     prompt_counter: PromptCounter = field(default_factory=PromptCounter)
     _live_models: set[str] = field(default_factory=set)
     _live_models_at: float = -1e9
+    batch_queue: BatchQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch_queue = BatchQueue(self.store.redis)
 
     def submit(
         self,
@@ -99,10 +103,7 @@ class JobService:
             # leave a key pointing at a job that was never made.
             earlier = self.store.create(job, claim.binding if claim else None)
             if earlier is None:
-                if job.priority_class == "batch":
-                    BatchQueue(self.store.redis).push(job.model, job.owner, job.id)
-                else:
-                    send_generate(self.celery, job.id, job.queue)
+                enqueue(self.celery, self.batch_queue, job)
                 self._confirm_durable(job.id)
         except Exception as exc:
             # Nothing half-written: a job that could not be queued is not left behind as "queued", and

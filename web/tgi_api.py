@@ -8,7 +8,6 @@ any other (its id in the ``X-Bloomq-Job-Id`` header).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config.models import ModelSpec
 from jobs.schema import MAX_STOP_SEQUENCES, FinishReason, Job, JobRequest, TokenDetail
-from web.api import read_json_object, watch
+from web.api import read_json_object, version, watch
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
@@ -180,7 +179,7 @@ def info(name: str) -> Response:
         "validation_workers": 1,
         "max_client_batch_size": 1,
         "router": "bloomq",
-        "version": _version(),
+        "version": version(),
         "sha": None,
         "docker_label": None,
         "workers": len(workers),
@@ -332,10 +331,3 @@ def _job_error(job: Job) -> ApiError:
     if job.error is not None and job.error.type == "validation_error":
         return ApiError(422, "validation", failure_message(job))
     return ApiError(424, "generation", failure_message(job))
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("bloomq")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"

@@ -59,6 +59,7 @@ class OrphanRecovery(Periodic):
     ) -> None:
         super().__init__("bloomq-orphans", interval, self._reap)
         self.store = store
+        self.batch_queue = BatchQueue(store.redis)
         self.directory = directory
         self.requeue = requeue
         self.instance = instance
@@ -106,13 +107,13 @@ class OrphanRecovery(Periodic):
     def _return_batch_lines(self, live: set[str]) -> None:
         """Put back the batch lines a dead worker had taken and not finished (still queued: never started;
         running ones come back as orphans)."""
-        for instance, job_ids in BatchQueue(self.store.redis).taken_by_the_dead(live).items():
+        for instance, job_ids in self.batch_queue.taken_by_the_dead(live).items():
             for job_id in job_ids:
                 job = self.store.get(job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
                     log.warning("job %s: batch line taken by %s, which is gone; putting it back", job_id, instance)
                     self.requeue(job)
-            BatchQueue(self.store.redis).forget_taken(instance)
+            self.batch_queue.forget_taken(instance)
 
     def _resend_lost_deliveries(self) -> None:
         """Re-send jobs whose message went to a worker that died before starting them.

@@ -19,7 +19,7 @@ from config.logs import configure_logging
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.batches import BatchQueue
-from jobs.celery_app import WEBHOOK_QUEUE, make_celery, send_generate
+from jobs.celery_app import WEBHOOK_QUEUE, enqueue, make_celery
 from jobs.metrics import record_batch_sizes
 from jobs.schema import Job
 from jobs.store import JobStore, connect
@@ -103,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_queue = BatchQueue(client)
 
     def requeue(job: Job) -> None:
-        if job.priority_class == "batch":
-            batch_queue.push(job.model, job.owner, job.id)
-        else:
-            send_generate(app, job.id, job.queue)
+        enqueue(app, batch_queue, job)
 
     runner = JobRunner(store, engine, name, celery=app, instance=instance, requeue=requeue,
                        result_patience=settings.result_patience_seconds)
