@@ -140,6 +140,7 @@ class Batch:
         self.chooser = TokenChooser([s.sampling for s in seqs], logits.device, [s.generator for s in seqs])
         # Rows that asked for token details: only they pay for a log-softmax over the vocabulary.
         detail_rows = [row for row, seq in enumerate(seqs) if seq.params.details]
+        self._detail_row_list = detail_rows  # the same rows as Python ints: no device read to name them
         self._detail_rows = torch.tensor(detail_rows, dtype=torch.long, device=logits.device) if detail_rows else None
         self._top_n = max((seq.params.top_n_tokens or 0 for seq in seqs), default=0)
 
@@ -232,7 +233,7 @@ class Batch:
         if self._top_n:
             values, ids = logprobs.topk(self._top_n, dim=-1)
             top = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-        return {row: StepDetail(lp, t) for row, lp, t in zip(rows.tolist(), chosen, top, strict=True)}
+        return {row: StepDetail(lp, t) for row, lp, t in zip(self._detail_row_list, chosen, top, strict=True)}
 
     def forward(self, model: Any) -> None:
         """Feed the tokens just chosen; afterwards ``logits`` hold the scores for the next ones.
