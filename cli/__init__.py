@@ -4,6 +4,7 @@
     bloomq status JOB_ID
     bloomq cancel JOB_ID
     bloomq models
+    bloomq jobs [--status STATUS] [--limit N]
 
 The server is ``$BLOOMQ_URL`` (default ``http://127.0.0.1:5000``) or ``--url``; the API key, when the
 server requires one, ``$BLOOMQ_API_KEY`` or ``--api-key``.
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL_AND_OPEN = ("queued", "running", *TERMINAL)
 
 
 class ClientError(Exception):
@@ -66,6 +68,19 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/models")["models"]
 
+    def jobs(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
+        """Up to ``limit`` of this key's jobs, newest first (following the listing's pages)."""
+        found: list[dict[str, Any]] = []
+        cursor = None
+        while len(found) < limit:
+            params = {"limit": min(limit - len(found), 100), "status": status, "cursor": cursor}
+            page = self._call("GET", "/api/v1/jobs", params={k: v for k, v in params.items() if v is not None})
+            found += page["jobs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return found[:limit]
+
     def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """(event, data) pairs from the job's event stream, reconnecting with Last-Event-ID until done."""
         last_id = None
@@ -100,6 +115,13 @@ class Client:
                             event_id = value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """``k=v``; v is read as JSON when it can be (numbers, true/false, lists), else as a string."""
     key, sep, raw = text.partition("=")
@@ -113,6 +135,23 @@ def parse_param(text: str) -> tuple[str, Any]:
 
 def _print_job(job: dict[str, Any]) -> None:
     print(json.dumps(job, indent=2, ensure_ascii=False))
+
+
+PROMPT_CHARS = 40
+
+
+def format_jobs(jobs: list[dict[str, Any]]) -> str:
+    """A table of jobs: id, status, model, created (UTC, to the second), the prompt's first characters."""
+    rows = [("ID", "STATUS", "MODEL", "CREATED", "INPUTS")]
+    for job in jobs:
+        inputs = " ".join(job["inputs"].split())
+        if len(inputs) > PROMPT_CHARS:
+            inputs = inputs[: PROMPT_CHARS - 1] + "…"
+        created = job["created_at"][:19].replace("T", " ")
+        rows.append((job["id"], job["status"], job["model"], created, inputs))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]  # the prompt, last, is not padded
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]])
+                     for row in rows)
 
 
 def _wait_with_progress(client: Client, job: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("status", "show a job"), ("cancel", "cancel a job")):
         sub.add_parser(name, help=text).add_argument("job_id")
     sub.add_parser("models", help="list models with queue depth and live workers")
+    jobs = sub.add_parser("jobs", help="list your jobs, newest first")
+    jobs.add_argument("--status", choices=TERMINAL_AND_OPEN, help="only jobs in this state")
+    jobs.add_argument("--limit", type=_positive, default=20, help="how many to show (default 20)")
     args = parser.parse_args(argv)
 
     client = Client(args.url, api_key=args.api_key)
@@ -184,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             for model in client.models():
                 print(f"{model['name']:<24} workers={model['workers']:<3} queued={model['queue_depth']:<5} "
                       f"{'(default)' if model['default'] else ''}")
+        elif args.command == "jobs":
+            listed = client.jobs(args.limit, args.status)
+            print(format_jobs(listed) if listed else "no jobs")
     except ClientError as exc:
         print(f"bloomq: {exc}", file=sys.stderr)
         return 2

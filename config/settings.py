@@ -147,6 +147,16 @@ def _comma_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _operator_keys(raw: str) -> tuple[str, ...]:
+    """Keys, or ``sha256:<hex>`` of keys (so a key held only as a hash in the key file can be an operator)."""
+    keys = _comma_list(raw)
+    for key in keys:
+        digest = key.removeprefix("sha256:")
+        if key.startswith("sha256:") and (len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest)):
+            raise ValueError("a sha256: entry must be followed by 64 hex digits")
+    return keys
+
+
 def _chat_templates(raw: str) -> dict[str, str]:
     """``model=path,model2=path2``: each model's chat template (Jinja), read now so a bad path fails loudly."""
     templates = {}
@@ -215,11 +225,15 @@ class Settings:
     log_format: str = "json"
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str = ""
+    # Keys (or sha256:<hex> of keys) that may also see operational details; each is an API key too.
+    operator_keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str = ""
     secret_key: str = field(default="", repr=False)
     chat_templates: dict[str, str] = field(default_factory=dict, repr=False)
     max_batch_file_bytes: int = 16 * 1024 * 1024
     max_batch_lines: int = 10_000
+    # What one key's uploaded files may hold in Redis at once (they are kept for the retention period).
+    max_file_bytes_per_key: int = 256 * 1024 * 1024
     # Watchers: the event streams and long polls the web holds open while they wait.
     max_watchers: int = 1000
     max_watchers_per_key: int = 100
@@ -268,11 +282,14 @@ class Settings:
             log_format=_read(env, "BLOOMQ_LOG_FORMAT", d.log_format, _log_format),
             api_keys=_read(env, "BLOOMQ_API_KEYS", d.api_keys, _comma_list),
             api_keys_file=_read(env, "BLOOMQ_API_KEYS_FILE", d.api_keys_file, _existing_file),
+            operator_keys=_read(env, "BLOOMQ_OPERATOR_KEYS", d.operator_keys, _operator_keys),
             rate_limit=_read(env, "BLOOMQ_RATE_LIMIT", d.rate_limit, _rate_limit),
             secret_key=_read(env, "BLOOMQ_SECRET_KEY", d.secret_key, str),
             chat_templates=_read(env, "BLOOMQ_CHAT_TEMPLATES", d.chat_templates, _chat_templates),
             max_batch_file_bytes=_read(env, "BLOOMQ_MAX_BATCH_FILE_BYTES", d.max_batch_file_bytes, _positive_int),
             max_batch_lines=_read(env, "BLOOMQ_MAX_BATCH_LINES", d.max_batch_lines, _positive_int),
+            max_file_bytes_per_key=_read(env, "BLOOMQ_MAX_FILE_BYTES_PER_KEY", d.max_file_bytes_per_key,
+                                         _positive_int),
             max_watchers=_read(env, "BLOOMQ_MAX_WATCHERS", d.max_watchers, _positive_int),
             max_watchers_per_key=_read(env, "BLOOMQ_MAX_WATCHERS_PER_KEY", d.max_watchers_per_key, _positive_int),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from config.settings import Settings
@@ -48,8 +49,25 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def send_generate(app: Celery, job_id: str, queue: str) -> None:
-    """Queue a generation job by task name (the web never imports the task)."""
-    app.send_task(TASK_GENERATE, args=[job_id], queue=queue, routing_key=queue)
+    """Queue a generation job by task name (the web never imports the task); the task id is the job id,
+    so the message can be found again (``withdraw_message``)."""
+    app.send_task(TASK_GENERATE, args=[job_id], queue=queue, routing_key=queue, task_id=job_id)
+
+
+WITHDRAW_SCAN = 1000  # newest messages of a queue looked through for one to withdraw
+
+
+def withdraw_message(client: redis.Redis, queue: str, job_id: str) -> bool:
+    """Take a job's message back out of its queue (its submission was refused after it was sent); False
+    when it is no longer there (a worker took it: it will find no record, and acknowledge it).
+
+    kombu pushes messages at the head of the queue's list, so a message just sent is among the first.
+    """
+    marker = f'"id": "{job_id}"'.encode()
+    for raw in client.lrange(queue, 0, WITHDRAW_SCAN - 1):
+        if marker in raw:
+            return bool(client.lrem(queue, 1, raw))
+    return False
 
 
 def enqueue(app: Celery, batch_queue: BatchQueue, job: Job) -> None:

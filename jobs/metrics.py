@@ -48,6 +48,11 @@ def record_submitted(pipe: Any, job: Job) -> None:
     pipe.hincrby(SUBMITTED, job.model, 1)
 
 
+def unrecord_submitted(pipe: Any, job: Job) -> None:
+    """A submission was refused after its job was stored (and is now deleted): it does not count."""
+    pipe.hincrby(SUBMITTED, job.model, -1)
+
+
 def record_finished(pipe: Any, job: Job) -> None:
     """A job reached its final state: count it and its timings."""
     pipe.hincrby(FINISHED, f"{job.model}{SEP}{job.status.value}", 1)

@@ -38,13 +38,26 @@ JOB_EVENTS_PREFIX = "bloomq:job-events:"
 JOB_STREAM_PREFIX = "bloomq:job-stream:"
 DEADLINES_KEY = "bloomq:deadlines"
 RUNNING_KEY = "bloomq:running"  # ids of jobs in state running, for the reaper
-QUEUED_KEY = "bloomq:queued"  # job id -> when it was (re)queued or last re-sent, for the reaper
+# Per model, interactive jobs only: job id -> when it was (re)queued or last re-sent, for the reaper's
+# lost-delivery scan. Batch lines wait in their own lists and come back through the taken lists, and a
+# model without a live worker is not scanned: neither can hide a lost interactive job behind a backlog.
+QUEUED_PREFIX = "bloomq:queued:"
 CANCEL_CHANNEL = "bloomq:cancels"
 EXPIRED = JobError(type="expired", message="the job was still queued at its deadline")
 POISON_AFTER = 2  # fatal device errors a job may be part of before it is failed as a poison job
 # Marks a job record as sent, if it exists (a write WAIT can follow; HSET propagates even when unchanged).
 _MARK_SENT = ("if redis.call('HEXISTS', KEYS[1], 'doc') == 1 then redis.call('HSET', KEYS[1], 'sent', '1') return 1 end "
               "return 0")
+# A compare-and-set on the job's clock in the queued index: only the caller that finds it still stale
+# moves it on, so of several reapers that see the same lost job, one re-sends it.
+_CLAIM_RESEND = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
 
@@ -54,6 +67,11 @@ BATCH_KEY_PREFIX = "bloomq:batch:"
 def batch_key(batch_id: str) -> str:
     """The Redis key of a batch record (its line counters live there too)."""
     return f"{BATCH_KEY_PREFIX}{batch_id}"
+
+
+def queued_key(model: str) -> str:
+    """The index of ``model``'s queued interactive jobs (score: when queued or last re-sent)."""
+    return f"{QUEUED_PREFIX}{model}"
 
 
 def job_key(job_id: str) -> str:
@@ -69,6 +87,23 @@ def job_events_channel(job_id: str) -> str:
 def job_stream_key(job_id: str) -> str:
     """The Redis Stream holding a job's events."""
     return f"{JOB_STREAM_PREFIX}{job_id}"
+
+
+OWNER_JOBS_PREFIX = "bloomq:owner-jobs:"
+OWNED_SCAN_LIMIT = 1000  # index entries one listing request examines at most (a status filter may skip many)
+
+
+def owner_jobs_key(owner: str | None) -> str:
+    """The index of the jobs one API key made (``-``: those made without a key), scored by creation time."""
+    return f"{OWNER_JOBS_PREFIX}{owner or '-'}"
+
+
+@dataclass(frozen=True)
+class OwnedPosition:
+    """A place in an owner's listing (newest first): the entry with this creation time and job id."""
+
+    created: float
+    job_id: str
 
 
 def connect(url: str, sentinel_master: str = DEFAULT_SENTINEL_MASTER) -> redis.Redis:
@@ -150,6 +185,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, retention_seconds: int) -> None:
         self.redis = client
         self.retention_seconds = retention_seconds
+        self._claim_resend = client.register_script(_CLAIM_RESEND)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -191,6 +227,70 @@ class JobStore:
                 events.append((_text(entry_id), _text(fields[b"event"]), _text(fields[b"data"])))
         return events
 
+    def list_owned(
+        self,
+        owner: str | None,
+        limit: int,
+        after: OwnedPosition | str | None = None,
+        status: JobStatus | None = None,
+    ) -> tuple[list[Job], OwnedPosition | None]:
+        """``owner``'s jobs, newest first: up to ``limit`` of them after ``after`` (a position, or a job id
+        in the listing; LookupError when it is not), and where the next page starts (None at the end).
+
+        Index entries whose record has expired are dropped on the way. At most ``OWNED_SCAN_LIMIT`` entries
+        are examined per call, so with a ``status`` filter a page may come back short with a position.
+        """
+        key = owner_jobs_key(owner)
+        if isinstance(after, str):
+            score = self.redis.zscore(key, after)
+            if score is None:
+                raise LookupError(after)
+            after = OwnedPosition(score, after)
+        chunk = max(limit + 1, 50)
+        matched: list[OwnedPosition] = []  # one more than a page, to know whether another page follows
+        position, examined, exhausted = after, 0, False
+        while len(matched) <= limit and examined < OWNED_SCAN_LIMIT and not exhausted:
+            count = min(chunk, OWNED_SCAN_LIMIT - examined)
+            entries = self._owned_after(key, position, count)
+            pipe = self.redis.pipeline(transaction=False)
+            for entry in entries:
+                pipe.hget(job_key(entry.job_id), "status")
+            statuses = pipe.execute() if entries else []
+            exhausted = len(entries) < count
+            gone = []
+            for entry, raw in zip(entries, statuses, strict=True):
+                examined += 1
+                position = entry
+                if raw is None:  # the record expired; its index entry goes too
+                    gone.append(entry.job_id)
+                elif status is None or _text(raw) == status.value:
+                    matched.append(entry)
+                    if len(matched) > limit:
+                        exhausted = False
+                        break
+            if gone:
+                self.redis.zrem(key, *gone)
+        page = matched[:limit]
+        jobs = [job for job in self.get_many([entry.job_id for entry in page]) if job is not None]
+        if len(matched) > limit:
+            return jobs, page[-1]
+        return jobs, None if exhausted else position
+
+    def _owned_after(self, key: str, position: OwnedPosition | None, count: int) -> list[OwnedPosition]:
+        """Up to ``count`` index entries after ``position``, newest first (ties in reverse id order, as
+        ZREVRANGEBYSCORE gives them)."""
+        if position is None:
+            rows = self.redis.zrevrangebyscore(key, "+inf", "-inf", start=0, num=count, withscores=True)
+            return [OwnedPosition(score, _text(member)) for member, score in rows]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(key, position.created, position.created)  # entries made in the same instant
+        pipe.zrevrangebyscore(key, f"({position.created!r}", "-inf", start=0, num=count, withscores=True)
+        ties, older = pipe.execute()
+        same = sorted((m for m in map(_text, ties) if m < position.job_id), reverse=True)
+        entries = [OwnedPosition(position.created, m) for m in same]
+        entries += [OwnedPosition(score, _text(member)) for member, score in older]
+        return entries[:count]
+
     # -- writing -----------------------------------------------------------------------------------
 
     def create(self, job: Job, idempotency: tuple[str, str] | None = None) -> str | None:
@@ -199,66 +299,100 @@ class JobStore:
         ``idempotency``: (Redis key, record) bound to the job in the same transaction, unless the key is
         already bound: then nothing is written and the key's existing record comes back.
         """
-        key = job_key(job.id)
+        earlier = self.create_all([job], [idempotency] if idempotency is not None else None)
+        return earlier[0] if earlier is not None else None
+
+    def create_all(self, jobs: list[Job], idempotency: list[tuple[str, str]] | None = None) -> list[str] | None:
+        """Store new jobs (status queued), all in one transaction: every one of them or none.
+
+        ``idempotency``: one (Redis key, record) per job, bound in the same transaction. When the keys are
+        already bound, nothing is written and their records come back (one per job; a key bound on its
+        own, its siblings gone, comes back as a ValueError).
+        """
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     if idempotency is not None:
-                        pipe.watch(idempotency[0])
-                        earlier = pipe.get(idempotency[0])
-                        if earlier is not None:
+                        keys = [key for key, _ in idempotency]
+                        pipe.watch(*keys)
+                        earlier = [pipe.get(key) for key in keys]
+                        if any(record is not None for record in earlier):
                             pipe.unwatch()
-                            return _text(earlier)
+                            if any(record is None for record in earlier):
+                                raise ValueError("some of these idempotency keys are bound, others are not")
+                            return [_text(record) for record in earlier if record is not None]
                     pipe.multi()
-                    pipe.hset(key, mapping={"status": job.status.value, "attempt": job.attempts, "doc": job.to_json()})
-                    pipe.expire(key, self.retention_seconds)
-                    created = {"status": job.status.value, "cancel_requested": False, "attempt": 0}
-                    self._event(pipe, job.id, "status", created)
-                    if job.deadline is not None:
-                        pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
-                    metrics.record_submitted(pipe, job)
-                    pipe.zadd(QUEUED_KEY, {job.id: time.time()})
-                    if idempotency is not None:
-                        pipe.set(idempotency[0], idempotency[1], ex=self.retention_seconds)
+                    for index, job in enumerate(jobs):
+                        self.stage_new(pipe, job)
+                        if idempotency is not None:
+                            pipe.set(idempotency[index][0], idempotency[index][1], ex=self.retention_seconds)
                     pipe.execute()
                     return None
                 except redis.WatchError:
                     continue
 
-    def replicated(self, job_id: str, replicas: int, timeout_seconds: float) -> bool:
-        """Whether ``job_id``'s record, and every write the master took before this call (the job's
-        Celery message included), has reached ``replicas`` replicas, waiting up to ``timeout_seconds``.
+    def stage_new(self, pipe: Any, job: Job) -> None:
+        """The writes that make ``job`` exist, queued, added to a transaction (``pipe`` after MULTI)."""
+        key = job_key(job.id)
+        pipe.hset(key, mapping={"status": job.status.value, "attempt": job.attempts, "doc": job.to_json()})
+        pipe.expire(key, self.retention_seconds)
+        created = {"status": job.status.value, "cancel_requested": False, "attempt": 0}
+        self._event(pipe, job.id, "status", created)
+        if job.deadline is not None:
+            pipe.zadd(DEADLINES_KEY, {job.id: job.deadline.timestamp()})
+        metrics.record_submitted(pipe, job)
+        if job.priority_class == "interactive":
+            pipe.zadd(queued_key(job.model), {job.id: time.time()})
+        self._index_owned(pipe, job)
+
+    def _index_owned(self, pipe: Any, job: Job) -> None:
+        """List ``job`` under its owner, and trim that index to the retention window (it never outgrows it)."""
+        key = owner_jobs_key(job.owner)
+        pipe.zadd(key, {job.id: job.created_at.timestamp()})
+        pipe.zremrangebyscore(key, "-inf", f"({time.time() - self.retention_seconds!r}")
+        pipe.expire(key, self.retention_seconds)
+
+    def replicated(self, job_ids: list[str], replicas: int, timeout_seconds: float) -> bool:
+        """Whether the records of ``job_ids``, and every write the master took before this call (their
+        Celery messages included), have reached ``replicas`` replicas, waiting up to ``timeout_seconds``.
 
         WAIT covers the writes of the connection that issues it, up to its last one; replication is one
-        ordered stream, so a write made here after the message was sent (on kombu's own connection)
-        carries the message with it. That write only marks a record that exists: if a failover
-        reconnected us to a master without it, the answer is no.
+        ordered stream, so a write made here after the messages were sent (on kombu's own connection)
+        carries the messages with it. That write only marks records that exist: if a failover
+        reconnected us to a master without them, the answer is no.
         """
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.eval(_MARK_SENT, 1, job_key(job_id))
+            for job_id in job_ids:
+                pipe.eval(_MARK_SENT, 1, job_key(job_id))
             pipe.execute_command("WAIT", replicas, int(timeout_seconds * 1000))
-            present, acknowledged = pipe.execute()
-        return bool(present) and acknowledged >= replicas
+            *present, acknowledged = pipe.execute()
+        return all(present) and acknowledged >= replicas
 
-    def delete(self, job_id: str) -> None:
-        """Remove a job record (used when its message could not be queued)."""
-        self.redis.delete(job_key(job_id), job_stream_key(job_id))
-        self.redis.zrem(DEADLINES_KEY, job_id)
-        self.redis.zrem(QUEUED_KEY, job_id)
+    def delete(self, job: Job) -> None:
+        """Remove a job record and its index entries (used when its submission was refused)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(job_key(job.id), job_stream_key(job.id))
+        pipe.zrem(DEADLINES_KEY, job.id)
+        pipe.zrem(queued_key(job.model), job.id)
+        metrics.unrecord_submitted(pipe, job)
+        pipe.execute()
 
     def start(self, job_id: str, worker: str, instance: str | None = None) -> Job | None:
         """Mark a job running on ``worker`` (process ``instance``).
 
-        None when it is unknown, already has its final result, or is running on another instance that
-        is still live: a running job is taken over only when, inside the same transaction, its owner's
-        heartbeat is gone (two deliveries of one job never both run it). A job whose deadline passed
-        while it was queued comes back ``failed`` (expired) instead of running.
+        None when it is unknown, already has its final result, or is running on an instance that is
+        still live, this one included: a running job is taken over only when, inside the same
+        transaction, its owner's heartbeat is gone (two deliveries of one job never both run it, on two
+        workers or in one). A job whose deadline passed while it was queued comes back ``failed``
+        (expired) instead of running.
         """
         instance = instance or worker
 
         def owner_alive(pipe: Any, job: Job) -> bool:
-            if job.status is not JobStatus.RUNNING or job.worker_instance in (None, instance):
+            if job.status is not JobStatus.RUNNING or job.worker_instance is None:
                 return False
+            if job.worker_instance == instance:
+                return True  # a second delivery to the process that runs it
             owner_key = WORKER_KEY_PREFIX + job.worker_instance
             pipe.watch(owner_key)
             return bool(pipe.exists(owner_key))
@@ -397,14 +531,17 @@ class JobStore:
         """Ids of the jobs currently marked running."""
         return sorted(_text(raw) for raw in self.redis.smembers(RUNNING_KEY))
 
-    def stale_queued(self, older_than: float) -> list[str]:
-        """Jobs queued (or last re-sent) more than ``older_than`` seconds ago and still not started."""
+    def stale_queued(self, model: str, older_than: float, limit: int = 500) -> list[str]:
+        """``model``'s interactive jobs queued (or last re-sent) more than ``older_than`` seconds ago and
+        still not started, oldest first."""
         cutoff = time.time() - older_than
-        return [_text(raw) for raw in self.redis.zrangebyscore(QUEUED_KEY, "-inf", cutoff, start=0, num=500)]
+        raw = self.redis.zrangebyscore(queued_key(model), "-inf", cutoff, start=0, num=limit)
+        return [_text(item) for item in raw]
 
-    def mark_resent(self, job_id: str) -> None:
-        """Restart the clock of a queued job whose message was sent again."""
-        self.redis.zadd(QUEUED_KEY, {job_id: time.time()}, xx=True)
+    def claim_resend(self, model: str, job_id: str, older_than: float) -> bool:
+        """Claim the re-sending of a queued job's lost message: True for exactly one caller per
+        ``older_than`` seconds (the claim restarts the job's clock), however many reapers ask at once."""
+        return bool(self._claim_resend(keys=[queued_key(model)], args=[job_id, time.time() - older_than, time.time()]))
 
     def requeue_if_orphaned(self, job_id: str, live_instances: set[str]) -> Job | None:
         """Put a running job whose worker is no longer live back to queued; None when it is not orphaned.
@@ -530,10 +667,11 @@ class JobStore:
                         pipe.sadd(RUNNING_KEY, job_id)
                     elif before.status is JobStatus.RUNNING and updated.status is not JobStatus.RUNNING:
                         pipe.srem(RUNNING_KEY, job_id)
-                    if updated.status is JobStatus.QUEUED and before.status is not JobStatus.QUEUED:
-                        pipe.zadd(QUEUED_KEY, {job_id: time.time()})
-                    elif before.status is JobStatus.QUEUED and updated.status is not JobStatus.QUEUED:
-                        pipe.zrem(QUEUED_KEY, job_id)
+                    if updated.priority_class == "interactive":
+                        if updated.status is JobStatus.QUEUED and before.status is not JobStatus.QUEUED:
+                            pipe.zadd(queued_key(updated.model), {job_id: time.time()})
+                        elif before.status is JobStatus.QUEUED and updated.status is not JobStatus.QUEUED:
+                            pipe.zrem(queued_key(updated.model), job_id)
                     if status_event and (updated.status != before.status or updated.cancel_requested != before.cancel_requested):
                         self._event(pipe, job_id, "status", {"status": updated.status.value,
                                                              "cancel_requested": updated.cancel_requested,

@@ -22,7 +22,7 @@ from jobs.workers import WorkerDirectory
 from web.auth import csrf, init_auth
 from web.errors import register_error_handlers
 from web.feeds import JobFeeds
-from web.limits import limiter
+from web.limits import charge, limiter
 from web.service import JobService
 from web.watchers import WatcherSlots
 
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         store=JobStore(client, settings.job_retention_seconds),
         directory=WorkerDirectory(client),
         celery=make_celery(settings),
+        charge=charge,
     )
     app.extensions["bloomq"] = service
     app.extensions["bloomq.watchers"] = WatcherSlots(client, settings.max_watchers_per_key, settings.max_watchers)

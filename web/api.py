@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib.metadata
 import json
+import logging
+import math
 import re
 import time
 import uuid
@@ -15,16 +19,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 from pydantic import ValidationError
 
-from jobs.schema import Job, JobRequest
-from jobs.store import CancelOutcome
-from web.auth import authenticate_api, current_owner
+from jobs.schema import Job, JobRequest, JobStatus
+from jobs.store import CancelOutcome, OwnedPosition
+from web.auth import authenticate_api, current_owner, is_operator
 from web.errors import ApiError, validation_error
 from web.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
 from web.limits import limit_submissions, who
 from web.metrics import render_metrics
-from web.openapi import build_openapi
+from web.openapi import WorkerSummary, build_openapi
 from web.service import JobService
 from web.watchers import Watch, WatcherSlots
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1"
 
@@ -81,6 +87,71 @@ def submit_job() -> Response:
     response.status_code = 202 if created else 200
     response.headers["Location"] = url_for("api.get_job", job_id=job.id)
     return response
+
+
+MAX_LIST_LIMIT = 100
+DEFAULT_LIST_LIMIT = 20
+
+
+@api.get(f"{PREFIX}/jobs")
+def list_jobs() -> Response:
+    """The caller's jobs, newest first. ``limit`` (1-100), ``cursor`` (or ``after``: the ``next_cursor`` of
+    the previous page, or a job id) and ``status`` (one of the job statuses)."""
+    limit = _list_limit(request.args.get("limit"))
+    status = _list_status(request.args.get("status"))
+    name = "cursor" if request.args.get("cursor") else "after"
+    after = _list_position(name, request.args.get(name) or None)
+    try:
+        jobs, following = service().store.list_owned(current_owner(), limit, after, status)
+    except LookupError:
+        raise _invalid(name, "not a job in your listing (unknown, another key's, or expired)") from None
+    return jsonify({"jobs": [job_resource(job) for job in jobs],
+                    "next_cursor": _encode_position(following) if following else None})
+
+
+def _invalid(name: str, message: str) -> ApiError:
+    return ApiError(422, "validation_error", f"{name}: {message}", [{"name": name, "message": message}])
+
+
+def _list_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIST_LIMIT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_LIST_LIMIT:
+        raise _invalid("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return value
+
+
+def _list_status(raw: str | None) -> JobStatus | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return JobStatus(raw)
+    except ValueError:
+        raise _invalid("status", f"must be one of {', '.join(s.value for s in JobStatus)}") from None
+
+
+def _encode_position(position: OwnedPosition) -> str:
+    """An opaque cursor: where the next page starts."""
+    raw = f"{position.created!r}/{position.job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _list_position(name: str, raw: str | None) -> OwnedPosition | str | None:
+    """A cursor made by ``_encode_position``, or a job id (a string: the store finds its place)."""
+    if raw is None or _is_uuid(raw):
+        return raw
+    try:
+        created, _, job_id = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode().partition("/")
+        position = OwnedPosition(float(created), job_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        position = None
+    if position is None or not math.isfinite(position.created) or not _is_uuid(position.job_id):
+        raise _invalid(name, "not a cursor this API gave, nor a job id")
+    return position
 
 
 MAX_WAIT_SECONDS = 60
@@ -192,8 +263,13 @@ def list_models() -> Response:
 
 @api.get(f"{PREFIX}/workers")
 def list_workers() -> Response:
-    """Live workers (their heartbeat is current)."""
-    return jsonify({"workers": [w.model_dump(mode="json") for w in service().live_workers()]})
+    """Live workers (their heartbeat is current). Operators (and everyone with API keys off) see where
+    each runs; other keys see only its model, capacity, load and last heartbeat."""
+    workers = service().live_workers()
+    if is_operator():
+        return jsonify({"workers": [w.model_dump(mode="json") for w in workers]})
+    public = set(WorkerSummary.model_fields)
+    return jsonify({"workers": [w.model_dump(mode="json", include=public) for w in workers]})
 
 
 @api.get("/healthz")
@@ -204,17 +280,26 @@ def healthz() -> Response:
 
 @api.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 when Redis answers and a worker serves the default model; else 503 saying why."""
+    """200 when Redis answers and a worker serves the default model; else 503 with reason codes.
+
+    The reasons are for anyone who can reach the probe: a code and a fixed message, never exception text
+    (which can name hosts and addresses); the exception goes to the log."""
     svc = service()
+    default = svc.registry.default.name
     try:
         svc.store.redis.ping()
+        serving = any(w.model == default for w in svc.live_workers())
     except redis.RedisError as exc:
-        return jsonify({"status": "unavailable", "reasons": [f"redis: {exc}"]}), 503
-    default = svc.registry.default.name
-    if not any(w.model == default for w in svc.live_workers()):
-        reason = f"no live worker for the default model {default!r}: jobs are accepted but wait in the queue"
-        return jsonify({"status": "unavailable", "reasons": [reason]}), 503
+        log.warning("not ready: the job store (Redis) does not answer: %s", exc)
+        return _not_ready("redis_unavailable", "the job store does not answer")
+    if not serving:
+        return _not_ready("no_worker_for_default_model",
+                          f"no live worker serves the default model {default!r}; jobs are accepted and wait in its queue")
     return jsonify({"status": "ready", "reasons": []}), 200
+
+
+def _not_ready(code: str, message: str) -> tuple[Response, int]:
+    return jsonify({"status": "unavailable", "reasons": [{"code": code, "message": message}]}), 503
 
 
 @api.get("/metrics")

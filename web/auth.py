@@ -4,6 +4,9 @@ Keys come from ``BLOOMQ_API_KEYS`` (comma-separated) and/or ``BLOOMQ_API_KEYS_FI
 ``sha256:<hex>`` lines hold a key's hash instead of the key). Only SHA-256 hashes are kept in memory.
 A job belongs to the key that made it (its ``owner`` is a short id derived from the hash): another key
 gets ``404`` for it. With no keys configured, auth is off, and the log and the pages say so.
+
+``BLOOMQ_OPERATOR_KEYS`` (keys or ``sha256:<hex>``, comma-separated) names the operators: they are API
+keys too, and may also see operational details (hosts, pids, model paths). With auth off everyone is.
 """
 
 from __future__ import annotations
@@ -37,21 +40,26 @@ def owner_id(digest: str) -> str:
 
 @dataclass(frozen=True)
 class ApiKeys:
-    """The SHA-256 hashes of the accepted keys."""
+    """The SHA-256 hashes of the accepted keys, and the owner ids of the operators among them."""
 
     hashes: frozenset[str]
+    operators: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys | None:
         """The configured keys, or None when auth is off."""
         hashes = {key_hash(key) for key in settings.api_keys}
+        operators = {_entry_hash(key) for key in settings.operator_keys}
+        hashes |= operators
         if settings.api_keys_file:
             for line in Path(settings.api_keys_file).read_text().splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
-                hashes.add(line.removeprefix("sha256:").lower() if line.startswith("sha256:") else key_hash(line))
-        return cls(frozenset(hashes)) if hashes else None
+                hashes.add(_entry_hash(line))
+        if not hashes:
+            return None
+        return cls(frozenset(hashes), frozenset(owner_id(digest) for digest in operators))
 
     def identify(self, key: str) -> str | None:
         """The owner id of ``key``, or None when it is not a valid key."""
@@ -62,12 +70,24 @@ class ApiKeys:
         return None
 
 
+def _entry_hash(entry: str) -> str:
+    """The hash a configured key entry stands for: ``sha256:<hex>`` as given, or the key's hash."""
+    return entry.removeprefix("sha256:").lower() if entry.startswith("sha256:") else key_hash(entry)
+
+
 csrf = CSRFProtect()
 
 
 def current_owner() -> str | None:
     """Who this request acts for (None with auth off)."""
     return g.get("owner")
+
+
+def is_operator() -> bool:
+    """Whether this request may see operational details: an operator key (or its signed-in session), or
+    anyone while API keys are off (the single-user default)."""
+    keys = _keys()
+    return keys is None or (g.get("owner") is not None and g.owner in keys.operators)
 
 
 def _keys() -> ApiKeys | None:

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from pydantic import ValidationError
 
 from jobs.schema import FinishReason, Job, JobRequest
-from web.api import read_json_object, watch
+from web.api import read_json_object
 from web.auth import authenticate_api, current_owner
 from web.chat import ChatTemplateError, render_chat
 from web.errors import ApiError, field_errors
@@ -29,8 +29,10 @@ from web.relay import (
     follow_jobs,
     unfinished_error,
     wait_until_succeeded,
+    watched_submission,
 )
-from web.service import BatchLine, JobService
+from web.service import JobService
+from web.watchers import Watch
 
 JOB_ID_HEADER = "X-Bloomq-Job-Id"
 
@@ -105,12 +107,13 @@ def completions() -> Response:
         raise _invalid(exc) from None
     check_completion(req)
     spec = _spec(req.model)
-    jobs = submit_jobs(spec.name, completion_jobs(req), req.max_tokens is None, spec.max_total_tokens)
+    slot, jobs = watched_submission(_service(), lambda: submit_jobs(spec.name, completion_jobs(req),
+                                                                    req.max_tokens is None, spec.max_total_tokens))
     completion = Completion(f"cmpl-{uuid.uuid4().hex}", spec.name, "text_completion", len(req.prompts), req.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return completion.stream(jobs, include_usage, logprobs=req.logprobs is not None, echo=req.echo)
-    done = completion.wait(jobs)
+        return completion.stream(jobs, slot, include_usage, logprobs=req.logprobs is not None, echo=req.echo)
+    done = completion.wait(jobs, slot)
     return completion.respond(done, completion_choices(done, req))
 
 
@@ -141,12 +144,13 @@ def chat_completions() -> Response:
         req.max_tokens = None  # chat's default: as many as the model allows
     top = req.top_logprobs or 0
     inputs = [(prompt, req.parameters(choice, top if req.logprobs else None)) for choice in range(req.n)]
-    jobs = submit_jobs(spec.name, inputs, req.max_tokens is None, spec.max_total_tokens)
+    slot, jobs = watched_submission(_service(), lambda: submit_jobs(spec.name, inputs, req.max_tokens is None,
+                                                                    spec.max_total_tokens))
     completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", spec.name, "chat.completion", 1, req.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return completion.stream(jobs, include_usage, logprobs=False, echo=False)
-    done = completion.wait(jobs)
+        return completion.stream(jobs, slot, include_usage, logprobs=False, echo=False)
+    done = completion.wait(jobs, slot)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": job.output.generated_text},
          "logprobs": _chat_logprobs(job) if req.logprobs else None, "finish_reason": _finish(job)}
@@ -155,25 +159,27 @@ def chat_completions() -> Response:
     return completion.respond(done, choices)
 
 
-def submit_jobs(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int,
-            batch: BatchLine | None = None) -> list[Job]:
-    """One job per (prompt, parameters); an error naming the OpenAI parameter when the job API refuses."""
-    svc = _service()
-    key = request.headers.get("Idempotency-Key") if batch is None else None
-    jobs = []
-    for index, (prompt, params) in enumerate(inputs):
+def job_requests(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int
+                 ) -> list[JobRequest]:
+    """One job request per (prompt, parameters); an error naming the OpenAI parameter when one is refused."""
+    requests = []
+    for prompt, params in inputs:
         if to_the_limit:
             params = {**params, "max_length": total}
         try:
-            job_request = JobRequest.model_validate({"inputs": prompt, "model": model, "parameters": params})
+            requests.append(JobRequest.model_validate({"inputs": prompt, "model": model, "parameters": params}))
         except ValidationError as exc:
             raise _invalid_parameters(exc) from None
-        try:
-            job, _ = svc.submit(job_request, idempotency_key=f"{key}#{index}" if key else None, owner=current_owner(),
-                                batch=batch)
-        except ApiError as err:
-            raise _renamed(err) from None
-        jobs.append(job)
+    return requests
+
+
+def submit_jobs(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int) -> list[Job]:
+    """Every job of a request queued, or none (an error naming the OpenAI parameter when one is refused)."""
+    requests = job_requests(model, inputs, to_the_limit, total)
+    try:
+        jobs, _ = _service().submit_all(requests, request.headers.get("Idempotency-Key"), current_owner())
+    except ApiError as err:
+        raise renamed(err) from None
     return jobs
 
 
@@ -193,7 +199,8 @@ def _invalid_parameters(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_request_error", f"{fields[0]['name']}: {fields[0]['message']}", fields)
 
 
-def _renamed(err: ApiError) -> ApiError:
+def renamed(err: ApiError) -> ApiError:
+    """A job API error with its fields named as the OpenAI parameters the client sent."""
     fields = [{"name": _openai_name(f["name"]), "message": f["message"]} for f in err.fields]
     return ApiError(err.status, err.type, err.message, fields, err.retry_after)
 
@@ -209,9 +216,9 @@ class Completion:
         self.prompts = prompts
         self.n = n
 
-    def wait(self, jobs: list[Job]) -> list[Job]:
-        """The jobs once final, holding the client's connection (a watcher slot, no thread)."""
-        return wait_until_succeeded(_service(), jobs, _job_error)
+    def wait(self, jobs: list[Job], slot: Watch) -> list[Job]:
+        """The jobs once final, holding the client's connection (its watcher slot, no thread)."""
+        return wait_until_succeeded(_service(), jobs, _job_error, slot)
 
     def body(self, jobs: list[Job], choices: list[dict[str, Any]]) -> dict[str, Any]:
         """The response body over the finished ``jobs``."""
@@ -229,12 +236,12 @@ class Completion:
         completion = sum(job.output.generated_tokens for job in jobs if job.output)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def stream(self, jobs: list[Job], include_usage: bool, logprobs: bool, echo: bool) -> Response:
+    def stream(self, jobs: list[Job], slot: Watch, include_usage: bool, logprobs: bool, echo: bool) -> Response:
         """Server-Sent Events: chunks of new text per choice, the finish reason on each choice's last chunk,
-        the usage chunk when asked, then ``[DONE]``. A client that goes away cancels the jobs."""
+        the usage chunk when asked, then ``[DONE]``. A client that goes away cancels the jobs. The client's
+        watcher ``slot`` is released when the stream ends."""
         svc = _service()
         feeds: JobFeeds = current_app.extensions["bloomq.feeds"]
-        slot = watch(svc.settings.max_job_seconds + 60)
         job_ids = [job.id for job in jobs]
         chat = self.kind == "chat.completion"
 
@@ -255,6 +262,7 @@ class Completion:
             finals: list[Job | None] = [None] * len(jobs)
             completed = False
             try:
+                yield ": keep-alive\n\n"  # the headers go out now: the client knows its jobs were accepted
                 if chat:
                     for index in range(len(jobs)):
                         first = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,

@@ -3,12 +3,13 @@ responses (no hand-kept copy of a schema)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from jobs.schema import API_JOBS_PATH, JobRequest, JobResource
+from jobs.schema import API_JOBS_PATH, JobRequest, JobResource, JobStatus
 from jobs.workers import WorkerInfo
 
 REF = "#/components/schemas/{model}"
@@ -56,17 +57,39 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class WorkerSummary(BaseModel):
+    """A live worker as keys other than the operators' see it: no host, pid, names, paths or devices."""
+
+    model: str
+    batch_capacity: int = Field(description="How many jobs this worker runs at once.")
+    jobs_running: int = Field(description="Jobs in its batch or waiting in its engine, at the last heartbeat.")
+    last_seen: datetime
+
+
 class WorkerList(BaseModel):
-    workers: list[WorkerInfo]
+    workers: list[WorkerInfo | WorkerSummary] = Field(
+        description="Everything each worker announces for operator keys (and with API keys off); a summary for other keys.")
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    jobs: list[JobResource]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null when there is none.")
 
 
 class Health(BaseModel):
     status: str
 
 
+class NotReadyReason(BaseModel):
+    code: str = Field(description="redis_unavailable | no_worker_for_default_model")
+    message: str
+
+
 class Readiness(BaseModel):
     status: str = Field(description="ready | unavailable")
-    reasons: list[str]
+    reasons: list[NotReadyReason]
 
 
 _MODELS: list[tuple[type[BaseModel], str]] = [
@@ -74,6 +97,7 @@ _MODELS: list[tuple[type[BaseModel], str]] = [
     (JobResource, "serialization"),
     (ErrorBody, "serialization"),
     (CancelResult, "serialization"),
+    (JobList, "serialization"),
     (ModelList, "serialization"),
     (WorkerList, "serialization"),
     (Health, "serialization"),
@@ -150,6 +174,22 @@ def build_openapi(version: str) -> dict[str, Any]:
         "info": {"title": "bloomq", "version": version, "description": "BLOOM text generation as a job queue."},
         "paths": {
             jobs: {
+                "get": {
+                    "operationId": "listJobs",
+                    "summary": "The caller's jobs (with API keys off: those made without a key), newest first",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                         "description": "next_cursor of the previous page (or a job id of the listing)"},
+                        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+                         "description": "a job id of the listing (or a cursor): the page starts after it"},
+                        {"name": "status", "in": "query", "required": False,
+                         "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
+                    ],
+                    "responses": {"200": {"description": "A page of jobs", **_json("JobList")},
+                                  **_errors(422, 503)},
+                },
                 "post": {
                     "operationId": "submitJob",
                     "summary": "Queue a generation job",

@@ -25,6 +25,7 @@ from jobs.schema import Job
 from web.errors import ApiError, ClientGone
 from web.feeds import KEEPALIVE_SECONDS, JobFeeds
 from web.service import JobService
+from web.watchers import Watch
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,28 @@ def client_gone() -> bool:
         return True
 
 
-def wait_until_succeeded(svc: JobService, jobs: list[Job], error: Callable[[Job], Exception]) -> list[Job]:
-    """The jobs once every one is final, holding the client's connection meanwhile (a watcher slot, no
-    thread); ``error(job)`` is raised for the first one that did not succeed (or did not finish in time)."""
+def watched_submission(svc: JobService, submit: Callable[[], list[Job]]) -> tuple[Watch, list[Job]]:
+    """The client's watcher slot, then its jobs (``submit()``): a client at its cap is refused before any
+    job exists, and the slot is given back when the jobs are refused."""
     from web.api import watch  # (the API module imports the service this one uses)
 
+    slot = watch(svc.settings.max_job_seconds + 60)
+    try:
+        return slot, submit()
+    except BaseException:
+        slot.release()
+        raise
+
+
+def wait_until_succeeded(svc: JobService, jobs: list[Job], error: Callable[[Job], Exception], slot: Watch
+                         ) -> list[Job]:
+    """The jobs once every one is final, holding the client's connection meanwhile (its watcher ``slot``,
+    released at the end; no thread); ``error(job)`` is raised for the first one that did not succeed (or
+    did not finish in time)."""
     seconds = svc.settings.max_job_seconds + 60
     deadline = time.monotonic() + seconds
     job_ids = [job.id for job in jobs]
-    with watch(seconds):
+    with slot:
         while True:
             # In slices, so a client that hung up is noticed within one and its jobs canceled.
             done = wait_for_jobs(svc, job_ids, min(KEEPALIVE_SECONDS, max(0.0, deadline - time.monotonic())))

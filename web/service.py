@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.batches import BatchQueue
-from jobs.celery_app import enqueue, notify_completed
+from jobs.celery_app import enqueue, notify_completed, withdraw_message
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.webhooks import WebhookURLError, check_url
@@ -44,6 +45,8 @@ class JobService:
     directory: WorkerDirectory
     celery: Celery
     prompt_counter: PromptCounter = field(default_factory=PromptCounter)
+    # Counts jobs against the caller's rate limit (a 429 ApiError when they do not fit); the app sets it.
+    charge: Callable[[int], None] = field(default=lambda jobs: None)
     _live_models: set[str] = field(default_factory=set)
     _live_models_at: float = -1e9
     batch_queue: BatchQueue = field(init=False)
@@ -51,20 +54,10 @@ class JobService:
     def __post_init__(self) -> None:
         self.batch_queue = BatchQueue(self.store.redis)
 
-    def submit(
-        self,
-        request: JobRequest,
-        idempotency_key: str | None = None,
-        owner: str | None = None,
-        batch: BatchLine | None = None,
-    ) -> tuple[Job, bool]:
-        """Validate ``request``, store it queued and send it to its model's queue.
-
-        Returns the job and whether it is new: with an ``idempotency_key`` already used for the same
-        request, the earlier job comes back instead (``False``); for another request, a 409. ``batch``:
-        the job is a line of a batch (batch priority class, the batch's deadline, no queue cap: the batch
-        file's own limits bound it).
-        """
+    def prepare(self, request: JobRequest, owner: str | None = None, batch: BatchLine | None = None) -> Job:
+        """The job ``request`` makes, checked with every rule a job must meet (model known, lengths within
+        its limits, webhook allowed, timeout within the maximum); nothing is written. ``batch``: the job is a
+        line of a batch (batch priority class, the batch's deadline)."""
         spec = self._model_for(request.model)
         params = request.parameters.normalised(self.settings.default_max_new_tokens)
         try:
@@ -75,8 +68,6 @@ class JobService:
         except LengthError as exc:
             raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)
-        if batch is None:
-            self._check_queue(spec)
         timeout = min(request.timeout or self.settings.max_job_seconds, self.settings.max_job_seconds)
         if request.timeout is not None and request.timeout > self.settings.max_job_seconds:
             raise ApiError(422, "validation_error", "timeout is over the server's maximum", [
@@ -95,41 +86,92 @@ class JobService:
         if batch is not None:
             job = job.model_copy(update={"priority_class": "batch", "batch_id": batch.batch_id,
                                          "deadline": batch.deadline})
-        claim = None
-        if idempotency_key is not None:
-            claim = _IdempotencyClaim(f"{owner or ''}|{idempotency_key}", request, job.id)  # each owner has its own keys
+        return job
+
+    def submit(
+        self,
+        request: JobRequest,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Validate ``request``, store it queued and send it to its model's queue.
+
+        Returns the job and whether it is new: with an ``idempotency_key`` already used for the same
+        request, the earlier job comes back instead (``False``); for another request, a 409.
+        """
+        jobs, created = self.submit_all([request], idempotency_key, owner)
+        return jobs[0], created
+
+    def submit_all(
+        self, requests: list[JobRequest], idempotency_key: str | None = None, owner: str | None = None
+    ) -> tuple[list[Job], bool]:
+        """Validate every request, then store and queue all of their jobs or none (the jobs of one ``n``,
+        ``best_of`` or multi-prompt request): a refusal (a bad request, the queue cap, the rate limit,
+        replicas that do not acknowledge) leaves no record and no message behind.
+
+        With an ``idempotency_key`` (job ``i`` of several binds ``<key>#<i>``) used before for the same
+        requests, the earlier jobs come back instead (``False``).
+        """
+        jobs = [self.prepare(request, owner) for request in requests]
+        for spec in {job.model: self._model_for(job.model) for job in jobs}.values():
+            self._check_queue(spec, sum(1 for job in jobs if job.model == spec.name))
+        claims = None
+        if idempotency_key is not None:  # each owner has its own keys
+            keys = [idempotency_key] if len(jobs) == 1 else [f"{idempotency_key}#{i}" for i in range(len(jobs))]
+            claims = [_IdempotencyClaim(f"{owner or ''}|{key}", request, job.id)
+                      for key, request, job in zip(keys, requests, jobs, strict=True)]
+        self.charge(len(jobs))
+        sent: list[Job] = []
         try:
-            # The key is bound in the same transaction that stores the job: a crash in between cannot
+            # The keys are bound in the same transaction that stores the jobs: a crash in between cannot
             # leave a key pointing at a job that was never made.
-            earlier = self.store.create(job, claim.binding if claim else None)
+            try:
+                earlier = self.store.create_all(jobs, [claim.binding for claim in claims] if claims else None)
+            except ValueError:
+                raise ApiError(409, "idempotency_conflict", "some of this Idempotency-Key's jobs no longer exist "
+                               "(past retention); use a new key") from None
             if earlier is None:
-                enqueue(self.celery, self.batch_queue, job)
-                self._confirm_durable(job.id)
+                for job in jobs:
+                    enqueue(self.celery, self.batch_queue, job)
+                    sent.append(job)
+                self._confirm_durable([job.id for job in jobs])
         except Exception as exc:
-            # Nothing half-written: a job that could not be queued is not left behind as "queued", and
-            # its idempotency key is free for the client's retry.
-            with contextlib.suppress(redis.RedisError):
-                self.store.delete(job.id)
-                if claim is not None:
-                    self.store.redis.delete(claim.redis_key)
+            # Nothing half-written: jobs that could not all be queued are not left behind as "queued" (nor
+            # their messages), and their idempotency keys are free for the client's retry.
+            if not isinstance(exc, ApiError) or exc.status >= 500:
+                self._withdraw(jobs, sent, claims)
             if isinstance(exc, OperationalError):  # Celery's wrapping of a broker connection error
                 raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly",
                                retry_after=UNAVAILABLE_RETRY_AFTER) from exc
             raise
-        if earlier is not None:  # outside the clean-up above: the key stays bound to the job it made
-            assert claim is not None
-            found = self._earlier_job(claim, earlier)
-            self._confirm_durable(found.id)
+        if earlier is not None:  # outside the clean-up above: the keys stay bound to the jobs they made
+            assert claims is not None
+            found = [self._earlier_job(claim, record) for claim, record in zip(claims, earlier, strict=True)]
+            self._confirm_durable([job.id for job in found])
             return found, False
-        with job_context(job.id):
-            log.info("job %s: queued for %s", job.id, spec.name)
-        return job, True
+        for job in jobs:
+            with job_context(job.id):
+                log.info("job %s: queued for %s", job.id, job.model)
+        return jobs, True
 
-    def _confirm_durable(self, job_id: str) -> None:
-        """With ``BLOOMQ_REDIS_MIN_REPLICAS``, a 503 unless the job and its message reached that many
+    def _withdraw(self, jobs: list[Job], sent: list[Job], claims: list[_IdempotencyClaim] | None) -> None:
+        """Undo a refused submission: its messages, records and idempotency keys."""
+        with contextlib.suppress(redis.RedisError, OperationalError):
+            for job in sent:
+                if job.priority_class == "batch":
+                    self.batch_queue.withdraw(job.model, job.owner, job.id)
+                else:
+                    withdraw_message(self.store.redis, job.queue, job.id)
+            for job in jobs:
+                self.store.delete(job)
+            for claim in claims or []:
+                self.store.redis.delete(claim.redis_key)
+
+    def _confirm_durable(self, job_ids: list[str]) -> None:
+        """With ``BLOOMQ_REDIS_MIN_REPLICAS``, a 503 unless the jobs and their messages reached that many
         replicas in time: a job is accepted only once a failover cannot take it away."""
         replicas = self.settings.redis_min_replicas
-        if replicas and not self.store.replicated(job_id, replicas, self.settings.redis_replica_wait_seconds):
+        if replicas and not self.store.replicated(job_ids, replicas, self.settings.redis_replica_wait_seconds):
             raise ApiError(503, "unavailable", f"the job could not be copied to {replicas} Redis replica(s) in time "
                            "(a failover, or a replica down); try again shortly", retry_after=UNAVAILABLE_RETRY_AFTER)
 
@@ -155,13 +197,15 @@ class JobService:
                            "this Idempotency-Key's job no longer exists (past retention); use a new key")
         return found
 
-    def _check_queue(self, spec: ModelSpec) -> None:
-        """Admission control: refuse (429, before anything is written) when the model's queue is full."""
+    def _check_queue(self, spec: ModelSpec, jobs: int = 1) -> None:
+        """Admission control: refuse (429, before anything is written) when the model's queue has no room
+        for ``jobs`` more."""
         depth = self.store.redis.llen(spec.queue)
-        if depth >= self.settings.max_queue:
+        if depth + jobs > self.settings.max_queue:
+            room = max(0, self.settings.max_queue - depth)
             raise ApiError(429, "queue_full",
-                           f"{spec.name} has {depth} jobs waiting (the limit is {self.settings.max_queue}); retry later",
-                           retry_after=QUEUE_FULL_RETRY_AFTER)
+                           f"{spec.name} has {depth} jobs waiting (the limit is {self.settings.max_queue}): no room "
+                           f"for {jobs} more (room for {room}); retry later", retry_after=QUEUE_FULL_RETRY_AFTER)
 
     def _check_webhook(self, request: JobRequest) -> None:
         if request.webhook is None:

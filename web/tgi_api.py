@@ -17,12 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config.models import ModelSpec
 from jobs.schema import MAX_STOP_SEQUENCES, FinishReason, Job, JobRequest, TokenDetail
-from web.api import read_json_object, version, watch
+from web.api import read_json_object, version
 from web.auth import authenticate_api, current_owner
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
-from web.relay import cancel_unfinished, failure_message, follow_jobs, unfinished_error, wait_until_succeeded
+from web.relay import (
+    cancel_unfinished,
+    failure_message,
+    follow_jobs,
+    unfinished_error,
+    wait_until_succeeded,
+    watched_submission,
+)
 from web.service import JobService
+from web.watchers import Watch
 
 MAX_BEST_OF = 2
 JOB_ID_HEADER = "X-Bloomq-Job-Id"
@@ -90,7 +98,7 @@ def _spec(name: str) -> ModelSpec:
     return spec
 
 
-def _read(full_text_default: bool) -> tuple[TgiRequest, dict[str, Any]]:
+def _read() -> tuple[TgiRequest, dict[str, Any]]:
     """The request and the job parameters it asks for (TGI's checks, then the job API's)."""
     try:
         req = TgiRequest.model_validate(read_json_object())
@@ -107,25 +115,29 @@ def _read(full_text_default: bool) -> tuple[TgiRequest, dict[str, Any]]:
                        [{"name": "best_of", "message": "sampling only, not streamed"}])
     params = p.model_dump(exclude_none=True, exclude={"best_of", "frequency_penalty", "grammar", "watermark",
                                                        "adapter_id", "return_full_text"})
-    params["return_full_text"] = full_text_default if p.return_full_text is None else p.return_full_text
+    # False unless asked for, on every route ("/" too), as TGI does: InferenceClient expects the new text only.
+    params["return_full_text"] = bool(p.return_full_text)
     return req, params
 
 
-def _submit(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Job:
-    try:
-        job_request = JobRequest.model_validate({"inputs": inputs, "model": spec.name, "parameters": params})
-    except ValidationError as exc:
-        fields = field_errors(exc)
-        raise ApiError(422, "validation", f"{fields[0]['name']}: {fields[0]['message']}", fields) from None
-    job, _ = _service().submit(job_request, owner=current_owner())
-    return job
+def _submit(spec: ModelSpec, inputs: str, params: list[dict[str, Any]]) -> tuple[Watch, list[Job]]:
+    """The client's watcher slot, then one job per parameter set, all queued or none."""
+    requests = []
+    for job_params in params:
+        try:
+            requests.append(JobRequest.model_validate({"inputs": inputs, "model": spec.name, "parameters": job_params}))
+        except ValidationError as exc:
+            fields = field_errors(exc)
+            raise ApiError(422, "validation", f"{fields[0]['name']}: {fields[0]['message']}", fields) from None
+    svc = _service()
+    return watched_submission(svc, lambda: svc.submit_all(requests, owner=current_owner())[0])
 
 
 @tgi_api.post("/<path:name>")
 def hosted(name: str) -> Response:
     """The hosted Inference API's route (TGI's ``/``): a list with one result, or the token stream."""
     spec = _spec(name)
-    req, params = _read(full_text_default=True)
+    req, params = _read()
     if req.stream:
         return _stream(spec, req.inputs, params)
     result, headers = _generate(spec, req, params)
@@ -138,7 +150,7 @@ def hosted(name: str) -> Response:
 def generate(name: str) -> Response:
     """TGI's ``/generate``: ``{"generated_text", "details"?}``."""
     spec = _spec(name)
-    req, params = _read(full_text_default=False)
+    req, params = _read()
     result, headers = _generate(spec, req, params)
     response = jsonify(result)
     response.headers.update(headers)
@@ -149,7 +161,7 @@ def generate(name: str) -> Response:
 def generate_stream(name: str) -> Response:
     """TGI's ``/generate_stream``: one event per token, the last with ``generated_text`` and details."""
     spec = _spec(name)
-    req, params = _read(full_text_default=False)
+    req, params = _read()
     return _stream(spec, req.inputs, params)
 
 
@@ -200,13 +212,14 @@ def _generate(spec: ModelSpec, req: TgiRequest, params: dict[str, Any]) -> tuple
     best_of = req.parameters.best_of or 1
     if best_of > 1:
         params = {**params, "details": True, "do_sample": True}
-    jobs = []
+    choices = []
     for i in range(best_of):
         job_params = dict(params)
         if best_of > 1 and "seed" in params:
             job_params["seed"] = params["seed"] + i
-        jobs.append(_submit(spec, req.inputs, job_params))
-    done = wait_until_succeeded(_service(), jobs, _job_error)
+        choices.append(job_params)
+    slot, jobs = _submit(spec, req.inputs, choices)
+    done = wait_until_succeeded(_service(), jobs, _job_error, slot)
     done.sort(key=_score, reverse=True)  # best_of: the most likely sequence first
     best = done[0]
     result: dict[str, Any] = {"generated_text": best.output.generated_text}
@@ -267,8 +280,7 @@ def _stream(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Response:
     """TGI's token stream. The job reports every token (``details``), so each becomes one event."""
     svc = _service()
     feeds: JobFeeds = current_app.extensions["bloomq.feeds"]
-    job = _submit(spec, inputs, {**params, "details": True})
-    slot = watch(svc.settings.max_job_seconds + 60)
+    slot, (job,) = _submit(spec, inputs, [{**params, "details": True}])
 
     def event(body: dict[str, Any]) -> str:
         return f"data:{json.dumps(body, ensure_ascii=False)}\n\n"
@@ -280,6 +292,7 @@ def _stream(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Response:
         held: dict[str, Any] | None = None  # the newest token: the last one goes out with the details
         completed = False
         try:
+            yield ":\n\n"  # the headers go out now: the client knows its job was accepted
             for item in follow_jobs(feeds, [job.id]):
                 if item is None:
                     yield ":\n\n"  # keep-alive comment

@@ -13,7 +13,6 @@ from werkzeug.datastructures import MultiDict
 from jobs.schema import JobRequest
 from web.auth import authenticate_page, current_owner
 from web.errors import ApiError, field_errors
-from web.limits import limit_submissions
 from web.service import JobService
 
 views = Blueprint("views", __name__)
@@ -72,7 +71,6 @@ def index() -> str:
 
 
 @views.post("/")
-@limit_submissions
 def submit_form() -> Response | tuple[str, int]:
     """Submit the form; redirect to the job page, or show the form again with messages."""
     body, errors = form_to_request(request.form)
@@ -112,24 +110,32 @@ def batches_page() -> str:
 
 
 @views.post("/batches")
-@limit_submissions
 def submit_batch() -> Response | tuple[str, int]:
-    """Start a batch from the uploaded file; redirect to its page, or show the form again with messages."""
-    from web.batches_api import start_batch
+    """Start a batch from the uploaded file (the same limits and checks as the Batch API); redirect to its
+    page, or show the form again with messages."""
+    from web.batches_api import BatchFileError, accept_upload, start_batch
 
+    settings = _service().settings
     upload = request.files.get("file")
-    content = upload.read() if upload is not None else b""
+    content = upload.read(settings.max_batch_file_bytes + 1) if upload is not None else b""
     errors: dict[str, str] = {}
     if not content.strip():
         errors["file"] = "choose a file with at least one line"
     elif request.form.get("kind") == "prompts":
         body, errors = form_to_request(MultiDict({**request.form.to_dict(), "inputs": "x"}))
-        content = _prompts_as_jsonl(content, body)
+        if not errors:
+            content = _prompts_as_jsonl(content, body)
     if not errors:
-        store = current_app.extensions["bloomq.batches"]
-        meta = store.add_file(content, upload.filename or "batch.jsonl", "batch", current_owner())
-        batch = start_batch(meta.id, "24h", None)
-        return redirect(url_for("views.batch_page", batch_id=batch.id), code=303)
+        try:
+            meta = accept_upload(content, upload.filename or "batch.jsonl")
+            batch = start_batch(meta.id, "24h", None)
+            return redirect(url_for("views.batch_page", batch_id=batch.id), code=303)
+        except BatchFileError as exc:
+            errors["file"] = "; ".join(f"line {e.line}: {e.message}" if e.line else e.message for e in exc.errors[:20])
+        except ApiError as exc:
+            if exc.status == 429:
+                raise
+            errors["file"] = exc.message
     return render_template("batches.html", models=_service().models(), batches=_your_batches(), errors=errors,
                            form=request.form), 422
 
@@ -143,10 +149,9 @@ def batch_page(batch_id: str) -> str:
 
 
 def _your_batches() -> list[Any]:
-    from web.batches_api import own_batch
+    from web.batches_api import your_batches
 
-    store = current_app.extensions["bloomq.batches"]
-    return [own_batch(batch_id) for batch_id in store.batch_ids(current_owner())[:20]]
+    return your_batches(20)[0]
 
 
 def _prompts_as_jsonl(content: bytes, body: dict[str, Any]) -> bytes:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import redis
 
-from jobs.batches import BatchQueue
+from config.models import queue_for
+from jobs.batches import BatchQueue, BatchStore
+from jobs.intake import BatchIntake
 from jobs.schema import Job, JobStatus
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory
@@ -55,11 +57,14 @@ class OrphanRecovery(Periodic):
         trust_after: float,
         stuck_grace: float = 120.0,
         lost_delivery_after: float = 30.0,
+        intake_stall_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__("bloomq-orphans", interval, self._reap)
         self.store = store
         self.batch_queue = BatchQueue(store.redis)
+        self.intake = BatchIntake(store, BatchStore(store.redis, store.retention_seconds), self.batch_queue)
+        self.intake_stall_seconds = intake_stall_seconds
         self.directory = directory
         self.requeue = requeue
         self.instance = instance
@@ -88,9 +93,11 @@ class OrphanRecovery(Periodic):
             raise
 
     def _recover(self) -> None:
-        self._resend_lost_deliveries()
-        live = {w.instance for w in self.directory.live()} | {self.instance}
+        live_workers = self.directory.live()
+        self._resend_lost_deliveries({w.model for w in live_workers})
+        live = {w.instance for w in live_workers} | {self.instance}
         self._return_batch_lines(live)
+        self._finish_stalled_intakes()
         running = self.store.running_jobs()
         if not running:
             return
@@ -105,40 +112,38 @@ class OrphanRecovery(Periodic):
                 log.error("job %s: still running %ds past its deadline; failed", job_id, self.stuck_grace)
 
     def _return_batch_lines(self, live: set[str]) -> None:
-        """Put back the batch lines a dead worker had taken and not finished (still queued: never started;
-        running ones come back as orphans)."""
-        for instance, job_ids in self.batch_queue.taken_by_the_dead(live).items():
-            for job_id in job_ids:
-                job = self.store.get(job_id)
-                if job is not None and job.status is JobStatus.QUEUED:
-                    log.warning("job %s: batch line taken by %s, which is gone; putting it back", job_id, instance)
-                    self.requeue(job)
-            self.batch_queue.forget_taken(instance)
+        """Put back the batch lines a dead worker had taken and not started (running ones come back as
+        orphans); each comes back once, however many reapers look at the same time."""
+        for instance in self.batch_queue.dead_takers(live):
+            for job_id in self.batch_queue.return_taken(instance):
+                log.warning("job %s: batch line taken by %s, which is gone; put back", job_id, instance)
 
-    def _resend_lost_deliveries(self) -> None:
-        """Re-send jobs whose message went to a worker that died before starting them.
+    def _finish_stalled_intakes(self) -> None:
+        """Finish queuing batches whose web process died while it queued them."""
+        for batch_id in self.intake.stalled(self.intake_stall_seconds):
+            queued = self.intake.run(batch_id)
+            log.warning("batch %s: its queuing had stalled; finished it (%d jobs queued)", batch_id, queued)
+
+    def _resend_lost_deliveries(self, live_models: set[str]) -> None:
+        """Re-send interactive jobs whose message went to a worker that died before starting them.
 
         A worker takes a message and marks the job running within milliseconds; a job still queued long
         after, while its model's queue is empty and a worker for it is live, had its message taken by a
         worker that died in between (the message waits in Redis's unacknowledged set until the
-        visibility timeout). Sending it again is safe: the store lets only one attempt finish it.
+        visibility timeout). Only the models with a live worker are looked at, in an index of their
+        interactive jobs alone, so a big batch or a model nobody serves cannot hide a lost job. Of
+        several reapers that find the same job, one claims the re-send; the store lets only one attempt
+        finish it anyway.
         """
-        stale = self.store.stale_queued(self.lost_delivery_after)
-        if not stale:
-            return
-        live_models = {w.model for w in self.directory.live()}
-        empty_queues: dict[str, bool] = {}
-        for job_id in stale:
-            job = self.store.get(job_id)
-            if job is None or job.status is not JobStatus.QUEUED or job.model not in live_models:
-                continue
-            if job.priority_class == "batch":
-                continue  # batch lines wait in their own lists, and come back through _return_batch_lines
-            queue = job.queue
-            if queue not in empty_queues:
-                empty_queues[queue] = self.store.redis.llen(queue) == 0
-            if empty_queues[queue]:
-                log.warning("job %s: queued %ds with an empty queue; its delivery was lost, re-sending",
-                            job_id, self.lost_delivery_after)
-                self.store.mark_resent(job_id)
-                self.requeue(job)
+        for model in sorted(live_models):
+            stale = self.store.stale_queued(model, self.lost_delivery_after)
+            if not stale or self.store.redis.llen(queue_for(model)) > 0:
+                continue  # nothing waiting that long, or its message may simply be waiting in the queue
+            for job_id in stale:
+                job = self.store.get(job_id)
+                if job is None or job.status is not JobStatus.QUEUED:
+                    continue
+                if self.store.claim_resend(model, job_id, self.lost_delivery_after):
+                    log.warning("job %s: queued %ds with an empty queue; its delivery was lost, re-sending",
+                                job_id, self.lost_delivery_after)
+                    self.requeue(job)

@@ -27,10 +27,13 @@ T = TypeVar("T")
 
 @dataclass
 class _Attempt:
-    """A job this process is running: its sequence in the engine and its attempt number."""
+    """A job this process is running: its attempt number and, once submitted, its sequence in the engine.
 
-    seq: Sequence
-    number: int
+    Registered before the store is asked to start the job, so a second delivery of the same job to this
+    process is turned away here, whatever the store says."""
+
+    number: int = 0  # 0 until the store has started the job
+    seq: Sequence | None = None
     superseded: bool = False  # the job was taken from this attempt: stop, and store nothing
 
 
@@ -65,6 +68,14 @@ class JobRunner:
             if job_id in self._running:
                 log.info("job %s: already running here; message acknowledged", job_id)
                 return
+            running = self._running[job_id] = _Attempt()
+        try:
+            self._start_and_run(job_id, running)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+
+    def _start_and_run(self, job_id: str, running: _Attempt) -> None:
         job = self.store.start(job_id, self.worker_name, self.instance)
         if job is None or job.status is not JobStatus.RUNNING:
             reason = (
@@ -76,19 +87,19 @@ class JobRunner:
             if job is not None:
                 self._notify(job, "completed")
             return
-        attempt = job.attempts  # our fencing token: results of a stale attempt are refused by the store
+        attempt = running.number = job.attempts  # our fencing token: the store refuses a stale attempt's results
         log.info("job %s: started (attempt %d%s)", job_id, attempt, ", alone: suspected poison" if job.device_faults else "")
         self._notify(job, "started")
         try:
-            self._run_attempt(job, attempt)
+            self._run_attempt(job, running)
         except Exception as exc:
             # Whatever went wrong, the job must not stay "running" on a live worker.
             log.exception("job %s: attempt %d broke", job_id, attempt)
             error = JobError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
             self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
 
-    def _run_attempt(self, job: Job, attempt: int) -> None:
-        job_id = job.id
+    def _run_attempt(self, job: Job, running: _Attempt) -> None:
+        job_id, attempt = job.id, running.number
         if job.cancel_requested:
             empty = JobOutput(generated_text="", generated_tokens=0, finish_reason=FinishReason.CANCELED)
             self._finish(job_id, attempt, FinishReason.CANCELED, empty, 0.0)
@@ -108,16 +119,16 @@ class JobRunner:
             error = JobError(type=exc.type, message=str(exc))
             self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
             return
-        running = _Attempt(seq, attempt)
         with self._lock:
-            self._running[job_id] = running
+            running.seq = seq
+            stop_now = running.superseded
+        if stop_now:
+            self.engine.cancel(seq)
         self.publisher.follow(job_id, seq, attempt)
         try:
             seq.done.wait()
         finally:
             self.publisher.forget(job_id)  # flushes the last text before the final result is stored
-            with self._lock:
-                self._running.pop(job_id, None)
         if running.superseded:
             log.warning("job %s: attempt %d was stopped: the job was taken from it", job_id, attempt)
             return
@@ -148,9 +159,10 @@ class JobRunner:
         """Stop a job this process is running; False when it is not running here."""
         with self._lock:
             running = self._running.get(job_id)
-        if running is None:
+            seq = running.seq if running is not None else None
+        if seq is None:
             return False
-        self.engine.cancel(running.seq)
+        self.engine.cancel(seq)
         return True
 
     def abandon(self, job_id: str) -> bool:
@@ -160,7 +172,9 @@ class JobRunner:
             if running is None:
                 return False
             running.superseded = True
-        self.engine.cancel(running.seq)
+            seq = running.seq
+        if seq is not None:  # else it is stopped as soon as it is submitted
+            self.engine.cancel(seq)
         return True
 
     def hand_back_after_device_fault(self, exc: BaseException) -> None:
@@ -169,6 +183,8 @@ class JobRunner:
         with self._lock:
             running = dict(self._running)
         for job_id, attempt in running.items():
+            if attempt.number == 0:
+                continue  # not started: the store still has it queued (or running elsewhere)
             try:
                 job = self.store.record_device_fault(job_id, attempt.number, f"{type(exc).__name__}: {exc}")
             except redis.RedisError:

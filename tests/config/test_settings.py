@@ -55,3 +55,11 @@ def test_sentinel_urls_are_parsed_as_celery_spells_them():
 def test_a_bad_redis_url_names_the_variable(url):
     with pytest.raises(SettingsError, match="BLOOMQ_REDIS_URL"):
         Settings.from_env({"BLOOMQ_REDIS_URL": url})
+
+
+def test_operator_keys_are_keys_or_their_hashes():
+    digest = "ab" * 32
+    s = Settings.from_env({"BLOOMQ_OPERATOR_KEYS": f" ops-key , sha256:{digest}"})
+    assert s.operator_keys == ("ops-key", f"sha256:{digest}") and "ops-key" not in repr(s)
+    with pytest.raises(SettingsError, match="BLOOMQ_OPERATOR_KEYS"):
+        Settings.from_env({"BLOOMQ_OPERATOR_KEYS": "sha256:1234"})

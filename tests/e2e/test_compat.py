@@ -137,12 +137,15 @@ def test_a_streaming_client_that_leaves_cancels_its_job(stack, model):
 # -- Hugging Face Inference API / TGI ---------------------------------------------------------------
 
 
-def test_inference_client_text_generation_with_details(hf, reference):
-    # The base URL is the hosted API's route, where return_full_text defaults to true (as TGI's "/").
-    full = hf.text_generation(PROMPT, max_new_tokens=20)
+def test_inference_client_text_generation_returns_only_the_new_text(hf, reference):
+    # The base URL is the hosted API's route ("/"), where return_full_text defaults to false, as TGI's.
+    assert hf.text_generation(PROMPT, max_new_tokens=20) == reference(PROMPT, max_new_tokens=20)
+    full = hf.text_generation(PROMPT, max_new_tokens=20, return_full_text=True)
     assert full == PROMPT + reference(PROMPT, max_new_tokens=20)
-    out = hf.text_generation(PROMPT, max_new_tokens=20, details=True, decoder_input_details=True,
-                             return_full_text=False)
+
+
+def test_inference_client_text_generation_with_details(hf, reference):
+    out = hf.text_generation(PROMPT, max_new_tokens=20, details=True, decoder_input_details=True)
     assert out.generated_text == reference(PROMPT, max_new_tokens=20)
     assert out.details.finish_reason == "length" and out.details.generated_tokens == 20
     assert len(out.details.tokens) == 20 and all(t.logprob <= 0 for t in out.details.tokens)
@@ -150,12 +153,12 @@ def test_inference_client_text_generation_with_details(hf, reference):
 
 
 def test_inference_client_streams_tokens_then_details(hf, reference):
-    events = list(hf.text_generation(PROMPT, max_new_tokens=20, stream=True, details=True, return_full_text=False))
+    events = list(hf.text_generation(PROMPT, max_new_tokens=20, stream=True, details=True))
     assert len(events) == 20
     assert all(e.generated_text is None for e in events[:-1])
     assert events[-1].generated_text == reference(PROMPT, max_new_tokens=20)
     assert events[-1].details.finish_reason == "length" and events[-1].details.generated_tokens == 20
-    plain = list(hf.text_generation(PROMPT, max_new_tokens=20, stream=True, return_full_text=False))
+    plain = list(hf.text_generation(PROMPT, max_new_tokens=20, stream=True))
     assert plain == [e.token.text for e in events]
 
 
@@ -173,7 +176,7 @@ def test_hosted_inference_api_script_with_requests(stack, model, reference):
                              timeout=60)
     assert response.status_code == 200
     body = response.json()
-    assert isinstance(body, list) and body[0]["generated_text"] == PROMPT + reference(PROMPT, max_new_tokens=12)
+    assert isinstance(body, list) and body[0]["generated_text"] == reference(PROMPT, max_new_tokens=12)
     assert int(response.headers["x-generated-tokens"]) == 12 and int(response.headers["x-prompt-tokens"]) > 0
     assert _job(stack, response.headers["X-Bloomq-Job-Id"])["status"] == "succeeded"
     bad = requests.post(url, headers=headers, json={"inputs": PROMPT, "parameters": {"top_k": 0}}, timeout=10)

@@ -77,7 +77,7 @@ def test_redis_restart_with_aof_loses_no_accepted_job(request, tmp_path_factory,
         down = requests.post(f"{stack.url}/api/v1/jobs", json={"inputs": "x"}, timeout=30)
         assert down.status_code == 503 and down.json()["error"]["type"] == "unavailable"
         ready = requests.get(f"{stack.url}/readyz", timeout=30)
-        assert ready.status_code == 503 and ready.json()["reasons"][0].startswith("redis")
+        assert ready.status_code == 503 and ready.json()["reasons"][0]["code"] == "redis_unavailable"
         time.sleep(2)
         stack.redis.start()
         wait_for(lambda: requests.get(f"{stack.url}/readyz", timeout=10).status_code == 200, timeout=60,

@@ -1,6 +1,8 @@
 """The batch queue: lines taken in turn between API keys, recorded as taken until done (real Redis)."""
 
 from jobs.batches import BatchQueue
+from jobs.schema import GenerateParameters, Job, new_job_id
+from jobs.store import JobStore
 
 
 def test_keys_take_turns_and_every_line_comes_out_once(redis_client):
@@ -17,12 +19,20 @@ def test_keys_take_turns_and_every_line_comes_out_once(redis_client):
     assert queue.depth("m") == 0
 
 
-def test_lines_taken_by_a_dead_worker_are_reported_until_forgotten(redis_client):
+def test_lines_taken_by_a_dead_worker_go_back_once_and_only_if_still_queued(redis_client):
+    store = JobStore(redis_client, 100)
     queue = BatchQueue(redis_client)
-    queue.push("m", None, "a")
-    queue.push("m", None, "b")
-    assert queue.take("m", "dead:1") == "a" and queue.take("m", "live:2") == "b"
-    queue.done("live:2", "b")
-    assert queue.taken_by_the_dead({"live:2"}) == {"dead:1": ["a"]}
-    queue.forget_taken("dead:1")
-    assert queue.taken_by_the_dead({"live:2"}) == {}
+    jobs = [Job(id=new_job_id(), model="m", inputs="hi", parameters=GenerateParameters(), priority_class="batch")
+            for _ in range(3)]
+    for job in jobs:
+        store.create(job)
+        queue.push("m", None, job.id)
+    assert queue.take("m", "dead:1") == jobs[0].id and queue.take("m", "dead:1") == jobs[1].id
+    assert queue.take("m", "live:2") == jobs[2].id
+    queue.done("live:2", jobs[2].id)
+    store.cancel(jobs[1].id)  # ended while taken: it does not go back
+    assert queue.dead_takers({"live:2"}) == ["dead:1"]
+    assert queue.return_taken("dead:1") == [jobs[0].id]
+    assert queue.return_taken("dead:1") == []  # a second reaper finds nothing left to return
+    assert queue.dead_takers({"live:2"}) == []
+    assert queue.take("m", "live:2") == jobs[0].id

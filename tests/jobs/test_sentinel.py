@@ -43,7 +43,7 @@ def test_store_broker_and_limiter_all_reach_the_master_named_by_the_sentinels(cl
     store.create(job)
     send_generate(make_celery(settings), job.id, "bloomq.tiny-bloom")
     assert master.hexists(job_key(job.id), "doc") and master.llen("bloomq.tiny-bloom") == 1
-    assert store.replicated(job.id, 1, 1.0)  # the record and the message reached the replica
+    assert store.replicated([job.id], 1, 1.0)  # the record and the message reached the replica
     replica = redis.Redis(port=next(n.port for n in cluster.nodes if n.port != cluster.master_port()))
     assert replica.hexists(job_key(job.id), "doc") and replica.llen("bloomq.tiny-bloom") == 1
 
@@ -57,15 +57,15 @@ def test_store_broker_and_limiter_all_reach_the_master_named_by_the_sentinels(cl
 
 def test_a_record_that_is_not_on_the_master_is_never_reported_replicated(settings):
     store = JobStore(connect(settings.redis_url, settings.redis_sentinel_master), 60)
-    assert not store.replicated("no-such-job", 1, 0.2)
+    assert not store.replicated(["no-such-job"], 1, 0.2)
 
 
 def test_without_enough_replicas_wait_times_out_and_says_no(settings):
     store = JobStore(connect(settings.redis_url, settings.redis_sentinel_master), 60)
     job = _job()
     store.create(job)
-    assert store.replicated(job.id, 1, 0.5)
-    assert not store.replicated(job.id, 2, 0.2)  # there is only one replica
+    assert store.replicated([job.id], 1, 0.5)
+    assert not store.replicated([job.id], 2, 0.2)  # there is only one replica
 
 
 class _FakeSentinel:

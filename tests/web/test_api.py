@@ -132,7 +132,8 @@ def test_health_and_readiness_say_why_not_ready(client, app):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert "no live worker for the default model 'tiny-bloom'" in response.get_json()["reasons"][0]
+    (reason,) = response.get_json()["reasons"]
+    assert reason["code"] == "no_worker_for_default_model" and "'tiny-bloom'" in reason["message"]
     directory = app.extensions["bloomq"].directory
     info = WorkerInfo(name="tiny-bloom@h.cpu", instance="tiny-bloom@h.cpu:1", model="tiny-bloom", host="h",
                       device="cpu", dtype="float32", pid=1)
@@ -140,13 +141,18 @@ def test_health_and_readiness_say_why_not_ready(client, app):
     assert client.get("/readyz").get_json() == {"status": "ready", "reasons": []}
 
 
-def test_readiness_is_503_json_when_redis_is_down(redis_server):
+def test_readiness_is_503_json_when_redis_is_down(redis_server, capsys):
     app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", model="/models/tiny-bloom"))
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.get_json()["status"] == "unavailable"
+    # A reason code and a fixed message for whoever asks; the exception (addresses, ports) only in the log.
+    assert response.get_json() == {"status": "unavailable", "reasons": [
+        {"code": "redis_unavailable", "message": "the job store does not answer"}]}
+    assert "127.0.0.1:1" not in response.get_data(as_text=True)
+    logged = [line for line in capsys.readouterr().err.splitlines() if "does not answer" in line]
+    assert logged and "Connection refused" in logged[0]
     submit = _submit(client, {"inputs": "hi"})
     assert submit.status_code == 503 and submit.get_json()["error"]["type"] == "unavailable"
 

@@ -95,3 +95,68 @@ def test_login_never_redirects_off_site(keyed):
     token = csrf_token(client.get("/login").get_data(as_text=True))
     response = client.post("/login?next=//evil.example/x", data={"api_key": ALICE, "csrf_token": token})
     assert response.headers["Location"] == "/"
+
+
+OPS = "operator-key-789"
+WHERE_IT_RUNS = {"name", "instance", "host", "pid", "source", "device", "devices"}
+
+
+def _announce_worker(app) -> None:
+    from jobs.workers import WorkerInfo
+
+    info = WorkerInfo(name="tiny-bloom@gpu-box-7.gpu0", instance="tiny-bloom@gpu-box-7.gpu0:4242", model="tiny-bloom",
+                      source="/srv/models/tiny-bloom", host="gpu-box-7", device="cuda:0", devices=["0"],
+                      dtype="bfloat16", pid=4242, batch_capacity=8, jobs_running=3)
+    app.extensions["bloomq"].directory.announce(info, ttl_seconds=30)
+
+
+@pytest.fixture()
+def with_operators(redis_server, redis_client, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n")
+    # Bob is an operator by his key's hash only, as his key is kept in the file.
+    settings = Settings(redis_url=redis_server.url, model="/models/tiny-bloom", api_keys=(ALICE,),
+                        api_keys_file=str(keys_file),
+                        operator_keys=(OPS, f"sha256:{hashlib.sha256(BOB.encode()).hexdigest().upper()}"))
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    _announce_worker(app)
+    return app
+
+
+def test_only_operator_keys_see_where_workers_run(with_operators):
+    client = with_operators.test_client()
+    (summary,) = client.get("/api/v1/workers", headers=bearer(ALICE)).get_json()["workers"]
+    assert set(summary) == {"model", "batch_capacity", "jobs_running", "last_seen"}
+    assert (summary["model"], summary["batch_capacity"], summary["jobs_running"]) == ("tiny-bloom", 8, 3)
+    assert "gpu-box-7" not in str(summary) and "/srv/models" not in str(summary)
+    for operator in (OPS, BOB):
+        (full,) = client.get("/api/v1/workers", headers=bearer(operator)).get_json()["workers"]
+        assert WHERE_IT_RUNS <= set(full)
+        assert (full["host"], full["pid"], full["source"]) == ("gpu-box-7", 4242, "/srv/models/tiny-bloom")
+    # An operator key is an API key like any other (its own jobs, 404 for the others').
+    job = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(OPS)).get_json()
+    assert job["owner"].startswith("key:")
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=bearer(ALICE)).status_code == 404
+    assert client.get("/api/v1/workers").status_code == 401
+
+
+def test_an_operator_signed_in_on_the_pages_is_an_operator_through_the_session(with_operators):
+    client = with_operators.test_client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    assert client.post("/login", data={"api_key": OPS, "csrf_token": token}).status_code == 302
+    (full,) = client.get("/api/v1/workers").get_json()["workers"]
+    assert full["host"] == "gpu-box-7"
+
+
+def test_operator_keys_alone_turn_auth_on(redis_server, redis_client):
+    app = create_app(Settings(redis_url=redis_server.url, model="/models/tiny-bloom", operator_keys=(OPS,)))
+    client = app.test_client()
+    assert client.get("/api/v1/workers").status_code == 401
+    assert client.get("/api/v1/workers", headers=bearer(OPS)).status_code == 200
+
+
+def test_with_auth_off_everyone_sees_where_workers_run(app, client):
+    _announce_worker(app)
+    (full,) = client.get("/api/v1/workers").get_json()["workers"]
+    assert WHERE_IT_RUNS <= set(full) and full["host"] == "gpu-box-7" and full["source"] == "/srv/models/tiny-bloom"

@@ -37,6 +37,42 @@ def test_tgi_ignores_unknown_parameters_but_checks_known_ones(client, redis_clie
     assert redis_client.llen("bloomq.bloom-560m") == 0
 
 
+def _queued_job_params(client, redis_client, path: str, body: dict) -> dict:
+    """Post ``body`` to a TGI route (no worker: its job waits), read the parameters of the job it queued,
+    then cancel that job so the request ends."""
+    import threading
+
+    from tests.support import wait_for
+
+    app = client.application
+    store = app.extensions["bloomq"].store
+    before = set(redis_client.scan_iter("bloomq:job:*"))
+    answered = threading.Event()
+
+    def post() -> None:
+        with app.test_client().post(path, json=body) as response:
+            response.get_data()
+        answered.set()
+
+    thread = threading.Thread(target=post, daemon=True)
+    thread.start()
+    (key,) = wait_for(lambda: set(redis_client.scan_iter("bloomq:job:*")) - before, timeout=10, what="the job")
+    job = store.get(key.decode().removeprefix("bloomq:job:"))
+    store.cancel(job.id)
+    assert answered.wait(10), "the request did not end when its job was canceled"
+    return job.parameters.model_dump()
+
+
+@pytest.mark.parametrize("path", ["/models/bloom-560m", "/models/bloom-560m/generate",
+                                  "/models/bloom-560m/generate_stream"])
+def test_every_tgi_route_returns_only_the_new_text_unless_asked(client, redis_client, path):
+    # TGI's default, "/" (the hosted API's route, where InferenceClient(base_url=...) posts) included.
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 3}}
+    assert _queued_job_params(client, redis_client, path, body)["return_full_text"] is False
+    body["parameters"]["return_full_text"] = True
+    assert _queued_job_params(client, redis_client, path, body)["return_full_text"] is True
+
+
 def test_openai_errors_have_openais_shape_and_name_the_parameter(client):
     cases = [
         ({"model": "bloom-560m", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),

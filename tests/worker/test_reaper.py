@@ -3,7 +3,8 @@
 from datetime import timedelta
 
 from jobs.schema import GenerateParameters, Job, JobStatus, new_job_id, utcnow
-from jobs.store import QUEUED_KEY, JobStore
+from jobs.batches import BatchQueue
+from jobs.store import JobStore, queued_key
 from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.recovery import OrphanRecovery
 
@@ -11,8 +12,8 @@ LOST_DELIVERY_AFTER = 30
 STUCK_GRACE = 120
 
 
-def _job(**extra) -> Job:
-    return Job(id=new_job_id(), model="tiny", inputs="hi", parameters=GenerateParameters(max_new_tokens=2), **extra)
+def _job(model: str = "tiny", **extra) -> Job:
+    return Job(id=new_job_id(), model=model, inputs="hi", parameters=GenerateParameters(max_new_tokens=2), **extra)
 
 
 def _announce(redis_client, instance="tiny@h.cpu:1", model="tiny"):
@@ -53,7 +54,7 @@ def test_a_job_whose_delivery_was_lost_is_sent_again(redis_client):
     reaper = _trusting_reaper(redis_client, store, sent)
     reaper._reap()
     assert sent == []  # queued only just now
-    redis_client.zadd(QUEUED_KEY, {job.id: 0})  # as if queued long ago, its message taken by a dead worker
+    redis_client.zadd(queued_key("tiny"), {job.id: 0})  # as if queued long ago, its message taken by a dead worker
     redis_client.lpush("bloomq.tiny", "another job's message")
     reaper._reap()
     assert sent == []  # its queue is not empty: the message may simply be waiting there
@@ -62,7 +63,7 @@ def test_a_job_whose_delivery_was_lost_is_sent_again(redis_client):
     assert sent == [job.id]
     reaper._reap()
     assert sent == [job.id]  # not again until LOST_DELIVERY_AFTER has passed once more
-    assert redis_client.zscore(QUEUED_KEY, job.id) > LOST_DELIVERY_AFTER
+    assert redis_client.zscore(queued_key("tiny"), job.id) > LOST_DELIVERY_AFTER
 
 
 def test_an_orphaned_running_job_is_requeued(redis_client):
@@ -128,3 +129,70 @@ def test_it_never_takes_its_own_processs_jobs(redis_client):
     sent = []
     _trusting_reaper(redis_client, store, sent)._reap()
     assert sent == [] and store.get(job.id).status is JobStatus.RUNNING
+
+
+def test_of_two_reapers_that_find_the_same_lost_job_one_sends_it_again(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    _announce(redis_client)
+    redis_client.zadd(queued_key("tiny"), {job.id: 0})
+    seen_early = store.stale_queued("tiny", LOST_DELIVERY_AFTER)
+    assert seen_early == [job.id]
+
+    class LateStore(JobStore):
+        """The second reaper read the index before the first one acted: the read alone decides nothing."""
+
+        def stale_queued(self, model: str, older_than: float, limit: int = 500) -> list[str]:
+            return seen_early
+
+    sent_a, sent_b = [], []
+    first = _trusting_reaper(redis_client, store, sent_a)
+    second = _reaper(redis_client, LateStore(redis_client, 100), sent_b,
+                     clock=Clock(0, 0, *[10 + i for i in range(20)]), instance="tiny@other.cpu:8")
+    second._reap()
+    first._reap()
+    second._reap()
+    assert sent_a + sent_b == [job.id]
+
+
+def test_a_big_batch_and_jobs_of_a_model_nobody_serves_do_not_hide_a_lost_job(redis_client):
+    store = JobStore(redis_client, 100)
+    queue = BatchQueue(redis_client)
+    for _ in range(600):  # batch lines queued long ago (in their own lists, not the lost-delivery index)
+        line = _job(priority_class="batch", batch_id="batch_1")
+        store.create(line)
+        queue.push("tiny", None, line.id)
+    for _ in range(600):  # interactive jobs for a model no worker serves, older still
+        orphan = _job(model="absent")
+        store.create(orphan)
+        redis_client.zadd(queued_key("absent"), {orphan.id: 0})
+    lost = _job()
+    store.create(lost)
+    redis_client.zadd(queued_key("tiny"), {lost.id: 1})
+    _announce(redis_client)
+    sent = []
+    _trusting_reaper(redis_client, store, sent)._reap()
+    assert sent == [lost.id]
+
+
+def test_lines_a_dead_worker_took_come_back_once_to_the_front(redis_client):
+    store = JobStore(redis_client, 100)
+    queue = BatchQueue(redis_client)
+    lines = [_job(priority_class="batch", batch_id="batch_1") for _ in range(3)]
+    for line in lines:
+        store.create(line)
+        queue.push("tiny", None, line.id)
+    taken = [queue.take("tiny", "tiny@dead.cpu:9") for _ in range(2)]
+    assert taken == [lines[0].id, lines[1].id]
+    store.start(lines[1].id, "tiny@dead.cpu", "tiny@dead.cpu:9")  # one had started: it comes back as an orphan
+    _announce(redis_client)
+    sent = []
+    first = _trusting_reaper(redis_client, store, sent)
+    second = _reaper(redis_client, store, [], clock=Clock(0, 0, *[10 + i for i in range(20)]), instance="tiny@o.cpu:8")
+    second._reap()
+    first._reap()
+    second._reap()
+    assert sent == [lines[1].id]  # the started one, requeued once
+    # The never-started one is back at the front, once; the third still waits behind it.
+    assert [queue.take("tiny", "tiny@h.cpu:1") for _ in range(3)] == [lines[0].id, lines[2].id, None]
