@@ -24,7 +24,7 @@ from jobs.store import CancelOutcome, OwnedPosition
 from web.auth import authenticate_api, current_owner, is_operator
 from web.errors import ApiError, validation_error
 from web.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
-from web.limits import limit_submissions, who
+from web.limits import who
 from web.metrics import render_metrics
 from web.openapi import WorkerSummary, build_openapi
 from web.service import JobService
@@ -67,7 +67,6 @@ def read_json_object() -> dict[str, Any]:
 
 
 @api.post(f"{PREFIX}/jobs")
-@limit_submissions
 def submit_job() -> Response:
     """Queue a generation job; 202 with the job resource and its Location."""
     try:

@@ -17,7 +17,8 @@ PROMPTS = ["Once upon a time", "从前有一座山", "def fibonacci(n):", "Il é
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, tiny_model_dir):
-    with running_stack(request, tmp_path_factory, tiny_model_dir) as s:
+    # A lost delivery is re-sent after 2 s here (30 s by default), so a test can wait for it.
+    with running_stack(request, tmp_path_factory, tiny_model_dir, BLOOMQ_LOST_DELIVERY_SECONDS="2") as s:
         yield s
 
 
@@ -44,6 +45,7 @@ def test_a_batch_runs_every_line_as_a_job_and_returns_one_output_line_each(stack
     lines = [_line(f"req-{i}", prompt, 16) for i, prompt in enumerate(PROMPTS)]
     upload = oai.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
     assert upload.bytes == len(_jsonl(lines))
+    assert upload.id in [f.id for f in oai.files.list()]  # the client's own listing call
     batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
                                metadata={"project": "labels"})
     assert batch.status == "in_progress" and batch.request_counts.total == len(PROMPTS)
@@ -60,18 +62,24 @@ def test_a_batch_runs_every_line_as_a_job_and_returns_one_output_line_each(stack
         assert job["status"] == "succeeded" and job["priority_class"] == "batch" and job["batch_id"] == batch.id
 
 
-def test_a_malformed_file_fails_the_batch_with_line_numbers_and_runs_nothing(stack, oai):
-    content = _jsonl([_line("a", "hi", 4), _line("a", "again", 4)]) + b"not json\n" + _jsonl(
-        [_line("b", "hi", 4, temperature=9), {"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}])
-    upload = oai.files.create(file=("bad.jsonl", content), purpose="batch")
-    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
-    assert batch.status == "failed"
-    errors = {(e.line, e.code) for e in batch.errors.data}
-    assert errors == {(2, "duplicate_custom_id"), (3, "invalid_json_line"), (4, "invalid_request"),
-                      (5, "invalid_url")}
-    assert next(e for e in batch.errors.data if e.line == 4).param == "body.temperature"
+def test_a_malformed_file_is_refused_with_line_numbers_and_leaves_nothing(stack, oai):
     client = redis.Redis.from_url(stack.redis.url)
-    assert client.llen("bloomq.tiny-bloom.batch") == 0 and batch.request_counts.total == 0
+    jobs_before, batches_before = len(client.keys("bloomq:job:*")), len(client.keys("bloomq:batch:*"))
+    content = _jsonl([_line("a", "hi", 4), _line("a", "again", 4)]) + b"not json\n" + _jsonl(
+        [_line("b", "hi", 4, temperature=9), {"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}},
+         _line("d", "hi", 4, top_k=0)])
+    upload = oai.files.create(file=("bad.jsonl", content), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    listed = refused.value.body["errors"]["data"]
+    assert {(e["line"], e["code"]) for e in listed} == {
+        (2, "duplicate_custom_id"), (3, "invalid_json_line"), (4, "invalid_request"), (5, "invalid_url"),
+        (6, "invalid_request")}
+    assert {e["line"]: e["param"] for e in listed if e["code"] == "invalid_request"} == {4: "body.temperature",
+                                                                                        6: "body.top_k"}
+    # No batch, no job, no queued line: the valid lines 1 and 2 did not run either.
+    assert len(client.keys("bloomq:batch:*")) == batches_before and len(client.keys("bloomq:job:*")) == jobs_before
+    assert client.llen("bloomq:batch-queue:tiny-bloom:-") == 0
 
 
 def test_a_cancelled_batch_stops_its_lines_and_keeps_what_finished(stack, oai):
@@ -100,6 +108,48 @@ def test_batches_are_listed_newest_first_with_cursor_paging(oai):
     assert second.data[0].id == ids[0]
     everything = [b.id for b in oai.batches.list(limit=2)]  # iterating follows the cursor page by page
     assert everything[:3] == ids[::-1] and len(everything) == len(set(everything))
+
+
+def test_a_lost_interactive_message_behind_a_big_batch_is_sent_again(stack, oai):
+    from jobs.schema import GenerateParameters, Job, new_job_id
+    from jobs.store import JobStore
+
+    lines = [_line(f"l{i}", PROMPTS[i % 6], 400) for i in range(2000)]
+    upload = oai.files.create(file=("big.jsonl", _jsonl(lines)), purpose="batch")
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    try:
+        client = redis.Redis.from_url(stack.redis.url)
+        # A job whose message was taken by a worker that died before starting it: stored, never delivered.
+        lost = Job(id=new_job_id(), model="tiny-bloom", inputs="Once upon a time",
+                   parameters=GenerateParameters(max_new_tokens=4, do_sample=False))
+        JobStore(client, 3600).create(lost)
+        done = wait_for_job(stack.url, lost.id, timeout=60)
+        assert done["status"] == "succeeded" and done["attempts"] == 1
+        waiting = client.llen("bloomq:batch-queue:tiny-bloom:-")
+        assert waiting > 1000  # the batch's lines were still waiting, older than the lost job
+    finally:
+        oai.batches.cancel(batch.id)
+    assert _until(oai, batch.id, ("cancelled",)).request_counts.total == 2000
+
+
+def test_a_message_delivered_twice_to_one_worker_runs_once(stack):
+    from jobs.celery_app import make_celery, send_generate
+    from jobs.schema import GenerateParameters, Job, new_job_id
+    from jobs.store import JobStore
+    from config.settings import Settings
+
+    client = redis.Redis.from_url(stack.redis.url)
+    job = Job(id=new_job_id(), model="tiny-bloom", inputs="Il était une fois",
+              parameters=GenerateParameters(max_new_tokens=300, do_sample=False))
+    JobStore(client, 3600).create(job)
+    app = make_celery(Settings(redis_url=stack.redis.url))
+    send_generate(app, job.id, "bloomq.tiny-bloom")
+    send_generate(app, job.id, "bloomq.tiny-bloom")  # the same message again, as a duplicate delivery
+    done = wait_for_job(stack.url, job.id, timeout=60)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    wait_for(lambda: stack.workers[0].log().count(f"job {job.id}: ") >= 3, timeout=10, what="both deliveries")
+    log = stack.workers[0].log()
+    assert log.count(f"job {job.id}: started") == 1 and log.count(f"job {job.id}: succeeded") == 1
 
 
 def test_an_interactive_job_finishes_before_a_batch_that_filled_the_worker(request, tmp_path_factory, slow_model_dir):

@@ -33,6 +33,15 @@ def test_start_records_worker_attempts_and_queue_time(redis_client):
     assert again.metrics.queue_seconds == started.metrics.queue_seconds
 
 
+def test_a_second_delivery_to_the_process_running_a_job_does_not_start_it_again(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    assert store.start(job.id, "w1", "w1:7").attempts == 1
+    assert store.start(job.id, "w1", "w1:7") is None  # the same process: it is already running there
+    assert store.get(job.id).attempts == 1
+
+
 def test_a_job_accepts_exactly_one_final_result(redis_client):
     store = JobStore(redis_client, 100)
     job = _job()
