@@ -43,9 +43,15 @@ def service() -> JobService:
     return current_app.extensions["bloomq"]
 
 
+OPERATOR_FIELDS = ("worker", "worker_instance")  # where a job ran (host, process id): operators' business
+
+
 def job_resource(job: Job) -> dict[str, Any]:
-    """A job as the API shows it, with its links."""
-    return job.to_resource()
+    """A job as the API shows the caller, with its links; where it ran only to operator keys."""
+    body = job.to_resource()
+    if not is_operator():
+        body.update(dict.fromkeys(OPERATOR_FIELDS))
+    return body
 
 
 def read_json_object() -> dict[str, Any]:
@@ -249,7 +255,7 @@ def job_events(job_id: str) -> Response:
 def _sse(event: Event) -> str:
     event_id, name, data = event
     if name == "done":
-        data = json.dumps(Job.model_validate_json(data).to_resource(), ensure_ascii=False)
+        data = json.dumps(job_resource(Job.model_validate_json(data)), ensure_ascii=False)
     return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n"
 
 

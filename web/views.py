@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
-from web.auth import authenticate_page, current_owner
+from web.auth import authenticate_page, current_owner, is_operator
 from web.errors import ApiError, field_errors
 from web.service import JobService
 
@@ -94,6 +94,8 @@ def submit_form() -> Response | tuple[str, int]:
 def job_page(job_id: str) -> str:
     """One job: status, then text, refreshed in place."""
     job = _service().get(job_id, current_owner())
+    if not is_operator():  # where it ran names a host: operators only
+        job = job.model_copy(update={"worker": None, "worker_instance": None})
     return render_template(
         "job.html",
         job=job,

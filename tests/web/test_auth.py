@@ -160,3 +160,18 @@ def test_with_auth_off_everyone_sees_where_workers_run(app, client):
     _announce_worker(app)
     (full,) = client.get("/api/v1/workers").get_json()["workers"]
     assert WHERE_IT_RUNS <= set(full) and full["host"] == "gpu-box-7" and full["source"] == "/srv/models/tiny-bloom"
+
+
+def test_where_a_job_ran_is_shown_only_to_operator_keys(with_operators):
+    client = with_operators.test_client()
+    mine = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(ALICE)).get_json()
+    theirs = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(OPS)).get_json()
+    store = with_operators.extensions["bloomq"].store
+    for job in (mine, theirs):
+        store.start(job["id"], "tiny-bloom@gpu-box-7.gpu0", "tiny-bloom@gpu-box-7.gpu0:4242")
+    seen = client.get(f"/api/v1/jobs/{mine['id']}", headers=bearer(ALICE)).get_json()
+    assert seen["status"] == "running" and seen["worker"] is None and seen["worker_instance"] is None
+    listed = client.get("/api/v1/jobs", headers=bearer(ALICE)).get_json()["jobs"]
+    assert "gpu-box-7" not in str(listed)
+    shown = client.get(f"/api/v1/jobs/{theirs['id']}", headers=bearer(OPS)).get_json()
+    assert shown["worker_instance"] == "tiny-bloom@gpu-box-7.gpu0:4242"
