@@ -215,6 +215,8 @@ class Settings:
     max_job_seconds: float = 3600.0
     webhook_secret: str = field(default="", repr=False)
     webhook_allow: tuple[str, ...] = ()
+    # A whole webhook attempt (connect, TLS, request, status and headers), however slowly the receiver answers.
+    webhook_timeout_seconds: float = 15.0
     stream_max_seconds: float = 300.0
     worker_host: str = ""
     max_body_bytes: int = 1024 * 1024
@@ -270,6 +272,9 @@ class Settings:
             max_job_seconds=_read(env, "BLOOMQ_MAX_JOB_SECONDS", d.max_job_seconds, _positive_float),
             webhook_secret=_read(env, "BLOOMQ_WEBHOOK_SECRET", d.webhook_secret, str),
             webhook_allow=_read(env, "BLOOMQ_WEBHOOK_ALLOW", d.webhook_allow, _comma_list),
+            webhook_timeout_seconds=_read(
+                env, "BLOOMQ_WEBHOOK_TIMEOUT_SECONDS", d.webhook_timeout_seconds, _positive_float
+            ),
             stream_max_seconds=_read(env, "BLOOMQ_STREAM_MAX_SECONDS", d.stream_max_seconds, _positive_float),
             worker_host=_read(env, "BLOOMQ_WORKER_HOST", d.worker_host, str),
             max_body_bytes=_read(env, "BLOOMQ_MAX_BODY_BYTES", d.max_body_bytes, _positive_int),

@@ -10,9 +10,6 @@ from jobs.batches import BatchQueue
 from jobs.schema import Job
 
 TASK_GENERATE = "bloomq.generate"
-TASK_WEBHOOK = "bloomq.webhook"
-WEBHOOK_QUEUE = "bloomq.webhooks"
-WEBHOOK_RETRIES = 4  # 5 attempts in all, 2, 4, 8 and 16 s apart
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -77,16 +74,3 @@ def enqueue(app: Celery, batch_queue: BatchQueue, job: Job) -> None:
         batch_queue.push(job.model, job.owner, job.id)
     else:
         send_generate(app, job.id, job.queue)
-
-
-def send_webhook(app: Celery, job_id: str, event: str, attempt: int = 0, countdown: float | None = None) -> None:
-    """Queue a webhook delivery (attempt ``attempt``, after ``countdown`` seconds); any worker process
-    delivers it, off the generation path."""
-    app.send_task(TASK_WEBHOOK, args=[job_id, event, attempt], queue=WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE,
-                  countdown=countdown)
-
-
-def notify_completed(app: Celery, job: Job) -> None:
-    """Queue the job's ``completed`` webhook, if it asked for one."""
-    if job.webhook and "completed" in job.webhook_events:
-        send_webhook(app, job.id, "completed")

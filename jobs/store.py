@@ -27,7 +27,7 @@ import redis
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from config.settings import DEFAULT_SENTINEL_MASTER, parse_sentinel_url
-from jobs import metrics
+from jobs import metrics, outbox
 from jobs.schema import Job, JobError, JobMetrics, JobOutput, JobStatus, utcnow
 from jobs.workers import WORKER_KEY_PREFIX
 
@@ -685,6 +685,7 @@ class JobStore:
                                 pipe.hincrby(batch_key(updated.batch_id), "expired", 1)
                         pipe.zrem(DEADLINES_KEY, job_id)
                         metrics.record_finished(pipe, updated)
+                    _stage_webhook(pipe, before, updated)
                     pipe.publish(job_events_channel(job_id), updated.status.value)
                     pipe.execute()
                     return updated
@@ -696,6 +697,20 @@ class JobStore:
         payload = json.dumps(data, ensure_ascii=False)
         pipe.xadd(stream, {"event": event, "data": payload}, maxlen=STREAM_MAXLEN, approximate=True)
         pipe.expire(stream, self.retention_seconds)
+
+
+def _stage_webhook(pipe: Any, before: Job, updated: Job) -> None:
+    """Queue the webhook this change calls for, if the job asked for it, in the change's own transaction:
+    ``completed`` when the job gets its final result, ``started`` when an attempt of it starts running."""
+    if updated.status.terminal and not before.status.terminal:
+        event = "completed"
+    elif updated.status is JobStatus.RUNNING and (before.status is not JobStatus.RUNNING
+                                                  or updated.attempts != before.attempts):
+        event = "started"
+    else:
+        return
+    if updated.webhook and event in updated.webhook_events:
+        outbox.stage(pipe, updated.id, event, updated.attempts)
 
 
 def _expired(job: Job, now: datetime) -> Job | None:

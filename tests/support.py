@@ -285,3 +285,45 @@ def csrf_token(page_html: str) -> str:
     match = re.search(r'name="csrf_token" value="([^"]+)"', page_html)
     assert match, "the page has no CSRF token"
     return match.group(1)
+
+
+class WebhookReceiver:
+    """A local HTTP server that records every webhook POST (headers, JSON body) and answers ``status``
+    (settable while it runs); use as a context manager."""
+
+    def __init__(self, status: int = 204) -> None:
+        import http.server
+        import threading
+
+        self.status = status
+        self.calls: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                answer = receiver.status
+                receiver.calls.append({"headers": dict(self.headers), "body": body, "at": time.monotonic(),
+                                       "answered": answer})
+                self.send_response(answer)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def event_ids(self, answered: int | None = None) -> list[str]:
+        """The ``X-Bloomq-Event-Id`` of each call so far (only those answered ``answered``, if given)."""
+        return [c["headers"]["X-Bloomq-Event-Id"] for c in list(self.calls)
+                if answered is None or c["answered"] == answered]

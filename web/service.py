@@ -20,11 +20,11 @@ from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.batches import BatchQueue
-from jobs.celery_app import enqueue, notify_completed, withdraw_message
+from jobs.celery_app import enqueue, withdraw_message
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.webhooks import WebhookURLError, check_url
-from jobs.store import CancelOutcome, JobStore
+from jobs.store import JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 from web.errors import ApiError
 from web.tokens import PromptCounter
@@ -181,8 +181,6 @@ class JobService:
         job, outcome = self.store.cancel(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
-        if outcome == CancelOutcome.CANCELED:
-            notify_completed(self.celery, job)  # no worker will ever see this job
         return job, outcome
 
     def _earlier_job(self, claim: _IdempotencyClaim, record: str) -> Job:
@@ -224,8 +222,6 @@ class JobService:
         job = _owned(self.store.get(job_id), owner)
         if job is not None and job.overdue(utcnow()):
             expired = self.store.expire_if_queued(job_id)
-            if expired is not None:
-                notify_completed(self.celery, expired)
             job = expired or self.store.get(job_id)
         if job is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")

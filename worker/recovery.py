@@ -21,17 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class DeadlineExpiry(Periodic):
-    """Fails queued jobs whose deadline passed, even when no worker takes them."""
+    """Fails queued jobs whose deadline passed, even when no worker takes them (the store queues their
+    ``completed`` webhook with the change)."""
 
-    def __init__(self, store: JobStore, on_expired: Callable[[str], None], interval: float = 1.0) -> None:
+    def __init__(self, store: JobStore, interval: float = 1.0) -> None:
         super().__init__("bloomq-deadlines", interval, self._reap)
         self.store = store
-        self.on_expired = on_expired
 
     def _reap(self) -> None:
         for job_id in self.store.expire_overdue():
             log.info("job %s: expired while queued", job_id)
-            self.on_expired(job_id)
 
 
 class OrphanRecovery(Periodic):

@@ -11,9 +11,7 @@ from datetime import datetime
 from typing import TypeVar
 
 import redis
-from celery import Celery
 
-from jobs.celery_app import send_webhook
 from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
 from jobs.store import JobStore
 from worker.batch import Sequence
@@ -45,7 +43,6 @@ class JobRunner:
         store: JobStore,
         engine: Engine,
         worker_name: str,
-        celery: Celery | None = None,
         instance: str | None = None,
         requeue: Callable[[Job], None] | None = None,
         result_patience: float = 600.0,
@@ -54,7 +51,6 @@ class JobRunner:
         self.instance = instance or worker_name
         self.engine = engine
         self.worker_name = worker_name
-        self.celery = celery
         self.requeue = requeue
         self.result_patience = result_patience
         self._running: dict[str, _Attempt] = {}
@@ -84,12 +80,9 @@ class JobRunner:
                 else f"{job.status.value} before it ran"
             )
             log.info("job %s: %s; message acknowledged", job_id, reason)
-            if job is not None:
-                self._notify(job, "completed")
             return
         attempt = running.number = job.attempts  # our fencing token: the store refuses a stale attempt's results
         log.info("job %s: started (attempt %d%s)", job_id, attempt, ", alone: suspected poison" if job.device_faults else "")
-        self._notify(job, "started")
         try:
             self._run_attempt(job, running)
         except Exception as exc:
@@ -149,12 +142,6 @@ class JobRunner:
             return
         self._finish(job_id, attempt, result.output.finish_reason, result.output, round(result.seconds, 6))
 
-    def notify_expired(self, job_id: str) -> None:
-        """A queued job expired without running: send its completed webhook."""
-        job = self.store.get(job_id)
-        if job is not None:
-            self._notify(job, "completed")
-
     def cancel(self, job_id: str) -> bool:
         """Stop a job this process is running; False when it is not running here."""
         with self._lock:
@@ -197,7 +184,6 @@ class JobRunner:
                 self.requeue(job)
             elif job.status is JobStatus.FAILED:
                 log.error("job %s: failed as a poison job", job_id)
-                self._notify(job, "completed")
 
     def _finish(
         self, job_id: str, attempt: int, reason: FinishReason | None, output: JobOutput, seconds: float
@@ -223,14 +209,6 @@ class JobRunner:
             output.generated_tokens if output else 0,
             output.finish_reason.value if output and output.finish_reason else (job.error.type if job.error else "-"),
         )
-        self._notify(job, "completed")
-
-    def _notify(self, job: Job, event: str) -> None:
-        if self.celery is not None and job.webhook and event in job.webhook_events:
-            try:
-                send_webhook(self.celery, job.id, event)
-            except Exception:  # a webhook never holds up or fails a job
-                log.warning("job %s: could not queue the %s webhook", job.id, event, exc_info=True)
 
 
 def store_patiently(write: Callable[[], T], what: str, patience: float) -> T:

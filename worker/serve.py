@@ -19,8 +19,9 @@ from config.logs import configure_logging
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.batches import BatchQueue
-from jobs.celery_app import WEBHOOK_QUEUE, enqueue, make_celery
+from jobs.celery_app import enqueue, make_celery
 from jobs.metrics import record_batch_sizes
+from jobs.outbox import Outbox
 from jobs.schema import Job
 from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
@@ -33,6 +34,9 @@ from worker.launcher import READY_FILE_ENV
 log = logging.getLogger("bloomq.worker")
 
 WEBHOOK_THREADS = 2  # the webhook dispatcher's own pool: a slow receiver never takes a thread that feeds the batch
+# A claimed webhook delivery comes back to the outbox after this many delivery deadlines: long after a live
+# claimer has finished or given up, soon after a dead one would have.
+WEBHOOK_LEASE_DEADLINES = 4
 DEVICE_FAULT_EXIT = 70  # exit status after a fatal device error (the launcher restarts the process)
 
 
@@ -105,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     def requeue(job: Job) -> None:
         enqueue(app, batch_queue, job)
 
-    runner = JobRunner(store, engine, name, celery=app, instance=instance, requeue=requeue,
+    runner = JobRunner(store, engine, name, instance=instance, requeue=requeue,
                        result_patience=settings.result_patience_seconds)
-    webhooks = WebhookDispatcher(app, WebhookSender(store, settings.webhook_secret, settings.webhook_allow),
-                                 WEBHOOK_THREADS)
-    register_tasks(app, runner, webhooks)
+    register_tasks(app, runner)
+    sender = WebhookSender(store, settings.webhook_secret, settings.webhook_allow,
+                           timeout=settings.webhook_timeout_seconds)
+    webhooks = WebhookDispatcher(Outbox(client), sender, WEBHOOK_THREADS,
+                                 lease_seconds=WEBHOOK_LEASE_DEADLINES * settings.webhook_timeout_seconds)
 
     info = WorkerInfo(
         name=name,
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat,
         feeder,
         CancelListener(client, runner.cancel),
-        DeadlineExpiry(store, on_expired=runner.notify_expired),
+        DeadlineExpiry(store),
         OrphanRecovery(
             store,
             directory,
@@ -151,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             stuck_grace=settings.stuck_grace_seconds,
             lost_delivery_after=settings.lost_delivery_seconds,
         ),
+        webhooks,
     ]
 
     from celery.signals import worker_ready
@@ -172,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Threads, never a fork: the model is already loaded (maybe on CUDA) in this process. Each
                 # thread hands its job to the one engine thread, which batches them.
                 "--pool=threads",
-                # One thread per batch row, plus one for webhook tasks (they only hand over to the dispatcher).
-                f"--concurrency={settings.max_batch_size + 1}",
-                # Interactive jobs, then webhooks (queue_order_strategy "priority"); batch lines come through
-                # the batch feeder instead, so they never take these threads.
-                f"--queues={spec.queue},{WEBHOOK_QUEUE}",
+                # One thread per batch row.
+                f"--concurrency={settings.max_batch_size}",
+                # Interactive jobs only; batch lines come through the batch feeder instead, so they never take
+                # these threads, and webhooks through the dispatcher (the outbox in Redis).
+                f"--queues={spec.queue}",
                 f"--hostname={name}",
                 f"--loglevel={settings.log_level}",
                 "--without-gossip",
@@ -187,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         for item in [feeder, *(item for item in background if item is not feeder)]:
             item.stop()
         engine.stop()
-        webhooks.shutdown()
     return 0
 
 

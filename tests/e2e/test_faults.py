@@ -9,42 +9,55 @@ import redis
 import requests
 
 from tests.e2e.conftest import make_stack, running_stack
-from tests.support import wait_for, wait_for_job
+from tests.support import WebhookReceiver, wait_for, wait_for_job
 
 
-def test_worker_killed_mid_job_the_job_still_succeeds_exactly_once(request, tmp_path_factory, slow_model_dir):
-    # A visibility timeout longer than any job in this test, but short enough to keep the test quick.
-    stack = make_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_VISIBILITY_TIMEOUT="15")
-    try:
-        stack.start_web()
-        first = stack.start_worker()
-        job = stack.submit("Once upon a time", parameters={"max_new_tokens": 600})
-        wait_for(
-            lambda: requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"] == "running",
-            timeout=30,
-            what="the job to start",
-        )
-        time.sleep(0.5)
-        first.kill()  # SIGKILL, launcher and worker process alike
-        assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"] == "running"
+def test_worker_killed_mid_job_the_job_still_succeeds_exactly_once_and_its_webhooks_are_all_delivered(
+        request, tmp_path_factory, slow_model_dir):
+    # A visibility timeout longer than any job in this test, but short enough to keep the test quick; a
+    # webhook deadline of 2 s so a delivery claimed by the killed worker comes back within 8 s.
+    stack = make_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_VISIBILITY_TIMEOUT="15",
+                       BLOOMQ_WEBHOOK_SECRET="s", BLOOMQ_WEBHOOK_ALLOW="127.0.0.1/32",
+                       BLOOMQ_WEBHOOK_TIMEOUT_SECONDS="2")
+    with WebhookReceiver(status=503) as hook:  # down until the worker is dead: deliveries pile up
+        try:
+            stack.start_web()
+            first = stack.start_worker()
+            job = stack.submit("Once upon a time", parameters={"max_new_tokens": 600}, webhook=hook.url,
+                               webhook_events=["started", "completed"])
+            started = f"{job['id']}:started:1"
+            wait_for(lambda: started in hook.event_ids(), timeout=30, what="a first, failed try of the started hook")
+            assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"] == "running"
+            first.kill()  # SIGKILL, launcher and worker process alike: its pending delivery is in Redis only
+            hook.status = 204
+            assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"] == "running"
 
-        stack.start_worker()
-        done = wait_for_job(stack.url, job["id"], timeout=90)
-        assert done["status"] == "succeeded"
-        assert done["output"]["generated_tokens"] == 600
-        assert done["attempts"] == 2  # started on the killed worker, finished on the new one
+            stack.start_worker()
+            done = wait_for_job(stack.url, job["id"], timeout=90)
+            assert done["status"] == "succeeded"
+            assert done["output"]["generated_tokens"] == 600
+            assert done["attempts"] == 2  # started on the killed worker, finished on the new one
 
-        # Exactly once: every message for the job (the reaper's requeue and, once the visibility timeout
-        # passes, Redis's redelivery of the original) ends acknowledged, and only one worker ever
-        # reported a result.
-        client = redis.Redis.from_url(stack.redis.url)
-        wait_for(lambda: client.llen("bloomq.slow-bloom") == 0 and client.hlen("unacked") == 0, timeout=60,
-                 what="every message to be acknowledged")
-        finished = [w.log().count(f"job {job['id']}: succeeded") for w in stack.workers]
-        assert finished == [0, 1]
-        assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json() == done
-    finally:
-        stack.stop()
+            # Exactly once: every message for the job (the reaper's requeue and, once the visibility timeout
+            # passes, Redis's redelivery of the original) ends acknowledged, and only one worker ever
+            # reported a result.
+            client = redis.Redis.from_url(stack.redis.url)
+            wait_for(lambda: client.llen("bloomq.slow-bloom") == 0 and client.hlen("unacked") == 0, timeout=60,
+                     what="every message to be acknowledged")
+            finished = [w.log().count(f"job {job['id']}: succeeded") for w in stack.workers]
+            assert finished == [0, 1]
+            assert requests.get(f"{stack.url}/api/v1/jobs/{job['id']}", timeout=5).json() == done
+
+            # At least once: the killed worker's pending delivery is made by the new one, under the same
+            # event id; each event got through, and the outbox is empty.
+            events = {started, f"{job['id']}:started:2", f"{job['id']}:completed"}
+            wait_for(lambda: set(hook.event_ids(answered=204)) == events, timeout=60,
+                     what="every webhook event delivered")
+            assert set(hook.event_ids()) == events  # no other ids: a retry reuses its event's id
+            wait_for(lambda: client.zcard("bloomq:webhooks:due") == 0, timeout=10, what="the outbox to empty")
+            assert client.hlen("bloomq:webhooks:deliveries") == 0
+        finally:
+            stack.stop()
 
 
 def test_a_model_that_fails_to_load_stops_the_worker_and_jobs_stay_queued(request, tmp_path_factory):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -14,7 +12,7 @@ import requests
 
 from jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.e2e.conftest import make_stack, running_stack
-from tests.support import ROOT, wait_for, wait_for_job
+from tests.support import ROOT, WebhookReceiver, wait_for, wait_for_job
 
 SECRET = "test-webhook-secret"
 
@@ -106,37 +104,22 @@ def test_a_running_job_past_its_timeout_fails_with_its_partial_text(live):
     assert done["output"]["generated_tokens"] > 0 and done["output"]["generated_text"]
 
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    calls: list = []
-    fail_first = 2
-
-    def do_POST(self):  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).calls.append((dict(self.headers), body, time.monotonic()))
-        self.send_response(500 if len(type(self).calls) <= type(self).fail_first else 204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 def test_webhook_is_signed_and_retried_until_it_gets_through(live):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        hook = f"http://127.0.0.1:{server.server_port}/hook"
-        job = live.submit("Hello", parameters={"max_new_tokens": 5}, webhook=hook, webhook_events=["completed"])
+    with WebhookReceiver(status=500) as hook:
+        job = live.submit("Hello", parameters={"max_new_tokens": 5}, webhook=hook.url, webhook_events=["completed"])
         assert wait_for_job(live.url, job["id"])["status"] == "succeeded"
-        wait_for(lambda: len(_Receiver.calls) >= 3, timeout=60, what="three webhook attempts")
-        headers, body, _ = _Receiver.calls[-1]
+        wait_for(lambda: len(hook.calls) >= 2, timeout=60, what="two failed webhook attempts")
+        hook.status = 204
+        wait_for(lambda: hook.event_ids(answered=204), timeout=60, what="the webhook to get through")
+        calls = list(hook.calls)
+        headers, body = calls[-1]["headers"], calls[-1]["body"]
         assert verify(SECRET, int(headers[TIMESTAMP_HEADER]), body, headers[SIGNATURE_HEADER])
         assert not verify("wrong", int(headers[TIMESTAMP_HEADER]), body, headers[SIGNATURE_HEADER])
         delivered = json.loads(body)
         assert delivered["id"] == job["id"] and delivered["status"] == "succeeded"
-        gaps = [b[2] - a[2] for a, b in zip(_Receiver.calls, _Receiver.calls[1:])]
-        assert gaps[1] > gaps[0] * 1.5  # backoff grows
-    finally:
-        server.shutdown()
+        assert hook.event_ids() == [f"{job['id']}:completed"] * len(calls)  # one event, one id on every try
+        gaps = [b["at"] - a["at"] for a, b in zip(calls, calls[1:])]
+        assert gaps[1] > gaps[0] * 1.5  # backoff grows (2 s, then 4 s)
 
 
 def test_idempotent_submit_over_http(live):
