@@ -179,6 +179,10 @@ class CancelOutcome:
     ALREADY_FINAL = "already_final"  # nothing to do
 
 
+# A waiter re-reads the job at least this often, in case a change's notice was lost (a reconnect).
+WAIT_RECHECK_SECONDS = 1.0
+
+
 class JobStore:
     """Create, read and advance job records."""
 
@@ -212,7 +216,7 @@ class JobStore:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                pubsub.get_message(timeout=min(left, 1.0))
+                pubsub.get_message(timeout=min(left, WAIT_RECHECK_SECONDS))
                 job = self.get(job_id)
             return job
         finally:

@@ -46,8 +46,10 @@ class ProgressPublisher:
         engine: Engine,
         on_cancel: Callable[[str], object],
         on_superseded: Callable[[str], object] | None = None,
+        threaded: bool = True,
     ) -> None:
         self.store = store
+        self.threaded = threaded  # False: no thread of its own; the caller calls ``tick`` (tests do)
         self.engine = engine
         self.on_cancel = on_cancel
         self.on_superseded = on_superseded or on_cancel
@@ -59,9 +61,14 @@ class ProgressPublisher:
         """Start publishing ``seq``'s progress as attempt ``attempt`` of ``job_id``."""
         with self._lock:
             self._followed[job_id] = _Followed(seq, attempt, restarts=seq.restarts, last_progress=time.monotonic())
-            if self._thread is None or not self._thread.is_alive():
+            if self.threaded and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._run, name="bloomq-progress", daemon=True)
                 self._thread.start()
+
+    def following(self, job_id: str) -> bool:
+        """Whether ``job_id``'s progress is being published."""
+        with self._lock:
+            return job_id in self._followed
 
     def forget(self, job_id: str) -> None:
         """Publish the job's last text and stop following it (before its final result is stored)."""

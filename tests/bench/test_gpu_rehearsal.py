@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,44 +51,81 @@ def test_quick_rehearsal_exits_zero_and_writes_every_section(rehearsal):
     assert "failed" not in text
 
 
+def _checkpoint(cache: Path) -> tuple[dict, int]:
+    """The rehearsal's checkpoint as this test reads it: its config and the bytes of its weights (fp32)."""
+    from safetensors import safe_open
+
+    model = cache / "bench-tiny"
+    config = json.loads((model / "config.json").read_text())
+    size = 0
+    for shard in model.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as tensors:
+            size += sum(math.prod(tensors.get_slice(name).get_shape()) * 4 for name in tensors.keys())  # noqa: SIM118
+    return config, size
+
+
 def test_stack_part_serves_a_job_through_redis_and_a_real_worker(rehearsal):
     _run, text, cache = rehearsal
     assert "devices=cpu queue=bloomq.bench-tiny dtype=float32" in text  # the launcher's dry-run plan
     [row] = table(text, "worker")
     assert row["job"] == "succeeded"
     assert (row["device"], row["dtype"]) == ("cpu", "float32")
-    assert int(row["tokens"]) >= 1 and float(row["model s"]) > 0 and float(row["submit→final s"]) > 0
+    assert int(row["tokens"]) == 32  # the bench asks for 32 new tokens, end-of-text ignored
+    assert int(row["text chars"]) >= 1
+    # Waiting in the queue and running on the model are both parts of the time from submission to the result.
+    assert float(row["queue s"]) + float(row["model s"]) <= float(row["submit→final s"]) + 0.002
     # The worker it started is gone (its command line names the checkpoint in the cache).
     left = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout
     assert left == ""
 
 
-def test_decode_table_compares_each_batch_with_the_floor_and_hf_generate(rehearsal):
-    _run, text, _cache = rehearsal
+def test_decode_floor_counts_the_weights_at_the_measured_bandwidth_and_e2e_includes_prefill(rehearsal):
+    _run, text, cache = rehearsal
+    _config, weight_bytes = _checkpoint(cache)
+    bandwidth = float(re.search(r"Copy bandwidth: ([0-9.]+) GB/s", text).group(1)) * 1e9
     rows = table(text, "model")
     assert [row["batch"] for row in rows] == ["1", "4"]
     for row in rows:
         assert row["dtype"] == "float32"
-        assert float(row["step ms"]) > 0 and float(row["HF step ms"]) > 0
-        assert float(row["floor ms"]) > 0 and float(row["step/floor"]) > 0
-        # tokens per second is rows per step: the two columns agree
-        assert float(row["tok/s"]) == pytest.approx(int(row["batch"]) * 1000 / float(row["step ms"]), rel=0.02)
+        # The floor moves at least the weights once per step (plus the KV cache) at the copy bandwidth.
+        assert float(row["floor ms"]) >= 0.95 * weight_bytes / bandwidth * 1000
+        # End to end includes the prefill: never faster than decoding alone, for the engine and for HF.
+        assert float(row["e2e tok/s"]) <= float(row["tok/s"]) * 1.05
+        assert float(row["HF e2e tok/s"]) <= float(row["HF tok/s"]) * 1.05
+    assert float(rows[1]["floor ms"]) >= float(rows[0]["floor ms"])  # four rows' KV cache on top of the weights
 
 
-def test_mixed_lengths_and_prefill_tables_have_numbers(rehearsal):
-    _run, text, _cache = rehearsal
+def test_mixed_lengths_run_the_same_jobs_both_ways_and_prefill_counts_its_cache(rehearsal):
+    _run, text, cache = rehearsal
     mixed = {row["setup"]: row for row in table(text[text.index("Mixed lengths:") :], "model")}
     assert set(mixed) == {"continuous", "static"}
-    assert all(float(row["jobs/s"]) > 0 and float(row["mean latency s"]) > 0 for row in mixed.values())
+    per_job = {setup: float(row["tok/s"]) / float(row["jobs/s"]) for setup, row in mixed.items()}
+    assert per_job["continuous"] == pytest.approx(per_job["static"], rel=0.01)  # the same tokens per job
+    for row in mixed.values():
+        assert float(row["jobs/s"]) * float(row["wall s"]) == pytest.approx(8, rel=0.1)  # 8 jobs each way
+        assert float(row["mean latency s"]) <= float(row["p95 latency s"]) <= float(row["wall s"]) + 0.001
+    config, weight_bytes = _checkpoint(cache)
+    kv_per_token = 2 * config["n_layer"] * config["hidden_size"] * 4  # keys and values, fp32
     prefill = table(text[text.index("### 3. Prefill") :], "model")
     assert {(row["prompt tokens"], row["batch"]) for row in prefill} == {("16", "1"), ("16", "4"), ("32", "1"),
                                                                          ("32", "4")}
-    assert all(float(row["prefill ms"]) > 0 and float(row["KV budget MiB"]) > 0 for row in prefill)
+    for row in prefill:
+        assert float(row["weights MiB"]) == pytest.approx(weight_bytes / 2**20, abs=0.051)
+        kv = int(row["prompt tokens"]) * int(row["batch"]) * kv_per_token / 2**20
+        assert float(row["KV MiB"]) == pytest.approx(kv, abs=0.051)
+    assert len({row["KV budget MiB"] for row in prefill}) == 1  # one budget, measured once after loading
 
 
-def test_goals_are_reported_and_a_quick_run_is_not_recorded(rehearsal):
+def test_goals_are_reported_from_the_tables_and_a_quick_run_is_not_recorded(rehearsal):
     _run, text, _cache = rehearsal
-    goals = {row["goal"] for row in table(text, "goal")}
-    assert goals == {"batch-1 step ÷ floor", "batch-1 engine step ÷ HF generate step",
-                     "continuous ÷ static jobs/s (mixed lengths)"}  # batch 64 is not in a quick run
+    goals = {row["goal"]: float(row["measured"].rstrip("×")) for row in table(text, "goal")}
+    assert set(goals) == {"batch-1 step ÷ floor", "batch-1 engine step ÷ HF generate step",
+                          "continuous ÷ static jobs/s (mixed lengths)"}  # batch 64 is not in a quick run
+    batch1 = table(text, "model")[0]
+    mixed = {row["setup"]: row for row in table(text[text.index("Mixed lengths:") :], "model")}
+    assert goals["batch-1 step ÷ floor"] == pytest.approx(float(batch1["step/floor"]), abs=0.011)
+    assert goals["batch-1 engine step ÷ HF generate step"] == pytest.approx(float(batch1["engine/HF step"]),
+                                                                            abs=0.011)
+    assert goals["continuous ÷ static jobs/s (mixed lengths)"] == pytest.approx(
+        float(mixed["continuous"]["jobs/s"]) / float(mixed["static"]["jobs/s"]), abs=0.011)
     assert "bench/gpu.py --device cpu --quick" not in (ROOT / "bench" / "RESULTS.md").read_text()

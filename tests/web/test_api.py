@@ -6,6 +6,7 @@ import uuid
 import pytest
 
 from config.settings import Settings
+from tests.support import wait_for
 from web import create_app
 
 
@@ -165,26 +166,33 @@ def test_multilingual_text_is_stored_and_returned_intact(client):
     assert json.loads(raw)["inputs"] == prompt
 
 
-def test_long_poll_returns_as_soon_as_the_job_is_final(client, app):
+def test_long_poll_returns_as_soon_as_the_job_is_final(client, app, redis_client, monkeypatch):
     import threading
     import time
 
+    from jobs import store as store_module
     from jobs.schema import JobOutput
+    from jobs.store import job_events_channel
 
+    # Re-reads far apart: only the change's notice can end the wait early.
+    monkeypatch.setattr(store_module, "WAIT_RECHECK_SECONDS", 30.0)
     job = _submit(client, {"inputs": "Hello"}).get_json()
     store = app.extensions["bloomq"].store
+    channel = job_events_channel(job["id"])
 
-    def finish_later():
-        time.sleep(0.3)
+    def finish_once_waited_on():
+        wait_for(lambda: redis_client.pubsub_numsub(channel)[0][1] == 1, timeout=10, what="the long poll")
         store.start(job["id"], "w")
         store.succeed(job["id"], JobOutput(generated_text="hi", generated_tokens=1, finish_reason="length"), 0.1)
 
-    threading.Thread(target=finish_later).start()
+    finisher = threading.Thread(target=finish_once_waited_on)
+    finisher.start()
     started = time.monotonic()
-    body = client.get(f"/api/v1/jobs/{job['id']}?wait=10").get_json()
+    body = client.get(f"/api/v1/jobs/{job['id']}?wait=60").get_json()
     elapsed = time.monotonic() - started
+    finisher.join()
     assert body["status"] == "succeeded"
-    assert 0.25 < elapsed < 5
+    assert elapsed < 15  # woken by the notice, not by a re-read (30 s) or the end of the wait (60 s)
 
 
 def test_long_poll_gives_up_after_the_wait(client):

@@ -81,6 +81,7 @@ def test_without_replica_acknowledgement_a_submission_is_a_503_and_leaves_nothin
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     assert response.get_json()["error"]["type"] == "unavailable"
     assert redis_client.keys("bloomq:job:*") == [] and redis_client.keys("bloomq:idem*") == []
+    assert redis_client.llen("bloomq.tiny-bloom") == 0  # the Celery message was withdrawn too
 
 
 def test_an_idempotency_conflict_leaves_the_key_bound_to_its_job(client):

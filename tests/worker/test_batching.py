@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from config.models import resolve_model
 from jobs.schema import GenerateParameters
+from tests.support import wait_for
 from worker.engine import Engine, EngineConfig
 from worker.faults import OutOfMemory
 from worker.loading import load_model, pick_device
@@ -66,15 +65,13 @@ def test_jobs_submitted_together_batch_and_match_generate(engine):
 
 def test_jobs_joining_mid_flight_match_generate(engine):
     first = engine.submit(PROMPTS[0], params(max_new_tokens=120))
-    time.sleep(0.02)
-    while engine.steps < 10:
-        time.sleep(0.001)
+    wait_for(lambda: engine.steps >= 10, timeout=60, interval=0.001, what="ten steps of the first job")
     later = []
     for i, prompt in enumerate(PROMPTS[1:], start=1):
         later.append((prompt, 5 + 9 * i, engine.submit(prompt, params(max_new_tokens=5 + 9 * i))))
         steps = engine.steps
-        while engine.steps < steps + 3 and not first.done.is_set():
-            time.sleep(0.001)
+        wait_for(lambda: engine.steps >= steps + 3 or first.done.is_set(), timeout=60, interval=0.001,
+                 what="three more steps")
     assert first.done.wait(60)
     assert engine.result(first).output.generated_text == reference(engine, PROMPTS[0], max_new_tokens=120)
     for prompt, n, seq in later:
@@ -85,8 +82,7 @@ def test_jobs_joining_mid_flight_match_generate(engine):
 
 def test_a_short_job_does_not_wait_for_a_long_one(engine):
     long = engine.submit(PROMPTS[0], params(max_new_tokens=800))
-    while engine.steps < 5:
-        time.sleep(0.001)
+    wait_for(lambda: engine.steps >= 5, timeout=60, interval=0.001, what="five steps of the long job")
     short = engine.submit(PROMPTS[1], params(max_new_tokens=5))
     assert short.done.wait(30)
     assert not long.done.is_set()  # the short one left the batch while the long one kept going
@@ -184,8 +180,7 @@ def test_stop_sequences_and_eos_per_row_in_one_batch(engine):
 def test_cancel_stops_a_running_job_within_one_step_and_spares_its_batch_mates(engine):
     victim = engine.submit(PROMPTS[0], params(max_new_tokens=1500))
     mate = engine.submit(PROMPTS[1], params(max_new_tokens=60))
-    while len(victim.tokens) < 20:
-        time.sleep(0.001)
+    wait_for(lambda: len(victim.tokens) >= 20, timeout=60, interval=0.001, what="20 tokens of the victim")
     engine.cancel(victim)
     tokens_when_cancelled = len(victim.tokens)
     assert victim.done.wait(10)
@@ -228,8 +223,8 @@ def test_cache_width_shrinks_when_a_long_prompt_leaves(engine):
     short = engine.submit(PROMPTS[4], params(max_new_tokens=400))
     wide = engine.submit(long_prompt, params(max_new_tokens=3))
     assert wide.done.wait(30)
-    while len(short.tokens) < 40 and not short.done.is_set():
-        time.sleep(0.001)
+    wait_for(lambda: len(short.tokens) >= 40 or short.done.is_set(), timeout=60, interval=0.001,
+             what="40 tokens of the short job")
     batch = engine.batch
     assert batch is not None and len(batch) == 1
     # Only the short job's own columns remain: its prompt and what it generated so far.

@@ -1,4 +1,5 @@
-"""The progress publisher: token events, partial outputs, restarts and the store's stop signals (real Redis)."""
+"""The progress publisher: token events, partial outputs, restarts and the store's stop signals (real Redis).
+The publishers here have no thread of their own: each test ticks them, so nothing races its ticks."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_new_text_is_streamed_once_as_it_grows_and_flushed_on_forget(redis_clien
     store = JobStore(redis_client, 100)
     job = _running(store)
     seq = Seq()
-    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None)
+    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None, threaded=False)
     publisher.follow(job.id, seq, job.attempts)
     seq.text, seq.tokens = "Hel", [1, 2]
     publisher.tick()
@@ -63,7 +64,7 @@ def test_a_restart_is_announced_and_the_text_resumes_from_its_beginning(redis_cl
     store = JobStore(redis_client, 100)
     job = _running(store)
     seq = Seq()
-    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None)
+    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None, threaded=False)
     publisher.follow(job.id, seq, job.attempts)
     seq.text, seq.tokens = "Hello", [1, 2, 3]
     publisher.tick()
@@ -81,7 +82,8 @@ def test_partial_output_reaches_the_record_and_cancels_and_takeovers_are_reporte
     job = _running(store)
     other = _running(store)
     cancelled, superseded = [], []
-    publisher = ProgressPublisher(store, Engine(), on_cancel=cancelled.append, on_superseded=superseded.append)
+    publisher = ProgressPublisher(store, Engine(), on_cancel=cancelled.append, on_superseded=superseded.append,
+                                  threaded=False)
     seq, other_seq = Seq("par", [1]), Seq("x", [1])
     publisher.follow(job.id, seq, job.attempts)
     publisher.follow(other.id, other_seq, other.attempts)
@@ -103,7 +105,7 @@ def test_a_job_that_asked_for_details_streams_every_token_once_with_its_logprob(
     store = JobStore(redis_client, 100)
     job = _running(store)
     seq = Seq(params=GenerateParameters(max_new_tokens=9, details=True))
-    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None)
+    publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None, threaded=False)
     publisher.follow(job.id, seq, job.attempts)
     seq.text, seq.tokens, seq.logprobs = "ab", [5, 6], [-0.5, -0.25]
     publisher.tick()  # the newest token waits: a stop may still take it back

@@ -4,6 +4,7 @@ import threading
 
 from jobs.schema import FinishReason, GenerateParameters, Job, JobOutput, JobStatus, new_job_id
 from jobs.store import JobStore
+from tests.support import wait_for
 from worker.engine import GenerationResult
 from worker.faults import RequestValidationError
 from worker.runner import JobRunner
@@ -33,6 +34,7 @@ class FakeEngine:
         self.cancelled = []
         self.fatal_error = None
         self.submitted = threading.Event()
+        self.seqs = []
 
     def submit(self, prompt, params, timeout=None, isolated=False, rank=(0, 0)):
         self.calls += 1
@@ -44,6 +46,7 @@ class FakeEngine:
             seq.text = self.outcome.output.generated_text
         if self.finish:
             seq.done.set()
+        self.seqs.append(seq)
         self.submitted.set()
         return seq
 
@@ -118,9 +121,12 @@ def test_canceled_result_keeps_partial_text_and_timeout_fails_with_it(redis_clie
 
 
 def _run_in_background(runner, job_id, engine):
+    """Run the job on a thread; return once the runner publishes its progress (the sequence is in place).
+    The publisher ticks only when the test says so."""
+    runner.publisher.threaded = False
     thread = threading.Thread(target=runner.run, args=(job_id,), daemon=True)
     thread.start()
-    assert engine.submitted.wait(10)
+    wait_for(lambda: runner.publisher.following(job_id), timeout=10, what="the runner to follow the job")
     return thread
 
 
@@ -147,7 +153,7 @@ def test_a_device_fault_hands_jobs_back_and_the_second_makes_a_poison_job(redis_
         runner = JobRunner(store, engine, "w", instance=f"w:{fault}", requeue=lambda j: requeued.append(j.id))
         thread = _run_in_background(runner, job.id, engine)
         assert engine.isolated == [fault == 2]  # after one fault the job runs alone
-        seq = runner._running[job.id].seq
+        seq = engine.seqs[-1]
         engine.fatal_error = RuntimeError("CUDA error: device-side assert triggered")
         runner.hand_back_after_device_fault(engine.fatal_error)
         seq.done.set()  # the engine stops; the process would exit here
