@@ -218,6 +218,9 @@ class Settings:
     # A whole webhook attempt (connect, TLS, request, status and headers), however slowly the receiver answers.
     webhook_timeout_seconds: float = 15.0
     stream_max_seconds: float = 300.0
+    # How long an OpenAI- or TGI-compatible request holds its connection for its jobs (answer or stream);
+    # None: the longest a job may take, plus a minute.
+    compat_wait_seconds: float | None = None
     worker_host: str = ""
     max_body_bytes: int = 1024 * 1024
     max_queue: int = 10_000
@@ -276,6 +279,7 @@ class Settings:
                 env, "BLOOMQ_WEBHOOK_TIMEOUT_SECONDS", d.webhook_timeout_seconds, _positive_float
             ),
             stream_max_seconds=_read(env, "BLOOMQ_STREAM_MAX_SECONDS", d.stream_max_seconds, _positive_float),
+            compat_wait_seconds=_read(env, "BLOOMQ_COMPAT_WAIT_SECONDS", d.compat_wait_seconds, _positive_float),
             worker_host=_read(env, "BLOOMQ_WORKER_HOST", d.worker_host, str),
             max_body_bytes=_read(env, "BLOOMQ_MAX_BODY_BYTES", d.max_body_bytes, _positive_int),
             max_queue=_read(env, "BLOOMQ_MAX_QUEUE", d.max_queue, _positive_int),
@@ -305,6 +309,12 @@ class Settings:
         import socket
 
         return self.worker_host or socket.gethostname()
+
+    @property
+    def compat_wait_limit(self) -> float:
+        """Seconds a compatible request waits for its jobs (``BLOOMQ_COMPAT_WAIT_SECONDS``, else the longest a
+        job may take plus a minute)."""
+        return self.compat_wait_seconds if self.compat_wait_seconds is not None else self.max_job_seconds + 60
 
     @property
     def redis_sentinel(self) -> SentinelTarget | None:

@@ -72,6 +72,19 @@ def read_json_object() -> dict[str, Any]:
     return body
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency_key() -> str | None:
+    """The request's ``Idempotency-Key`` header (None without one), or a 400 naming it when it is not 1 to
+    255 characters: the same rule on every route that takes one."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        message = f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        raise ApiError(400, "bad_request", f"Idempotency-Key {message}", [{"name": "Idempotency-Key", "message": message}])
+    return key
+
+
 @api.post(f"{PREFIX}/jobs")
 def submit_job() -> Response:
     """Queue a generation job; 202 with the job resource and its Location."""
@@ -79,9 +92,7 @@ def submit_job() -> Response:
         job_request = JobRequest.model_validate(read_json_object())
     except ValidationError as exc:
         raise validation_error(exc) from None
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= 255:
-        raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
+    key = idempotency_key()
     svc = service()
     job, created = svc.submit(job_request, idempotency_key=key, owner=current_owner())
     body = job_resource(job)

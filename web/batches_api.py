@@ -174,13 +174,19 @@ def list_files() -> Response:
                     "last_id": data[-1]["id"] if data else None, "has_more": more})
 
 
-def _own_file(file_id: str):  # noqa: ANN202 - a FileObject
+def _own_file(file_id: str, param: str = "file_id"):  # noqa: ANN202 - a FileObject
+    """The caller's uploaded file (and None), or (None and) the batch whose result file ``file_id`` is; a
+    404 naming ``param`` (the field that carried the id) for any other id."""
+    unknown = ApiError(404, "not_found", f"No such file: {file_id}", [{"name": param, "message": "unknown"}])
     if file_id.endswith((OUTPUT_SUFFIX, ERRORS_SUFFIX)):
-        batch = own_batch(file_id.removeprefix("file-").removesuffix(OUTPUT_SUFFIX).removesuffix(ERRORS_SUFFIX))
+        try:
+            batch = own_batch(file_id.removeprefix("file-").removesuffix(OUTPUT_SUFFIX).removesuffix(ERRORS_SUFFIX))
+        except ApiError:
+            raise unknown from None
         return None, batch
     meta = _store().file(file_id)
     if meta is None or (current_owner() is not None and meta.owner != current_owner()):
-        raise ApiError(404, "not_found", f"No such file: {file_id}", [{"name": "file_id", "message": "unknown"}])
+        raise unknown
     return meta, None
 
 
@@ -220,7 +226,10 @@ def delete_file(file_id: str) -> Response:
 def create_batch() -> Response:
     """Validate the input file whole, then queue every line as jobs; a file with any bad line is refused
     (400, every error by line) and nothing is queued."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # Python's JSON reader recurses once per nesting level
+        raise _invalid("body", "the body is nested too deeply to be a batch request") from None
     if not isinstance(body, dict):
         raise _invalid("body", "send a JSON object")
     file_id, endpoint, window = body.get("input_file_id"), body.get("endpoint"), body.get("completion_window")
@@ -232,7 +241,7 @@ def create_batch() -> Response:
     _check_metadata(metadata)
     if not isinstance(file_id, str):
         raise _invalid("input_file_id", "required")
-    meta, _ = _own_file(file_id)
+    meta, _ = _own_file(file_id, "input_file_id")
     if meta is None:
         raise _invalid("input_file_id", "a batch's result file cannot be a batch's input")
     return jsonify(_public(start_batch(file_id, window, metadata)))

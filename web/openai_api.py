@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 from pydantic import ValidationError
 
 from jobs.schema import FinishReason, Job, JobRequest
-from web.api import read_json_object
+from web.api import idempotency_key, read_json_object
 from web.auth import authenticate_api, current_owner
 from web.chat import ChatTemplateError, render_chat
 from web.errors import ApiError, field_errors
@@ -27,6 +27,7 @@ from web.relay import (
     cancel_unfinished,
     failure_message,
     follow_jobs,
+    late_error,
     unfinished_error,
     wait_until_succeeded,
     watched_submission,
@@ -176,8 +177,9 @@ def job_requests(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_li
 def submit_jobs(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int) -> list[Job]:
     """Every job of a request queued, or none (an error naming the OpenAI parameter when one is refused)."""
     requests = job_requests(model, inputs, to_the_limit, total)
+    key = idempotency_key()
     try:
-        jobs, _ = _service().submit_all(requests, request.headers.get("Idempotency-Key"), current_owner())
+        jobs, _ = _service().submit_all(requests, key, current_owner())
     except ApiError as err:
         raise renamed(err) from None
     return jobs
@@ -272,7 +274,7 @@ class Completion:
                 if echo:
                     for index, job in enumerate(jobs):
                         yield chunk(index, job.inputs)
-                for event in follow_jobs(feeds, job_ids):
+                for event in follow_jobs(feeds, job_ids, seconds=svc.settings.compat_wait_limit):
                     if event is None:
                         yield ": keep-alive\n\n"
                         continue
@@ -285,6 +287,12 @@ class Completion:
                             yield "data: [DONE]\n\n"
                             completed = True
                             return
+                late = [job_id for job_id, final in zip(job_ids, finals, strict=True) if final is None]
+                if late:  # BLOOMQ_COMPAT_WAIT_SECONDS passed: the jobs go on, as after a 504
+                    yield f"data: {json.dumps(_error_body(late_error(late[0])), ensure_ascii=False)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    completed = True
+                    return
                 if include_usage:
                     usage = {"id": self.id, "object": f"{self.kind}.chunk" if chat else self.kind,
                              "created": self.created, "model": self.model, "choices": [],

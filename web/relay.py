@@ -65,7 +65,7 @@ def watched_submission(svc: JobService, submit: Callable[[], list[Job]]) -> tupl
     job exists, and the slot is given back when the jobs are refused."""
     from web.api import watch  # (the API module imports the service this one uses)
 
-    slot = watch(svc.settings.max_job_seconds + 60)
+    slot = watch(svc.settings.compat_wait_limit)
     try:
         return slot, submit()
     except BaseException:
@@ -77,8 +77,8 @@ def wait_until_succeeded(svc: JobService, jobs: list[Job], error: Callable[[Job]
                          ) -> list[Job]:
     """The jobs once every one is final, holding the client's connection meanwhile (its watcher ``slot``,
     released at the end; no thread); ``error(job)`` is raised for the first one that did not succeed (or
-    did not finish in time)."""
-    seconds = svc.settings.max_job_seconds + 60
+    did not finish within ``BLOOMQ_COMPAT_WAIT_SECONDS``)."""
+    seconds = svc.settings.compat_wait_limit
     deadline = time.monotonic() + seconds
     job_ids = [job.id for job in jobs]
     with slot:
@@ -111,10 +111,13 @@ class _Relay:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def follow_jobs(feeds: JobFeeds, job_ids: list[str], keepalive: float = KEEPALIVE_SECONDS) -> Iterator[JobEvent | None]:
+def follow_jobs(feeds: JobFeeds, job_ids: list[str], keepalive: float = KEEPALIVE_SECONDS,
+                seconds: float | None = None) -> Iterator[JobEvent | None]:
     """The events of ``job_ids``, merged in arrival order, until every job's ``done`` event; ``None`` after
     ``keepalive`` seconds without one (time to write a keep-alive, which is also how a client that went
-    away is noticed). Each job is read through its shared feed, by a greenlet (thread) of its own."""
+    away is noticed). Each job is read through its shared feed, by a greenlet (thread) of its own. With
+    ``seconds``, it ends then even if some job has not ended (the caller sees which did not)."""
+    ends = None if seconds is None else time.monotonic() + seconds
     relay = _Relay()
     readers = [
         threading.Thread(target=_read, args=(feeds, job_id, index, relay, keepalive), daemon=True,
@@ -126,10 +129,16 @@ def follow_jobs(feeds: JobFeeds, job_ids: list[str], keepalive: float = KEEPALIV
     finished = 0
     try:
         while finished < len(job_ids):
+            wait = keepalive
+            if ends is not None:
+                wait = min(wait, ends - time.monotonic())
+                if wait <= 0:
+                    return
             try:
-                item = relay.events.get(timeout=keepalive)
+                item = relay.events.get(timeout=wait)
             except queue.Empty:
-                yield None
+                if ends is None or time.monotonic() < ends:
+                    yield None
                 continue
             if isinstance(item, BaseException):
                 raise item
@@ -202,7 +211,13 @@ def unfinished_error(job: Job) -> ApiError | None:
     """The error for a job still going when its client's wait ended (None when it is final)."""
     if job.status.terminal:
         return None
-    return ApiError(504, "timeout", f"job {job.id} did not finish in time; it goes on at /api/v1/jobs/{job.id}")
+    return late_error(job.id)
+
+
+def late_error(job_id: str) -> ApiError:
+    """The error for job ``job_id`` not finished when its client's wait (or stream) ended."""
+    return ApiError(504, "timeout", f"job {job_id} did not finish in time (BLOOMQ_COMPAT_WAIT_SECONDS); it goes on "
+                    f"at /api/v1/jobs/{job_id}")
 
 
 def failure_message(job: Job) -> str:

@@ -25,6 +25,7 @@ from web.relay import (
     cancel_unfinished,
     failure_message,
     follow_jobs,
+    late_error,
     unfinished_error,
     wait_until_succeeded,
     watched_submission,
@@ -293,7 +294,7 @@ def _stream(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Response:
         completed = False
         try:
             yield ":\n\n"  # the headers go out now: the client knows its job was accepted
-            for item in follow_jobs(feeds, [job.id]):
+            for item in follow_jobs(feeds, [job.id], seconds=svc.settings.compat_wait_limit):
                 if item is None:
                     yield ":\n\n"  # keep-alive comment
                     continue
@@ -325,6 +326,9 @@ def _stream(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Response:
                                  "details": details})
                     completed = True
                     return
+            # BLOOMQ_COMPAT_WAIT_SECONDS passed without the done event: the job goes on, as after a 504
+            yield event({"error": late_error(job.id).message, "error_type": "generation"})
+            completed = True
         except Exception as exc:  # after the stream began, an error is an event
             yield event({"error": str(exc), "error_type": "generation"})
             completed = True

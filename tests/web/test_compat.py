@@ -91,6 +91,35 @@ def test_openai_errors_have_openais_shape_and_name_the_parameter(client):
         assert error["param"] == param and error["message"] and error["type"], body
 
 
+def test_an_idempotency_key_is_checked_as_on_the_job_api(client, redis_client):
+    for key in ("", "k" * 256):
+        response = client.post("/v1/completions", json={"model": "bloom-560m", "prompt": "x"},
+                               headers={"Idempotency-Key": key})
+        assert response.status_code == 400 and response.get_json()["error"]["param"] == "Idempotency-Key"
+    assert redis_client.keys("bloomq:job:*") == []
+
+
+def test_a_wait_or_stream_ends_after_the_compat_wait_and_the_job_goes_on(redis_server, redis_client):
+    assert Settings(max_job_seconds=100).compat_wait_limit == 160  # by default: a job's longest run, and a minute
+    settings = Settings.from_env({"BLOOMQ_REDIS_URL": redis_server.url, "BLOOMQ_MODEL": "/data/bloom-560m",
+                                  "BLOOMQ_COMPAT_WAIT_SECONDS": "0.3"})
+    assert settings.compat_wait_limit == 0.3
+    app = create_app(settings)
+    client = app.test_client()
+    store = app.extensions["bloomq"].store
+    body = {"model": "bloom-560m", "prompt": "hi"}
+    waited = client.post("/v1/completions", json=body)
+    assert waited.status_code == 504 and waited.get_json()["error"]["code"] == "timeout"
+    tgi = client.post("/models/bloom-560m/generate", json={"inputs": "hi"})
+    assert tgi.status_code == 504 and tgi.get_json()["error_type"] == "timeout"
+    streamed = client.post("/v1/completions", json={**body, "stream": True}).get_data(as_text=True)
+    assert "did not finish in time" in streamed and streamed.endswith("data: [DONE]\n\n")
+    tgi_streamed = client.post("/models/bloom-560m/generate_stream", json={"inputs": "hi"}).get_data(as_text=True)
+    assert '"error_type": "generation"' in tgi_streamed and "did not finish in time" in tgi_streamed
+    job_ids = [key.decode().removeprefix("bloomq:job:") for key in redis_client.keys("bloomq:job:*")]
+    assert len(job_ids) == 4 and all(store.get(job_id).status.value == "queued" for job_id in job_ids)
+
+
 def test_chat_on_a_model_without_a_template_points_to_completions(client):
     response = client.post("/v1/chat/completions",
                            json={"model": "bloom-560m", "messages": [{"role": "user", "content": "hi"}]})
@@ -136,8 +165,10 @@ def test_chat_templates_render_in_a_sandbox():
 
 def test_the_openapi_document_covers_the_compatible_routes(client):
     doc = client.get("/api/v1/openapi.json").get_json()
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/models/{name}",
-                 "/models/{name}/generate", "/models/{name}/generate_stream", "/models/{name}/info"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/models/{name}",
+                 "/models/{name}/generate", "/models/{name}/generate_stream", "/models/{name}/info",
+                 "/models/{name}/health", "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content",
+                 "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"):
         assert path in doc["paths"], path
     assert "prompt" in doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "inputs" in doc["components"]["schemas"]["TgiRequest"]["properties"]

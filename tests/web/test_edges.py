@@ -108,6 +108,22 @@ def test_metadata_and_custom_ids_are_bounded(redis_server, redis_client):
     assert _nothing_queued(redis_client)
 
 
+def test_a_bad_batch_request_is_a_400_or_404_naming_the_field_never_a_500(redis_server, redis_client):
+    client = _client(redis_server)
+    nested = client.post("/v1/batches", data="[" * 5000 + "]" * 5000, content_type="application/json")
+    assert nested.status_code == 400 and nested.get_json()["error"]["param"] == "body"
+    assert "nested" in nested.get_json()["error"]["message"]
+    # A result file id of no batch is an unknown file, named by the field that carried it.
+    for file_id in ("file-batch_nothing-output", "file--errors"):
+        found = client.get(f"/v1/files/{file_id}")
+        assert found.status_code == 404 and found.get_json()["error"]["param"] == "file_id"
+        assert file_id in found.get_json()["error"]["message"]
+        made = _create(client, file_id)
+        assert made.status_code == 404 and made.get_json()["error"]["param"] == "input_file_id"
+    assert _create(client, "file-never-uploaded").get_json()["error"]["param"] == "input_file_id"
+    assert _nothing_queued(redis_client)
+
+
 def _stalled_batch(client, monkeypatch, lines: int) -> dict:
     """A batch stored whole whose queuing never ran (its web process died, or is slow)."""
     monkeypatch.setattr(BatchIntake, "run", lambda self, batch_id: 0)
