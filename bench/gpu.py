@@ -6,13 +6,14 @@
 1. Stack: ``python -m worker --gpus all --dry-run`` (its plan), then a redis-server and one real worker; one
    job goes through the job store and Celery (no web) and the worker's announcement (device, dtype) is read.
 2. Engine alone, on random-init checkpoints of real BLOOM shapes (built once into ``--cache``): greedy decode
-   at each batch size, timed with a forward pre-hook on the model (the interval between the starts of
-   successive decode calls: one whole engine step, forward + token choice + bookkeeping), against the
+   at each batch size, timed at the start of each forward call (the engine's paged pass, HF's model call;
+   the interval between the starts of successive decode calls is one whole step, forward + token choice +
+   bookkeeping), against the
    floor = (parameter bytes + KV cache bytes read in that step) / the card's measured copy bandwidth.
    HF ``generate`` is timed the same way at the same shapes. Then mixed lengths: continuous batching
    against static batches of HF ``generate``.
-3. Prefill (``Batch.prefill``, the engine's own) at several prompt lengths; peak memory against the
-   engine's KV budget.
+3. Prefill through the engine (prompts in chunks of its step token budget, prefix caching off so every
+   prompt is computed) at several prompt lengths; peak memory against the engine's KV pool.
 
 On a GPU machine with torch and transformers but no network, carry in:
 
@@ -62,11 +63,10 @@ from bench.throughput import PROMPTS, machine, report, summarise  # noqa: E402
 from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from jobs.schema import GenerateParameters  # noqa: E402
-from worker.batch import Batch, Sequence  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
-from worker.memory import kv_bytes_per_slot  # noqa: E402
 from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
-from worker.sampling import RowSampling  # noqa: E402
+from worker.memory import kv_bytes_per_slot  # noqa: E402
+from worker.sequence import Sequence  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-gpu"
 MIB = 2**20
@@ -151,14 +151,15 @@ class Steps:
 
 
 class ForwardClock:
-    """Notes when each call of the model starts, with its shape: the same clock for the engine and HF generate.
+    """Notes when each forward call starts, with its shape: HF's model calls (a pre-hook) and the engine's
+    paged passes (``watch``), on the same clock.
 
     Both wait for the previous step's tokens before the next call (the chosen ids are read back), so the
     interval between two decode calls is one whole step, device work included.
     """
 
     def __init__(self, model: Any) -> None:
-        self.calls: list[tuple[float, int, int, int]] = []  # (start, rows, tokens fed per row, mask columns)
+        self.calls: list[tuple[float, int, int, float]] = []  # (start, rows, most tokens fed to a row, mean context)
         self._handle = model.register_forward_pre_hook(self._note, with_kwargs=True)
 
     def _note(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -166,6 +167,17 @@ class ForwardClock:
         mask = kwargs.get("attention_mask")
         columns = mask.shape[1] if mask is not None else ids.shape[1]
         self.calls.append((time.perf_counter(), ids.shape[0], ids.shape[1], columns))
+
+    def watch(self, engine: Engine) -> None:
+        """Note the engine's passes too: rows = chunks, context = the positions each row attends to."""
+        forward = engine.paged.forward
+
+        def noted(chunks: list[Any]) -> Any:
+            self.calls.append((time.perf_counter(), len(chunks), max(len(c.tokens) for c in chunks),
+                               statistics.mean(c.end for c in chunks)))
+            return forward(chunks)
+
+        engine.paged.forward = noted
 
     def decode_steps(self, skip: int = 2) -> Steps:
         """The decode calls since the last ``clear``, after the first ``skip`` (warming up)."""
@@ -194,19 +206,24 @@ class Bench:
         self.bandwidth = bandwidth
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())  # tied head once
         self.clock = ForwardClock(self.model)
-        # Read right after loading, as a worker's engine would: the slot budget, the pad id, the vocabulary.
-        self.reference = Engine(loaded, spec)
+        # Read right after loading, as a worker's engine would: the KV pool it sizes (then given back).
+        first = Engine(loaded, spec)
+        self.budget_slots = first.max_slots
+        first.close()
         # One long text; a run takes its last n tokens (the engine through ``truncate``): both paths see the same ids.
         one = " ".join(PROMPTS) + " "
         longest = max(sizes.prompt_tokens, *sizes.prefill_lengths)
         self.text = one * (longest // len(loaded.tokenizer(one).input_ids) + 2)
         self.prompt_ids = loaded.tokenizer(self.text).input_ids
 
-    def engine(self, max_batch_size: int, wait_seconds: float) -> Engine:
-        """An engine on the loaded model; end-of-text is ignored (random weights), so every row runs its length."""
+    def engine(self, max_batch_size: int, wait_seconds: float, prefix_caching: bool = True) -> Engine:
+        """An engine on the loaded model, its passes on the clock; end-of-text is ignored (random weights),
+        so every row runs its length."""
         engine = Engine(self.loaded, self.spec, EngineConfig(max_batch_size=max_batch_size,
-                                                             max_wait_seconds=wait_seconds))
+                                                             max_wait_seconds=wait_seconds,
+                                                             prefix_caching=prefix_caching))
         engine.eos_token_ids = frozenset()
+        self.clock.watch(engine)
         return engine
 
     def floor_seconds(self, steps: Steps) -> float:
@@ -228,7 +245,7 @@ class Bench:
             seqs = [engine.submit(self.text, params) for _ in range(batch)]
             assert all(generated(engine, seq) == new_tokens for seq in seqs)
         finally:
-            engine.stop()
+            engine.close()
         wall = max(seq.finished_at for seq in seqs) - start
         return {"steps": self.clock.decode_steps(), "e2e_tok_s": batch * new_tokens / wall,
                 "peak": peak_mib(self.device)}
@@ -256,7 +273,7 @@ class Bench:
             seqs = [engine.submit(text, GenerateParameters(max_new_tokens=n, do_sample=False)) for text, n in jobs]
             tokens = sum(generated(engine, seq) for seq in seqs)
         finally:
-            engine.stop()
+            engine.close()
         latencies = [seq.finished_at - start for seq in seqs]
         continuous = summarise(latencies, tokens, max(latencies))
         latencies, tokens, start = [], 0, time.perf_counter()
@@ -272,23 +289,25 @@ class Bench:
         return {"continuous": continuous, "static": summarise(latencies, tokens, max(latencies))}
 
     def prefill(self, length: int, batch: int) -> dict[str, Any]:
-        """The engine's prefill of ``batch`` prompts of ``length`` tokens (best of two), and its peak memory."""
-        params = GenerateParameters(max_new_tokens=1, do_sample=False)
+        """``batch`` prompts of ``length`` tokens through the engine, one new token each (best of two): the
+        time from submitting them to the last one's first token, and the peak memory meanwhile."""
+        params = GenerateParameters(max_new_tokens=1, do_sample=False, truncate=length)
+        text = self.loaded.tokenizer.decode(self.prompt_ids[-length - 8 :])
         best = float("inf")
         for _ in range(2):
-            seqs = [Sequence(prompt="", params=params, prompt_ids=self.prompt_ids[-length:], max_new_tokens=1,
-                             sampling=RowSampling.from_parameters(params), stop=[], eos_token_ids=frozenset())
-                    for _ in range(batch)]
-            sync(self.device)
-            reset_peak(self.device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                Batch.prefill(self.model, seqs, self.reference.pad_token_id, self.reference.vocab_size)
-            sync(self.device)
-            best = min(best, time.perf_counter() - start)
+            engine = self.engine(batch, wait_seconds=1.0, prefix_caching=False)
+            try:
+                sync(self.device)
+                reset_peak(self.device)
+                start = time.perf_counter()
+                seqs = [engine.submit(text, params) for _ in range(batch)]
+                assert all(generated(engine, seq) == 1 for seq in seqs)
+                best = min(best, max(seq.finished_at for seq in seqs) - start)
+            finally:
+                engine.close()
         kv_slot = kv_bytes_per_slot(self.model)
         return {"seconds": best, "peak": peak_mib(self.device), "kv": batch * length * kv_slot / MIB,
-                "budget": self.reference.max_slots * kv_slot / MIB}
+                "budget": self.budget_slots * kv_slot / MIB}
 
     def close(self) -> None:
         self.clock.close()
@@ -488,9 +507,10 @@ def render_models(models: list[dict[str, Any]], sizes: Sizes, bandwidth: float) 
         lines.append("")
     if any("prefill" in m for m in models):
         lines += ["### 3. Prefill", "",
-                  "The engine's prefill (`Batch.prefill`, best of 2); peak = allocated device memory during it, "
-                  "weights included; KV = its cache; budget = the engine's KV slot budget right after loading "
-                  "(CUDA: 80 % of the free memory; CPU: half the available RAM).", "",
+                  "The engine's prefill (submit to the first token of the last prompt, chunks of the step "
+                  "token budget, best of 2); peak = allocated device memory during it, weights included; KV = the prompts' "
+                  "cache; budget = the engine's KV pool right after loading (CUDA: 80 % of the free memory "
+                  "less one step's activations; CPU: half the available RAM less the same).", "",
                   "| model | prompt tokens | batch | prefill ms | prompt tok/s | peak MiB | weights MiB | KV MiB | "
                   "KV budget MiB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

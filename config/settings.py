@@ -50,6 +50,24 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _switch(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of 1/true/yes/on or 0/false/no/off")
+
+
+def _block_tokens(raw: str) -> int:
+    value = _positive_int(raw)
+    if value & (value - 1):
+        raise ValueError("must be a power of two (1, 2, 4, ... 256)")
+    if value > 256:
+        raise ValueError("must be at most 256")
+    return value
+
+
 def _existing_file(raw: str) -> str:
     if not os.path.isfile(raw):
         raise ValueError("no such file")
@@ -212,6 +230,10 @@ class Settings:
     max_batch_size: int = 32
     max_batch_total_tokens: int | None = None
     batch_wait_ms: float = 5.0
+    # Tokens one forward pass may take: every decoding row's one, then prompts in chunks up to this.
+    step_tokens: int = 512
+    kv_block_tokens: int = 16  # token slots per paged KV block
+    prefix_caching: bool = True  # prompts sharing a prefix share its KV blocks
     max_job_seconds: float = 3600.0
     webhook_secret: str = field(default="", repr=False)
     webhook_allow: tuple[str, ...] = ()
@@ -272,6 +294,9 @@ class Settings:
             max_batch_size=_read(env, "BLOOMQ_MAX_BATCH_SIZE", d.max_batch_size, _positive_int),
             max_batch_total_tokens=_read(env, "BLOOMQ_MAX_BATCH_TOTAL_TOKENS", d.max_batch_total_tokens, _positive_int),
             batch_wait_ms=_read(env, "BLOOMQ_BATCH_WAIT_MS", d.batch_wait_ms, _non_negative_float),
+            step_tokens=_read(env, "BLOOMQ_STEP_TOKENS", d.step_tokens, _positive_int),
+            kv_block_tokens=_read(env, "BLOOMQ_KV_BLOCK_TOKENS", d.kv_block_tokens, _block_tokens),
+            prefix_caching=_read(env, "BLOOMQ_PREFIX_CACHING", d.prefix_caching, _switch),
             max_job_seconds=_read(env, "BLOOMQ_MAX_JOB_SECONDS", d.max_job_seconds, _positive_float),
             webhook_secret=_read(env, "BLOOMQ_WEBHOOK_SECRET", d.webhook_secret, str),
             webhook_allow=_read(env, "BLOOMQ_WEBHOOK_ALLOW", d.webhook_allow, _comma_list),

@@ -504,18 +504,19 @@ class JobStore:
         metrics = _model_metrics(output, inference_seconds)
         return self._finish(job_id, JobStatus.CANCELED, output=output, metrics=metrics, attempt=attempt)
 
-    def record_device_fault(self, job_id: str, attempt: int, message: str) -> Job | None:
-        """Attempt ``attempt`` of a job was in the batch when its worker's device failed for good.
+    def record_device_fault(self, job_id: str, attempt: int, message: str, blamed: bool = True) -> Job | None:
+        """Attempt ``attempt`` of a job was in its worker's process when the device failed for good.
 
-        The job goes back to queued (the caller re-sends it; it will run alone, so a second fault points
-        at it), or, at its ``POISON_AFTER``-th fault, fails as a poison job. None when the attempt no
-        longer owns the job.
+        The job goes back to queued (the caller re-sends it). ``blamed``: it was in the batch the device
+        failed on, so the fault counts against it (it will run alone, so a second fault points at it); at
+        its ``POISON_AFTER``-th fault it fails as a poison job instead. A job that was only waiting in the
+        process goes back as it was. None when the attempt no longer owns the job.
         """
 
         def mutate(job: Job) -> Job | None:
             if job.status is not JobStatus.RUNNING or job.attempts != attempt:
                 return None
-            faults = job.device_faults + 1
+            faults = job.device_faults + (1 if blamed else 0)
             if faults >= POISON_AFTER:
                 error = JobError(
                     type="poison_job",

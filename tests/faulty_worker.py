@@ -20,16 +20,24 @@ FAULT = "CUDA error: device-side assert triggered (injected by the test build)"
 
 
 def _install_fault() -> None:
-    from worker.batch import Batch
+    from worker.engine import Engine
 
-    real_forward = Batch.forward
+    real_forward = Engine._forward
 
-    def forward(self, model):
-        if any(POISON in seq.prompt and len(seq.tokens) >= 2 for seq in self.seqs):
+    class _DeviceAssert:
+        def forward(self, chunks):
             raise RuntimeError(FAULT)
-        return real_forward(self, model)
 
-    Batch.forward = forward
+    def forward(self, planned):
+        if not any(POISON in item.seq.prompt and len(item.seq.tokens) >= 2 for item in planned):
+            return real_forward(self, planned)
+        paged, self.paged = self.paged, _DeviceAssert()
+        try:
+            return real_forward(self, planned)
+        finally:
+            self.paged = paged
+
+    Engine._forward = forward
 
 
 def main(argv: list[str]) -> int:

@@ -57,11 +57,25 @@ class RedisCollector:
         memory = GaugeMetricFamily("bloomq_worker_memory_bytes", "Device memory in use (GPU) or resident memory (CPU)",
                                    labels=["worker", "model", "device"])
         running = GaugeMetricFamily("bloomq_worker_jobs_running", "Jobs in a worker's engine", labels=["worker", "model"])
+        labels = ["worker", "model"]
+        blocks = GaugeMetricFamily("bloomq_worker_kv_blocks", "Blocks in a worker's paged KV pool", labels=labels)
+        in_use = GaugeMetricFamily("bloomq_worker_kv_blocks_in_use", "KV blocks held by running jobs", labels=labels)
+        cached = GaugeMetricFamily("bloomq_worker_kv_blocks_cached", "KV blocks holding an indexed prompt prefix",
+                                   labels=labels)
+        reused = CounterMetricFamily("bloomq_worker_prompt_tokens_reused",
+                                     "Prompt tokens taken from the prefix cache since the worker started", labels=labels)
+        computed = CounterMetricFamily("bloomq_worker_prompt_tokens_computed",
+                                       "Prompt tokens computed since the worker started", labels=labels)
         for worker in self.service.live_workers():
             memory.add_metric([worker.instance, worker.model, worker.device], worker.memory_bytes)
-            running.add_metric([worker.instance, worker.model], worker.jobs_running)
-        yield memory
-        yield running
+            who = [worker.instance, worker.model]
+            running.add_metric(who, worker.jobs_running)
+            blocks.add_metric(who, worker.kv_blocks)
+            in_use.add_metric(who, worker.kv_blocks_in_use)
+            cached.add_metric(who, worker.kv_blocks_cached)
+            reused.add_metric(who, worker.prompt_tokens_reused)
+            computed.add_metric(who, worker.prompt_tokens_computed)
+        yield from (memory, running, blocks, in_use, cached, reused, computed)
 
 
 def render_metrics(service: JobService) -> bytes:

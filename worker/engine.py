@@ -1,9 +1,17 @@
-"""The generation engine: iteration-level (continuous) batching over one loaded model.
+"""The generation engine: iteration-level (continuous) batching over one loaded model, on a paged KV cache.
 
 Callers (Celery task threads) ``submit`` requests; one engine thread owns the model and the device and
-loops: admit waiting requests (prefill them, merge them into the running batch), choose every row's next
-token, retire finished rows (filter the batch), run one decode step. A short request never waits for a
-long one, and a new one joins between two steps.
+loops: admit waiting requests (``worker.scheduler``: blocks from the pool, cached prefixes shared), plan
+the step (decoding rows one token each, prompts in chunks within the step's token budget), run one forward
+pass over all of it (``worker.paged``), choose the next token of every row that reached its end
+(``worker.sampling``), and retire the rows that finished (their blocks go back). A short request never
+waits for a long one, a long prompt never stalls the rows already decoding, and a new request joins
+between two steps without copying anything of the others.
+
+What goes wrong is handled here too (``worker.faults`` says whose fault an error is): a row whose scores
+or parameters break fails alone; a forward that raises is probed chunk by chunk and only the chunks that
+fail alone fail; out of memory preempts half the rows (they keep their tokens) and lowers the row cap; a
+fatal device error hands over to the process.
 
 Knows nothing of Celery or Redis, so it is testable on its own.
 """
@@ -17,13 +25,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from config.models import ModelSpec
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import FinishReason, GenerateParameters, GenerationDetails, JobOutput, TokenDetail
-from worker.batch import Batch, Sequence, peak_slots_alone
+from worker.blocks import BlockPool
 from worker.faults import (
     NON_FINITE,
     DeviceFault,
@@ -34,18 +43,25 @@ from worker.faults import (
     out_of_memory,
     row_error,
 )
-from worker.memory import default_slot_budget, free_device_memory
 from worker.loading import LoadedModel
-from worker.sampling import RowSampling
+from worker.memory import free_device_memory, kv_budget_bytes
+from worker.paged import ALL, Chunk, PagedBloom, PagedKV
+from worker.sampling import RowSampling, TokenChooser
+from worker.scheduler import Planned, Scheduler
+from worker.sequence import Sequence, StepDetail
+from worker.text import TextTracker
 
 log = logging.getLogger(__name__)
 
 
-CAP_RECOVERY_STEPS = 16  # successful decode steps per extra batch row, after an out-of-memory
-# Times a sequence is started over (after failures it shares with others: out of memory, a failed merge)
-# before it fails: enough for the halving retry to get from the largest batch down to one row.
+CAP_RECOVERY_STEPS = 16  # successful steps per extra row, after an out-of-memory
+# Times a sequence is preempted by failures it shares with others (out of memory) before it fails: enough
+# for the halving to get from the largest batch down to one row.
 MAX_RESTARTS = 8
 BURST_WINDOWS = 10  # an idle engine waits for a burst at most this many quiet periods (BLOOMQ_BATCH_WAIT_MS)
+FAILED = object()  # a chunk whose pass failed (its row is already retired or waiting again)
+PROMPT_LOGPROB_ROWS = 256  # prompt positions turned into log-probabilities at a time (a float32 copy each)
+
 
 @dataclass
 class GenerationResult:
@@ -61,8 +77,11 @@ class EngineConfig:
     """Batching knobs (see the README's configuration table)."""
 
     max_batch_size: int = 32
-    max_batch_slots: int | None = None  # KV slots (rows x cache columns); None: derived from free memory
+    max_batch_slots: int | None = None  # KV token slots in the pool; None: derived from free memory
     max_wait_seconds: float = 0.0
+    step_tokens: int = 512  # tokens one forward pass may take: every decoding row's one, then prompt chunks
+    block_size: int = 16  # token slots per KV block
+    prefix_caching: bool = True
 
 
 class Engine:
@@ -85,24 +104,48 @@ class Engine:
             eos = self.tokenizer.eos_token_id
         # generation_config may give one id or a list of them (any of which ends generation).
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        pad = self.model.generation_config.pad_token_id
-        self.pad_token_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
-        self.max_slots = self.config.max_batch_slots or default_slot_budget(self.model, self.device)
-        self.batch: Batch | None = None
+        blocks = self._pool_blocks()
+        self.kv = PagedKV(self.model.config, blocks, self.config.block_size, loaded.dtype, self.device)
+        self.paged = PagedBloom(self.model, self.kv)
+        self.pool = BlockPool(blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.pool, self.config.step_tokens, self.config.prefix_caching)
+        self.max_slots = blocks * self.config.block_size  # KV token slots
+        self.text = TextTracker(self.tokenizer)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._cap = self.config.max_batch_size  # lowered after an out-of-memory, restored when idle
         self._cap_ceiling = self.config.max_batch_size  # below the size that last ran out of memory
+        self._chooser: tuple[tuple[int, ...], TokenChooser] | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run (for tests and metrics)
-        self.prefills = 0  # prefill passes run: groups of new requests joining (for benchmarks and metrics)
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.steps = 0  # forward passes run (for tests and metrics)
+        self.prefills = 0  # prompt chunks run (for benchmarks and metrics)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # rows per step
         # Called (on the engine thread) when the device fails for good; the worker process then exits.
         self.on_fatal = on_fatal
         self.fatal_error: BaseException | None = None
+
+    def _pool_blocks(self) -> int:
+        """Blocks in the KV pool: ``max_batch_slots`` tokens' worth, or what fits in the memory left (less
+        the largest step's activations), at most twice what every row at full length needs (the rest of
+        the pool is prefix cache)."""
+        size = self.config.block_size
+        if self.config.max_batch_slots:
+            return max(1, self.config.max_batch_slots // size)
+        config = self.model.config
+        itemsize = next(self.model.parameters()).element_size()
+        tokens = self.config.step_tokens
+        # One pass: the widest attention scores (every head, a chunk against a full context, float32),
+        # the MLP's 4x hidden activations, and the logits kept (a row each, or a prompt-details chunk).
+        activations = (config.n_head * tokens * self.spec.max_total_tokens * 4
+                       + tokens * config.hidden_size * 8 * itemsize
+                       + max(self.config.max_batch_size, tokens) * self.vocab_size * 4)
+        per_block = PagedKV.bytes_per_block(config, size, next(self.model.parameters()).dtype)
+        fits = (kv_budget_bytes(self.device) - activations) // per_block
+        useful = 2 * self.config.max_batch_size * -(-self.spec.max_total_tokens // size)
+        return max(1, min(int(fits), useful))
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -117,15 +160,24 @@ class Engine:
             return 0
 
     def take_batch_sizes(self) -> dict[int, int]:
-        """Decode steps by batch size since the last call."""
+        """Steps by rows in the step since the last call."""
         counts, self.batch_sizes = self.batch_sizes, collections.Counter()
         return dict(counts)
 
     @property
+    def running(self) -> list[Sequence]:
+        """The sequences holding a row now (a copy)."""
+        return list(self.scheduler.running)
+
+    @property
     def load(self) -> int:
-        """Sequences in the batch or waiting for it."""
-        batch = self.batch  # the engine thread may replace it meanwhile
-        return (len(batch) if batch is not None else 0) + len(self._waiting)
+        """Sequences running or waiting."""
+        return len(self.scheduler.running) + len(self._waiting)
+
+    @property
+    def prefix_counters(self) -> dict[str, int]:
+        """Prompt positions taken from the prefix cache, and computed, since the engine started."""
+        return {"reused": self.scheduler.reused_tokens, "computed": self.scheduler.computed_tokens}
 
     def generate(self, prompt: str, params: GenerateParameters) -> GenerationResult:
         """Run one request to completion (blocking the calling thread, not the engine)."""
@@ -168,18 +220,8 @@ class Engine:
             self._cond.notify_all()
 
     def partial_text(self, seq: Sequence) -> str:
-        """The text generated so far, safe to show while the sequence runs.
-
-        Holds back an incomplete UTF-8 character at the end, and enough characters to hide a stop
-        sequence that may be only partly generated yet.
-        """
-        text = self.tokenizer.decode(list(seq.tokens), skip_special_tokens=True)
-        if seq.stop:
-            cut = _first_stop(text, seq.stop)
-            if cut is not None:
-                return text[:cut]
-            text = text[: max(0, len(text) - (max(len(s) for s in seq.stop) - 1))]
-        return text.rstrip("\ufffd")
+        """The text generated so far, safe to show while the sequence runs (see ``TextTracker.partial``)."""
+        return TextTracker.partial(seq)
 
     def result(self, seq: Sequence) -> GenerationResult:
         """The finished sequence as a result, or its error raised."""
@@ -222,6 +264,13 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def close(self) -> None:
+        """Stop, and give the KV pool's memory back (the engine cannot run again)."""
+        self.stop()
+        self.kv.keys.clear()
+        self.kv.values.clear()
+        free_device_memory(self.device)
+
     def _prepare(self, prompt: str, params: GenerateParameters) -> Sequence:
         prompt_ids = self.tokenizer(prompt).input_ids
         if params.truncate is not None:
@@ -240,7 +289,6 @@ class Engine:
             sampling=sampling,
             stop=list(params.stop),
             eos_token_ids=self.eos_token_ids,
-            generator=sampling.generator(self.device),
         )
 
     def _ensure_running(self) -> None:
@@ -256,14 +304,16 @@ class Engine:
             while not self._stopping.is_set():
                 try:
                     self._admit()
-                    if self.batch is None:
+                    if not self.scheduler.running:
                         with self._cond:
                             if not self._waiting and not self._stopping.is_set():
                                 self._cond.wait(timeout=0.5)
                         continue
                     self._step()
                 except Exception as exc:  # never leave callers waiting on a dead engine thread
-                    seqs, self.batch = (self.batch.seqs if self.batch else []), None
+                    seqs = self.running
+                    for seq in seqs:
+                        self.scheduler.release(seq)
                     if self._fatal(exc, seqs):
                         return
                     log.exception("engine iteration failed")
@@ -272,44 +322,36 @@ class Engine:
         with self._cond:
             pending = list(self._waiting)
             self._waiting.clear()
-        for seq in pending + (self.batch.seqs if self.batch else []):
+        for seq in pending + self.running:
             seq.finish(error=GenerationError("the worker is shutting down"))
 
     def _admit(self) -> None:
-        """Move waiting sequences into the batch, as many as the batch size and memory budget allow."""
+        """Give waiting sequences rows, most urgent first, while the row cap and the block pool allow."""
         with self._cond:
             for seq in [s for s in self._waiting if self._stop_reason(s) is not None]:
                 self._waiting.remove(seq)
+                seq.text = TextTracker.partial(seq)  # a preempted row may have tokens
                 seq.finish(self._stop_reason(seq))
             if not self._waiting:
                 return
-            if self.batch is not None and any(s.isolated for s in self.batch.seqs):
+            running = self.scheduler.running
+            if any(s.isolated for s in running):
                 return  # a suspect runs alone until it finishes
-            if self.batch is None:
+            if not running:
                 self._cap = max(self._cap, 1)  # after a lone retry was ordered, admit it alone
                 self._wait_for_batch_to_fill()
-            running = len(self.batch) if self.batch is not None else 0
-            picked: list[Sequence] = []
             # Most urgent first: interactive before batch, then by priority, then in order of arrival.
             for seq in sorted(self._waiting, key=lambda s: s.rank):
-                if running + len(picked) >= self._cap:
+                if len(running) >= self._cap:
                     break
-                candidate = [*picked, seq]
-                if seq.isolated and (running or picked):
+                if seq.isolated and running:
                     break  # it waits for an empty engine
-                if self.batch is not None:
-                    slots = self.batch.peak_slots(candidate)
-                else:
-                    slots = peak_slots_alone(candidate)
-                if slots > self.max_slots and (self.batch is not None or picked):
+                if not self.scheduler.admit(seq):
                     break  # in order: later requests wait rather than overtake
-                picked.append(seq)
+                self._waiting.remove(seq)
+                seq.started_at = seq.started_at or time.perf_counter()  # model time includes the prefill
                 if seq.isolated:
                     break
-            for seq in picked:
-                self._waiting.remove(seq)
-        if picked:
-            self._prefill(picked)
 
     def _wait_for_batch_to_fill(self) -> None:
         """With an idle engine, let a burst of requests start together: wait until none has arrived for
@@ -326,136 +368,220 @@ class Engine:
                 return
             self._cond.wait(timeout=until - now)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        self.prefills += 1
-        try:
-            new = Batch.prefill(self.model, seqs, self.pad_token_id, self.vocab_size)
-        except Exception as exc:
-            if self._fatal(exc, seqs + (self.batch.seqs if self.batch else [])):
-                return
-            if out_of_memory(exc):
-                self._recover(seqs, exc)  # retry smaller, then fail alone
-                return
-            new = self._prefill_apart(seqs, exc)  # find the request(s) at fault; the others go on
-            if new is None:
-                return
-        if self.batch is None:
-            self.batch = new
-            return
-        try:
-            # Merging copies the whole cache: it can run out of memory too. A failure part-way leaves the
-            # running batch's cache unusable, so every sequence involved starts again.
-            self.batch = Batch.concatenate([self.batch, new])
-        except Exception as exc:
-            running, self.batch = self.batch.seqs, None
-            if not self._fatal(exc, running + new.seqs):
-                self._recover(running + new.seqs, exc)
-
-    def _prefill_apart(self, seqs: list[Sequence], exc: Exception) -> Batch | None:
-        """A group's prefill raised (not out of memory): prefill each request alone, fail the ones that
-        fail alone, and return the others as one batch (None when none is left)."""
-        if len(seqs) == 1:
-            seqs[0].finish(error=row_error("reading the prompt", exc))
-            return None
-        log.warning("prefill of %d requests raised %s: %s; trying each alone", len(seqs), type(exc).__name__, exc)
-        batches = []
-        for seq in seqs:
-            try:
-                batches.append(Batch.prefill(self.model, [seq], self.pad_token_id, self.vocab_size))
-            except Exception as alone:
-                if self._fatal(alone, seqs):
-                    return None
-                if out_of_memory(alone):
-                    self._recover([seq], alone)
-                    continue
-                seq.finish(error=row_error("reading the prompt", alone))
-        return Batch.concatenate(batches) if batches else None
-
     def _step(self) -> None:
-        """Choose, retire, decode: one token for every row."""
-        batch = self.batch
-        assert batch is not None
-        self.batch_sizes[len(batch)] += 1
-        try:
-            choice = batch.choose(NON_FINITE)
-        except Exception as exc:
-            if self._fatal(exc, batch.seqs):
-                self.batch = None
-                return
-            if out_of_memory(exc):
-                self.batch = None
-                self._recover(batch.seqs, exc)
-                return
-            log.warning("choosing tokens for %d rows raised %s: %s; choosing row by row", len(batch),
-                        type(exc).__name__, exc)
-            choice = batch.choose_rows_alone(NON_FINITE)
-        keep = []
-        for row, (seq, token) in enumerate(zip(batch.seqs, choice.tokens, strict=True)):
-            if row in choice.errors:
-                seq.finish(error=row_error(f"choosing new token {len(seq.tokens) + 1}", choice.errors[row]))
+        """Stop what must stop, plan, run one forward pass, choose, retire."""
+        for seq in self.running:
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self._retire(seq, reason)
+        planned, preempted = self.scheduler.plan()
+        if preempted:
+            self._wait_again(preempted)
+        if not planned:
+            return
+        self.batch_sizes[len(planned)] += 1
+        if any(item.start < item.seq.prompt_len for item in planned):
+            self.prefills += 1  # a pass that reads prompt tokens
+        outputs = self._forward(planned)
+        ready: list[tuple[Planned, torch.Tensor]] = []
+        for item, logits in zip(planned, outputs, strict=True):
+            if logits is FAILED or item.seq.done.is_set() or item.seq not in self.scheduler.running:
                 continue
-            seq.record(token, choice.details.get(row))
-            reason = self._finish_reason(seq, token)
-            if reason is None:
-                keep.append(row)
-            else:
-                seq.text = self._final_text(seq, reason)
-                seq.finish(reason)
-        try:
-            self.batch = batch.filter(keep)
-        except Exception as exc:
-            self.batch = None
-            if not self._fatal(exc, [batch.seqs[row] for row in keep]):
-                self._recover([batch.seqs[row] for row in keep], exc)
-            return
-        if self.batch is None:
-            with self._cond:
-                if not self._waiting:
-                    # drained cleanly: full size again
-                    self._cap = self._cap_ceiling = self.config.max_batch_size
-            return
-        self._forward()
+            self.scheduler.ran(item)
+            if item.logits == ALL:
+                self._prompt_logprobs(item, logits)
+            if item.completes:
+                ready.append((item, logits[-1]))
+        if ready:
+            self._choose(ready)
         if self._cap < self._cap_ceiling and self.steps % CAP_RECOVERY_STEPS == 0:
             self._cap += 1  # after an out-of-memory, grow back slowly while steps succeed
+        if not self.scheduler.running:
+            with self._cond:
+                if not self._waiting:
+                    self._cap = self._cap_ceiling = self.config.max_batch_size  # drained cleanly: full size
 
-    def _forward(self) -> None:
-        """One decode step for the batch. A step that raises (not out of memory) is probed row by row:
-        the rows that fail alone fail, the others take their step without starting over."""
-        batch = self.batch
-        assert batch is not None
+    def _forward(self, planned: list[Planned]) -> list[Any]:
+        """One pass over the planned chunks: per chunk, its logits (None when it asked for none), or
+        ``FAILED``. A pass that raises (not out of memory) is probed chunk by chunk: the chunks that fail
+        alone fail their rows, the others' results are kept."""
+        chunks = [Chunk(p.seq.ids[p.start : p.start + p.count], p.start, p.seq.table, p.logits) for p in planned]
         try:
-            batch.forward(self.model)
+            outputs = self.paged.forward(chunks)
             self.steps += 1
-            return
+            return outputs
         except Exception as exc:
-            if self._fatal(exc, batch.seqs):
-                self.batch = None
-                return
+            if self._fatal(exc, self.running):
+                return [FAILED] * len(planned)
+            if out_of_memory(exc):
+                self._out_of_memory([p.seq for p in planned], exc)
+                return [FAILED] * len(planned)
             first = exc
-        if not out_of_memory(first) and len(batch) > 1:
-            failing = batch.rows_failing_alone(self.model)
-            if failing and len(failing) < len(batch):
-                for row, exc in failing.items():
-                    batch.seqs[row].finish(error=row_error("running the model", exc))
-                survivors = batch.filter([row for row in range(len(batch)) if row not in failing])
-                assert survivors is not None
-                self.batch = survivors
-                try:
-                    survivors.forward(self.model)
-                    self.steps += 1
-                    return
-                except Exception as exc:
-                    first, batch = exc, survivors
-        self.batch = None
-        if not self._fatal(first, batch.seqs):
-            self._recover(batch.seqs, first)
+        if len(planned) == 1:
+            self._retire(planned[0].seq, error=row_error("running the model", first))
+            return [FAILED]
+        log.warning("a step of %d rows raised %s: %s; running each alone", len(planned), type(first).__name__, first)
+        results: list[Any] = []
+        for item, chunk in zip(planned, chunks, strict=True):
+            try:
+                [logits] = self.paged.forward([chunk])
+            except Exception as alone:
+                if self._fatal(alone, self.running):
+                    return [FAILED] * len(planned)
+                if out_of_memory(alone):
+                    self._out_of_memory([item.seq], alone)
+                else:
+                    self._retire(item.seq, error=row_error("running the model", alone))
+                results.append(FAILED)
+                continue
+            results.append(logits)
+        self.steps += 1
+        return results
+
+    def _choose(self, ready: list[tuple[Planned, torch.Tensor]]) -> None:
+        """Pick the next token of every row that reached its end, record it, and retire finished rows."""
+        seqs = [item.seq for item, _ in ready]
+        logits = torch.stack([row for _, row in ready])
+        penalty = any(seq.sampling.repetition_penalty != 1.0 for seq in seqs)
+        seen = self._seen(seqs) if penalty else logits.new_zeros((1, 1), dtype=torch.bool)
+        errors: dict[int, Exception] = {}
+        try:
+            tokens, invalid = self._chooser_for(seqs).choose(logits, seen)
+        except Exception as exc:  # building the sampler or choosing: a row's parameters or scores break it
+            self._chooser = None
+            if self._fatal(exc, self.running):
+                return
+            log.warning("choosing tokens for %d rows raised %s: %s; choosing row by row", len(seqs),
+                        type(exc).__name__, exc)
+            tokens, invalid, errors = self._choose_rows_alone(seqs, logits, seen, penalty)
+        # One transfer from the device for both answers.
+        values, flags = torch.stack([tokens, invalid.long()]).tolist()
+        details = self._step_details(seqs, logits, tokens)
+        for row, (seq, token, flag) in enumerate(zip(seqs, values, flags, strict=True)):
+            if flag or row in errors:
+                error = errors.get(row, NON_FINITE)
+                self._retire(seq, error=row_error(f"choosing new token {len(seq.tokens) + 1}", error))
+                continue
+            seq.record(token, details.get(row))
+            if seq.seen is not None:
+                seq.seen[token] = True
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._retire(seq, reason)
+
+    def _chooser_for(self, seqs: list[Sequence]) -> TokenChooser:
+        """The sampler for these rows, built again only when the set of rows changes."""
+        key = tuple(id(seq) for seq in seqs)
+        if self._chooser is None or self._chooser[0] != key:
+            chooser = TokenChooser([s.sampling for s in seqs], self.device, [len(s.tokens) for s in seqs])
+            self._chooser = (key, chooser)
+        return self._chooser[1]
+
+    def _seen(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[rows, vocab] bool: the tokens each row holds (for the repetition penalty)."""
+        for seq in seqs:
+            if seq.seen is None:
+                seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+                seq.seen[torch.tensor(seq.ids, dtype=torch.long, device=self.device)] = True
+        return torch.stack([seq.seen for seq in seqs])  # type: ignore[misc]
+
+    def _choose_rows_alone(self, seqs: list[Sequence], logits: torch.Tensor, seen: torch.Tensor, penalty: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, dict[int, Exception]]:
+        """Each row's token on its own, after choosing for all rows raised; the rows whose choice raises
+        get that error."""
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        invalid = torch.zeros(len(seqs), dtype=torch.bool, device=self.device)
+        errors: dict[int, Exception] = {}
+        for row, seq in enumerate(seqs):
+            try:
+                alone = TokenChooser([seq.sampling], self.device, [len(seq.tokens)])
+                token, bad = alone.choose(logits[row : row + 1], seen[row : row + 1] if penalty else seen)
+            except Exception as exc:  # this row's parameters or scores break the sampler
+                errors[row] = exc
+                invalid[row] = True
+                continue
+            tokens[row], invalid[row] = token[0], bad[0]
+        return tokens, invalid, errors
+
+    def _step_details(self, seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor
+                      ) -> dict[int, StepDetail]:
+        """Log-probabilities (under the model's raw scores) of the chosen tokens, for the rows that ask."""
+        rows = [row for row, seq in enumerate(seqs) if seq.params.details]
+        if not rows:
+            return {}
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        logprobs = logits.index_select(0, index).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1).tolist()
+        top_n = max(seqs[row].params.top_n_tokens or 0 for row in rows)
+        top: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if top_n:
+            values, ids = logprobs.topk(top_n, dim=-1)
+            top = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return {row: StepDetail(lp, t) for row, lp, t in zip(rows, chosen, top, strict=True)}
+
+    def _prompt_logprobs(self, item: Planned, logits: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the tokens before it (None for the first), from a
+        chunk's logits: position ``p``'s scores give token ``p + 1``'s."""
+        seq = item.seq
+        if item.start == 0:
+            seq.prefill_logprobs = [None]
+        end = min(item.start + item.count, seq.prompt_len - 1)  # positions whose next token is a prompt token
+        if end <= item.start:
+            return
+        targets = torch.tensor(seq.prompt_ids[item.start + 1 : end + 1], dtype=torch.long, device=logits.device)
+        for offset in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            rows = logits[offset : offset + PROMPT_LOGPROB_ROWS][: len(targets) - offset].log_softmax(dim=-1)
+            picked = rows.gather(1, targets[offset : offset + PROMPT_LOGPROB_ROWS].unsqueeze(1)).squeeze(1)
+            seq.prefill_logprobs.extend(picked.tolist())
+
+    def _retire(self, seq: Sequence, reason: FinishReason | None = None, error: BaseException | None = None) -> None:
+        """``seq`` is done: its blocks go back and its caller is told."""
+        self.scheduler.release(seq)
+        if error is None:
+            if reason in (FinishReason.CANCELED, FinishReason.TIMEOUT):
+                seq.text = TextTracker.partial(seq)
+            else:
+                seq.text = self.text.final(seq, cut_at_stop=reason is FinishReason.STOP_SEQUENCE)
+        seq.finish(reason, error)
+
+    def _wait_again(self, seqs: list[Sequence]) -> None:
+        """Preempted rows wait for a row again, ahead of those that never ran (they keep their tokens)."""
+        with self._cond:
+            self._waiting.extendleft(reversed(seqs))
+
+    def _out_of_memory(self, seqs: list[Sequence], exc: Exception) -> None:
+        """Out of memory in a step: a row alone in the engine fails; otherwise the less urgent half of the
+        rows gives its blocks back and waits (keeping its tokens), and the row cap drops below what failed.
+        A row preempted ``MAX_RESTARTS`` times fails with the error."""
+        free_device_memory(self.device)
+        running = self.running
+        self._cap_ceiling = max(1, min(self._cap_ceiling, len(running) - 1))
+        if len(running) == 1:
+            seq = running[0]
+            log.warning("a request ran out of memory alone: %s", exc)
+            self._retire(seq, error=OutOfMemory(
+                f"out of device memory for this request alone ({seq.prompt_len} prompt tokens + "
+                f"{seq.max_new_tokens} new): {exc}"))
+            return
+        self._cap = max(1, len(running) // 2)
+        log.warning("out of memory with %d rows; retrying with at most %d", len(running), self._cap)
+        ordered = sorted(running, key=lambda s: s.rank)
+        giving_way = ordered[self._cap :] or [s for s in seqs if s in running][:1]
+        again = []
+        for seq in giving_way:
+            self.scheduler.preempt(seq)
+            if seq.preemptions > MAX_RESTARTS:
+                seq.finish(error=OutOfMemory(f"gave up after giving way {seq.preemptions} times: out of device memory"))
+            else:
+                again.append(seq)
+        self._wait_again(again)
 
     def _fatal(self, exc: BaseException, seqs: list[Sequence]) -> bool:
         """If ``exc`` left the device unusable: stop the engine and hand over to ``on_fatal`` (which
         exits the process; its jobs are requeued). True when it did."""
         if not is_fatal_device_error(exc):
             return False
-        log.critical("fatal device error with %d requests in the batch: %s: %s", len(seqs), type(exc).__name__, exc)
+        log.critical("fatal device error with %d requests running: %s: %s", len(seqs), type(exc).__name__, exc)
         self.fatal_error = exc
         self._stopping.set()
         if self.on_fatal is not None:
@@ -464,48 +590,6 @@ class Engine:
             for seq in seqs:
                 seq.finish(error=DeviceFault(f"the device failed: {exc}"))
         return True
-
-    def _recover(self, seqs: list[Sequence], exc: Exception) -> None:
-        """After a failure that cannot be pinned on one request (out of memory, a failed merge): a lone
-        sequence fails; a group goes back to be retried in halves. Each sequence starts over at most
-        ``MAX_RESTARTS`` times, then fails with the error."""
-        oom = out_of_memory(exc)
-        if oom:
-            free_device_memory(self.device)
-            rows = len(seqs) + (len(self.batch) if self.batch else 0)
-            self._cap_ceiling = max(1, min(self._cap_ceiling, rows - 1))
-        if len(seqs) == 1 and self.batch is None:
-            seq = seqs[0]
-            log.warning("a request failed alone: %s: %s", type(exc).__name__, exc)
-            if oom:
-                error: BaseException = OutOfMemory(
-                    f"out of device memory for this request alone ({seq.prompt_len} prompt tokens + "
-                    f"{seq.max_new_tokens} new): {exc}"
-                )
-            else:
-                error = row_error("generating", exc)
-            seq.finish(error=error)
-            return
-        retry = []
-        for seq in seqs:
-            if seq.restarts >= MAX_RESTARTS:
-                kind = "out of device memory" if oom else f"{type(exc).__name__}: {exc}"
-                error = OutOfMemory if oom else GenerationError
-                seq.finish(error=error(f"gave up after starting over {seq.restarts} times: {kind}"))
-            else:
-                retry.append(seq)
-        if not retry:
-            return
-        # Retry with half as many rows at a time; a sequence restarts from its prompt (a greedy one gives
-        # the same tokens again, a sampled one replays its seed).
-        self._cap = max(1, (len(retry) + (len(self.batch) if self.batch else 0)) // 2)
-        log.warning("%s with %d rows; retrying with at most %d", type(exc).__name__, len(retry), self._cap)
-        if len(retry) == 1:
-            self._cap = 0  # admit nothing until the running batch drains, then retry it alone
-        for seq in retry:
-            seq.reset(self.device)
-        with self._cond:
-            self._waiting.extendleft(reversed(retry))
 
     @staticmethod
     def _stop_reason(seq: Sequence) -> FinishReason | None:
@@ -521,28 +605,11 @@ class Engine:
         if stopped is not None:
             seq.unrecord()  # the token chosen in this step is not kept: the job ended before it
             return stopped
+        hit_stop = self.text.add(seq, token)
         if token in seq.eos_token_ids:
             return FinishReason.EOS_TOKEN
-        if seq.stop:
-            seq.text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            if _first_stop(seq.text, seq.stop) is not None:
-                return FinishReason.STOP_SEQUENCE
+        if hit_stop:
+            return FinishReason.STOP_SEQUENCE
         if seq.remaining <= 0:
             return FinishReason.LENGTH
         return None
-
-    def _final_text(self, seq: Sequence, reason: FinishReason) -> str:
-        if reason in (FinishReason.CANCELED, FinishReason.TIMEOUT):
-            return self.partial_text(seq)
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        if reason is FinishReason.STOP_SEQUENCE:
-            cut = _first_stop(text, seq.stop)
-            if cut is not None:
-                text = text[:cut]
-        return text
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    """The index where the earliest stop sequence begins in ``text``, if any."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None

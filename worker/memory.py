@@ -1,4 +1,4 @@
-"""Device memory: what one KV-cache token costs, the cache budget that fits, giving memory back."""
+"""Device memory: what one KV-cache token costs, the memory the cache may take, giving memory back."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+
 def kv_bytes_per_slot(model: Any) -> int:
     """Bytes one token of one row occupies in the KV cache (keys + values, all layers)."""
     config = model.config
@@ -14,14 +15,13 @@ def kv_bytes_per_slot(model: Any) -> int:
     return 2 * config.n_layer * config.hidden_size * itemsize
 
 
-def default_slot_budget(model: Any, device: torch.device) -> int:
-    """KV slots that fit in the memory left after loading the model."""
+def kv_budget_bytes(device: torch.device) -> int:
+    """Bytes the KV cache and a step's activations may take: 80 % of the device memory left after loading
+    (GPU; the rest is allocator slack), or half the memory available to the process (CPU)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        available = free * 0.8  # the rest is for activations, logits and allocator slack
-    else:
-        available = _mem_available_bytes() * 0.5
-    return max(1, int(available // kv_bytes_per_slot(model)))
+        return int(free * 0.8)
+    return _mem_available_bytes() // 2
 
 
 def _mem_available_bytes() -> int:

@@ -56,7 +56,9 @@ class Chunk:
 
 
 class PagedKV:
-    """Every layer's keys and values, in ``num_blocks`` blocks of ``block_size`` slots each."""
+    """Every layer's keys and values, in ``num_blocks`` blocks of ``block_size`` slots each, plus one slot
+    of zeros that padded reads point at (``null_slot``). The blocks are not initialised: a slot is only
+    read after its row wrote it, and memory the load never reaches is never touched."""
 
     def __init__(self, config: Any, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -64,9 +66,12 @@ class PagedKV:
         self.block_size = block_size
         heads = config.n_head
         head_dim = config.hidden_size // heads
-        shape = (num_blocks * block_size, heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.null_slot = num_blocks * block_size
+        shape = (self.null_slot + 1, heads, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        for tensor in (*self.keys, *self.values):
+            tensor[self.null_slot].zero_()
 
     @staticmethod
     def bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
@@ -108,7 +113,7 @@ class PagedBloom:
             context.append(row_slots)
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         slots_t = torch.tensor(slots, dtype=torch.long, device=device)
-        plan = _AttentionPlan(chunks, context, device)
+        plan = _AttentionPlan(chunks, context, self.kv.null_slot, device)
         transformer = self.model.transformer
         x = transformer.word_embeddings_layernorm(transformer.word_embeddings(ids_t))
         for index, layer in enumerate(transformer.h):
@@ -160,7 +165,7 @@ class _AttentionPlan:
     chunk on its own (its queries against its row's whole context, causal). Built once per pass, used by
     every layer."""
 
-    def __init__(self, chunks: list[Chunk], context: list[list[int]], device: torch.device) -> None:
+    def __init__(self, chunks: list[Chunk], context: list[list[int]], null_slot: int, device: torch.device) -> None:
         self.device = device
         decode = [i for i, chunk in enumerate(chunks) if len(chunk.tokens) == 1]
         offsets, offset = [], 0
@@ -174,7 +179,7 @@ class _AttentionPlan:
         self.decode_valid: torch.Tensor | None = None
         if decode:
             width = max(chunks[i].end for i in decode)
-            gather = torch.zeros((len(decode), width), dtype=torch.long)
+            gather = torch.full((len(decode), width), null_slot, dtype=torch.long)
             valid = torch.zeros((len(decode), width), dtype=torch.bool)
             for row, i in enumerate(decode):
                 length = chunks[i].end

@@ -12,8 +12,8 @@ import redis
 
 from jobs.schema import JobOutput
 from jobs.store import JobStore, ProgressUpdate
-from worker.batch import Sequence
 from worker.engine import Engine
+from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

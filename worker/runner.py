@@ -14,10 +14,10 @@ import redis
 
 from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
 from jobs.store import JobStore
-from worker.batch import Sequence
 from worker.engine import Engine
 from worker.faults import GenerationError
 from worker.progress import ProgressPublisher
+from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,22 +165,26 @@ class JobRunner:
         return True
 
     def hand_back_after_device_fault(self, exc: BaseException) -> None:
-        """The device failed for good (the process is about to exit): give every running job back to the
-        queue, counting the fault against it; a job at its second fault fails as a poison job."""
+        """The device failed for good (the process is about to exit): give every started job back to the
+        queue. The fault counts against the jobs in the engine's batch at the time (a job at its second
+        fault fails as a poison job), not against those still waiting in the process for a row."""
         with self._lock:
             running = dict(self._running)
+        in_batch = {id(seq) for seq in self.engine.running}
         for job_id, attempt in running.items():
             if attempt.number == 0:
                 continue  # not started: the store still has it queued (or running elsewhere)
+            blamed = attempt.seq is not None and id(attempt.seq) in in_batch
             try:
-                job = self.store.record_device_fault(job_id, attempt.number, f"{type(exc).__name__}: {exc}")
+                job = self.store.record_device_fault(job_id, attempt.number, f"{type(exc).__name__}: {exc}", blamed)
             except redis.RedisError:
                 log.warning("job %s: could not hand it back; the reaper will", job_id)
                 continue
             if job is None:
                 continue
             if job.status is JobStatus.QUEUED and self.requeue is not None:
-                log.warning("job %s: handed back after the device failed (fault %d)", job_id, job.device_faults)
+                log.warning("job %s: handed back after the device failed (%s, fault %d)", job_id,
+                            "in the failing batch" if blamed else "waiting", job.device_faults)
                 self.requeue(job)
             elif job.status is JobStatus.FAILED:
                 log.error("job %s: failed as a poison job", job_id)

@@ -1,8 +1,9 @@
 """Next-token choice for a batch whose rows each have their own parameters.
 
-Every transform is a tensor op over the whole batch with per-row parameter tensors; the order and the
-arithmetic follow transformers' ``generate`` (repetition penalty, then temperature, top-k, top-p and
-typical-p for sampling rows), so a greedy row gives exactly the tokens ``model.generate`` gives.
+Every transform is a tensor op over the rows that use it, with per-row parameter tensors; the order and
+the arithmetic follow transformers' ``generate`` (repetition penalty, then temperature, top-k, top-p and
+typical-p for sampling rows), so a greedy row gives exactly the tokens ``model.generate`` gives. Sampling
+rows draw from a counter-based random stream of their own (seed, draw number), all in one computation.
 """
 
 from __future__ import annotations
@@ -47,45 +48,69 @@ class RowSampling:
             seed=seed,
         )
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """A private random stream for this row, so its samples do not depend on its batch mates."""
-        if not self.do_sample:
-            return None
-        gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed or 0)
-        return gen
+
+MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it stays inside int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply), on int64 tensors holding values below 2**32."""
+    x = (((x >> 16) ^ x) * _MIX) & MASK32
+    x = (((x >> 16) ^ x) * _MIX) & MASK32
+    return (x >> 16) ^ x
+
+
+def uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """One float64 in [0, 1) per row, a pure function of the row's seed and its draw number: a counter-based
+    random stream, so a row's samples depend on nothing else (not its batch mates, not the device's
+    random state), and all rows get theirs in one vectorised computation."""
+    low, high = seeds & MASK32, (seeds >> 32) & MASK32
+    a = _mix(_mix(low ^ _mix(draws & MASK32)) ^ high)
+    b = _mix(_mix(high ^ _mix((draws + 0x632BE5AB) & MASK32)) ^ low)
+    return (a.double() * 2.0**21 + (b >> 11).double()) / 2.0**53
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling for every row at once: the first token whose cumulative probability passes
+    ``u`` × the row's total. A token of probability 0 is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 class TokenChooser:
-    """Per-row logits processing and token choice for a fixed set of rows."""
+    """Per-row logits processing and token choice for a fixed set of rows.
 
-    def __init__(
-        self,
-        rows: Sequence[RowSampling],
-        device: torch.device,
-        generators: Sequence[torch.Generator | None] | None = None,
-    ) -> None:
+    Only the sampling rows are warped and drawn from; each transform runs on the rows that use it (a
+    full-vocabulary sort for ``top_p``/``typical_p`` rows only), and all sampling rows draw at once.
+    ``draws``: how many tokens each row has drawn before (its position in its random stream); every
+    ``choose`` moves every row on by one.
+    """
+
+    def __init__(self, rows: Sequence[RowSampling], device: torch.device, draws: Sequence[int] | None = None) -> None:
         self.rows = list(rows)
         self.device = device
-        col = {"device": device, "dtype": torch.float32}
-        self.penalty = torch.tensor([[r.repetition_penalty] for r in rows], **col)
-        self.temperature = torch.tensor([[r.temperature] for r in rows], **col)
-        self.top_k = torch.tensor([r.top_k for r in rows], device=device, dtype=torch.long)
-        self.top_p = torch.tensor([[r.top_p] for r in rows], **col)
-        self.typical_p = torch.tensor([[r.typical_p] for r in rows], **col)
-        self.sample_mask = torch.tensor([r.do_sample for r in rows], device=device, dtype=torch.bool)
-        # Generators belong to the requests (they carry each row's random stream across steps and
-        # batches); fresh ones are made only when the caller has none.
-        self.generators = list(generators) if generators is not None else [r.generator(device) for r in rows]
+        self.penalty = torch.tensor([[r.repetition_penalty] for r in rows], dtype=torch.float32, device=device)
+        self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         # Which transforms apply, decided from the rows' Python values: asking the device tensors would
         # cost a host synchronisation per transform per step.
-        self.any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
-        self.any_sample = any(r.do_sample for r in rows)
-        self.any_top_k = any(r.top_k > 0 for r in rows)
-        self.any_top_p = any(r.top_p < 1.0 for r in rows)
-        self.any_typical = any(r.typical_p < 1.0 for r in rows)
-        # The largest k any row keeps (a row without top_k keeps the whole vocabulary).
-        self.largest_k = None if any(r.top_k <= 0 for r in rows) else max((r.top_k for r in rows), default=None)
+        sampling = [i for i, r in enumerate(rows) if r.do_sample]
+        self.any_sample = bool(sampling)
+        self.sample_rows = torch.tensor(sampling, dtype=torch.long, device=device)
+        picked = [rows[i] for i in sampling]
+        col = {"device": device, "dtype": torch.float32}
+        self.temperature = torch.tensor([[r.temperature] for r in picked], **col)
+        self.seeds = torch.tensor([(r.seed or 0) & (2**63 - 1) for r in picked], dtype=torch.long, device=device)
+        offsets = [draws[i] for i in sampling] if draws is not None else [0] * len(picked)
+        self.draws = torch.tensor(offsets, dtype=torch.long, device=device)
+        # Per transform: the sampling rows (indexes among them) that use it, and their values.
+        self._top_k = _subset([i for i, r in enumerate(picked) if r.top_k > 0],
+                              [r.top_k for r in picked if r.top_k > 0], torch.long, device)
+        self._top_p = _subset([i for i, r in enumerate(picked) if r.top_p < 1.0],
+                              [[r.top_p] for r in picked if r.top_p < 1.0], torch.float32, device)
+        self._typical = _subset([i for i, r in enumerate(picked) if r.typical_p < 1.0],
+                                [[r.typical_p] for r in picked if r.typical_p < 1.0], torch.float32, device)
+        self.largest_k = max((r.top_k for r in picked), default=0)
 
     def choose(self, logits: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row, and which rows had no valid distribution to choose from.
@@ -93,38 +118,47 @@ class TokenChooser:
         ``logits``: [rows, vocab] float32; ``seen``: [rows, vocab] bool. A row whose scores are NaN (or
         all infinite), or whose sampling distribution is not finite, is flagged ``invalid`` (its token is
         meaningless) instead of raising: the caller fails that row alone. The sampler itself never sees
-        an invalid distribution, so ``torch.multinomial`` cannot raise (CPU) or assert (CUDA) on one.
+        an invalid distribution.
         """
         scores = self._penalise(logits, seen) if self.any_penalty else logits
         invalid = torch.isnan(scores).any(dim=-1) | ~torch.isfinite(scores).any(dim=-1)
         greedy = scores.argmax(dim=-1)
         if not self.any_sample:
             return greedy, invalid
-        probs = self._warp(scores).softmax(dim=-1)
+        rows = self.sample_rows
+        probs = self._warp(scores.index_select(0, rows)).softmax(dim=-1)
         broken = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
-        invalid = invalid | (self.sample_mask & broken)
+        invalid = invalid.index_copy(0, rows, invalid.index_select(0, rows) | broken)
         probs = torch.where(broken.unsqueeze(1), torch.ones_like(probs), probs)
-        sampled = greedy.clone()
-        for i, gen in enumerate(self.generators):
-            # One draw per sampling row from its own generator: that is what makes a seeded job give
-            # the same text alone or in any batch.
-            if gen is not None:
-                sampled[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
-        return torch.where(self.sample_mask, sampled, greedy), invalid
+        picked = draw(probs, uniforms(self.seeds, self.draws))
+        self.draws += 1
+        return greedy.index_copy(0, rows, picked), invalid
 
     def _penalise(self, scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
         return torch.where(seen, penalised, scores)
 
     def _warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """Temperature, top-k, top-p and typical-p on the sampling rows' scores, each on the rows using it."""
         scores = scores / self.temperature
-        if self.any_top_k:
-            scores = _top_k(scores, self.top_k, self.largest_k)
-        if self.any_top_p:
-            scores = _top_p(scores, self.top_p)
-        if self.any_typical:
-            scores = torch.where(self.typical_p < 1.0, _typical(scores, self.typical_p), scores)
+        if self._top_k is not None:
+            rows, k = self._top_k
+            scores = scores.index_copy(0, rows, _top_k(scores.index_select(0, rows), k, self.largest_k))
+        if self._top_p is not None:
+            rows, p = self._top_p
+            scores = scores.index_copy(0, rows, _top_p(scores.index_select(0, rows), p))
+        if self._typical is not None:
+            rows, mass = self._typical
+            scores = scores.index_copy(0, rows, _typical(scores.index_select(0, rows), mass))
         return scores
+
+
+def _subset(rows: list[int], values: list, dtype: torch.dtype, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows a transform applies to and their values, as device tensors; None when no row uses it."""
+    if not rows:
+        return None
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(values, dtype=dtype, device=device))
 
 
 def _top_k(scores: torch.Tensor, top_k: torch.Tensor, largest: int | None) -> torch.Tensor:

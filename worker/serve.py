@@ -26,10 +26,10 @@ from jobs.schema import Job
 from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
-from worker.liveness import CancelListener, Heartbeat
 from worker.feeder import BatchFeeder, batch_rows
-from worker.recovery import DeadlineExpiry, OrphanRecovery
 from worker.launcher import READY_FILE_ENV
+from worker.liveness import CancelListener, Heartbeat
+from worker.recovery import DeadlineExpiry, OrphanRecovery
 
 log = logging.getLogger("bloomq.worker")
 
@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=settings.max_batch_size,
             max_batch_slots=settings.max_batch_total_tokens,
             max_wait_seconds=settings.batch_wait_ms / 1000,
+            step_tokens=settings.step_tokens,
+            block_size=settings.kv_block_tokens,
+            prefix_caching=settings.prefix_caching,
         ),
         on_fatal=on_device_fault,
     )
-    log.info("engine: up to %d jobs per batch, %d KV token slots", settings.max_batch_size, engine.max_slots)
+    log.info("engine: up to %d jobs per batch, %d KV token slots in blocks of %d, %d tokens per step, prefix "
+             "caching %s", settings.max_batch_size, engine.max_slots, settings.kv_block_tokens, settings.step_tokens,
+             "on" if settings.prefix_caching else "off")
     client = connect(settings.redis_url, settings.redis_sentinel_master)
     store = JobStore(client, settings.job_retention_seconds)
     app = make_celery(settings)
@@ -130,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         dtype=str(loaded.dtype).removeprefix("torch."),
         pid=os.getpid(),
         batch_capacity=settings.max_batch_size,
+        kv_blocks=engine.pool.num_blocks,
+        kv_block_tokens=engine.pool.block_size,
     )
 
     def current_info() -> WorkerInfo:
         # Each heartbeat also hands the batch sizes of the steps since the last one to the shared metrics.
         record_batch_sizes(client, spec.name, engine.take_batch_sizes())
+        prefix = engine.prefix_counters
         return info.model_copy(update={"jobs_running": engine.load, "prefills": engine.prefills,
-                                       "memory_bytes": engine.memory_in_use()})
+                                       "memory_bytes": engine.memory_in_use(), "kv_blocks_in_use": engine.pool.held,
+                                       "kv_blocks_cached": engine.pool.cached,
+                                       "prompt_tokens_reused": prefix["reused"],
+                                       "prompt_tokens_computed": prefix["computed"]})
 
     heartbeat = Heartbeat(directory, current_info, settings.heartbeat_seconds)
     feeder = BatchFeeder(batch_queue, spec.name, runner, batch_rows(settings.max_batch_size))

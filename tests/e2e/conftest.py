@@ -142,4 +142,25 @@ def make_reference(model_dir: Path):
             out = model.generate(ids, do_sample=False, **kwargs)
         return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
+    def check_greedy(prompt: str, output: dict, tolerance: float = 1e-4) -> None:
+        """Every token of ``output`` (a job's output, run with ``details``) is the greedy choice given the
+        tokens before it, up to float rounding: its logit under the reference (eager BLOOM, fp32, the whole
+        text in one pass) is within ``tolerance`` (relative to the largest) of the best one. Long greedy
+        texts from a batched engine and from ``generate`` may part at an exact near-tie and then differ
+        everywhere; this holds either way, and fails on any real mistake. The text is the tokens' text."""
+        chosen = [token["id"] for token in output["details"]["tokens"]]
+        assert chosen and len(chosen) == output["generated_tokens"]
+        assert tokenizer.decode(chosen, skip_special_tokens=True) == output["generated_text"]
+        prompt_ids = tokenizer(prompt).input_ids
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt_ids + chosen[:-1]])).logits[0, len(prompt_ids) - 1 :].float()
+        best = logits.max(dim=-1).values
+        gaps = best - logits.gather(1, torch.tensor(chosen).unsqueeze(1)).squeeze(1)
+        allowed = tolerance * best.abs().clamp(min=1.0)
+        worst = int(torch.argmax(gaps - allowed))
+        assert bool((gaps <= allowed).all()), (
+            f"token {worst} ({chosen[worst]}) is {float(gaps[worst]):.3g} below the best logit "
+            f"{float(best[worst]):.4g}: not a greedy choice")
+
+    generate.check_greedy = check_greedy
     return generate

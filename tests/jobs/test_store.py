@@ -217,3 +217,12 @@ def test_a_device_fault_requeues_the_job_and_the_second_fails_it_as_poison(redis
     poisoned = store.record_device_fault(job.id, second.attempts, "CUDA error: device-side assert triggered")
     assert poisoned.status is JobStatus.FAILED and poisoned.error.type == "poison_job"
     assert "device-side assert" in poisoned.error.message and store.running_jobs() == []
+
+
+def test_a_job_only_waiting_in_a_process_whose_device_failed_goes_back_unblamed(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job().model_copy(update={"device_faults": 1})  # it ran alone once already
+    store.create(job)
+    started = store.start(job.id, "a", "a:1")
+    back = store.record_device_fault(job.id, started.attempts, "CUDA error: an illegal memory access", blamed=False)
+    assert back.status is JobStatus.QUEUED and back.device_faults == 1  # not its second: it did not run

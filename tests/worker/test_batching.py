@@ -111,48 +111,47 @@ def test_batch_size_one_runs_jobs_one_at_a_time(loaded):
     eng.stop()
 
 
-def test_memory_budget_holds_jobs_back_until_they_fit(loaded):
-    # Room for about two of these jobs at a time.
-    eng = make_engine(loaded, max_batch_size=8, max_batch_slots=2 * (12 + 30) + 10)
+def test_a_small_block_pool_makes_jobs_take_turns_and_every_job_still_matches(loaded):
+    # 5 blocks of 16 slots: each of these jobs needs 3 at its longest, so they cannot all run at once.
+    eng = make_engine(loaded, max_batch_size=8, max_batch_slots=5 * 16)
     seqs = [eng.submit(p, params(max_new_tokens=30)) for p in PROMPTS]
     for seq, prompt in zip(seqs, PROMPTS, strict=True):
         assert seq.done.wait(60)
         assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=30)
-    assert max(eng.batch_sizes) == 2
+    assert sum(seq.preemptions for seq in seqs) > 0  # rows gave their blocks back and came back later
+    assert max(eng.batch_sizes) > 1 and eng.pool.held == 0
     eng.stop()
 
 
 class OOMAbove:
-    """Wraps a model: raises CUDA-style out-of-memory when a forward has too many rows or columns."""
+    """Wraps the engine's paged model: raises CUDA-style out-of-memory when a pass has too many rows or a
+    row reaches too many positions."""
 
-    def __init__(self, model, max_rows: int, max_columns: int = 10_000) -> None:
-        self.model, self.max_rows, self.max_columns = model, max_rows, max_columns
+    def __init__(self, paged, max_rows: int, max_columns: int = 10_000) -> None:
+        self.paged, self.max_rows, self.max_columns = paged, max_rows, max_columns
         self.ooms = 0
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, input_ids, attention_mask, **kwargs):
-        if input_ids.shape[0] > self.max_rows or attention_mask.shape[1] > self.max_columns:
+    def forward(self, chunks):
+        if len(chunks) > self.max_rows or any(chunk.end > self.max_columns for chunk in chunks):
             self.ooms += 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self.paged.forward(chunks)
 
 
 def test_out_of_memory_splits_the_batch_and_every_job_still_matches(loaded):
     eng = make_engine(loaded, max_batch_size=8)
-    eng.model = OOMAbove(eng.model, max_rows=2)
+    eng.paged = OOMAbove(eng.paged, max_rows=2)
     seqs = [eng.submit(p, params(max_new_tokens=20)) for p in PROMPTS]
     for seq, prompt in zip(seqs, PROMPTS, strict=True):
         assert seq.done.wait(60)
         assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=20)
-    assert eng.model.ooms > 0
+    assert eng.paged.ooms > 0
     eng.stop()
 
 
 def test_a_job_too_big_even_alone_fails_clearly_and_the_rest_are_served(loaded):
     eng = make_engine(loaded, max_batch_size=8)
-    eng.model = OOMAbove(eng.model, max_rows=8, max_columns=200)
+    eng.paged = OOMAbove(eng.paged, max_rows=8, max_columns=200)
     big = eng.submit(PROMPTS[0], params(max_new_tokens=400))
     small = [eng.submit(p, params(max_new_tokens=15)) for p in PROMPTS[1:]]
     assert big.done.wait(60)
@@ -218,16 +217,62 @@ def test_partial_text_holds_back_a_possible_stop_sequence(engine):
     assert engine.partial_text(seq) == full[: len(full) - 5].rstrip("\ufffd")
 
 
-def test_cache_width_shrinks_when_a_long_prompt_leaves(engine):
+def test_a_row_gives_its_blocks_back_when_it_ends_and_nothing_of_the_others_moves(engine):
     long_prompt = PROMPTS[5] * 4
     short = engine.submit(PROMPTS[4], params(max_new_tokens=400))
     wide = engine.submit(long_prompt, params(max_new_tokens=3))
+    wait_for(lambda: len(short.tokens) >= 2, timeout=60, interval=0.001, what="the short job to decode")
+    table = list(short.table)
     assert wide.done.wait(30)
     wait_for(lambda: len(short.tokens) >= 40 or short.done.is_set(), timeout=60, interval=0.001,
              what="40 tokens of the short job")
-    batch = engine.batch
-    assert batch is not None and len(batch) == 1
-    # Only the short job's own columns remain: its prompt and what it generated so far.
-    assert batch.length <= short.prompt_len + len(short.tokens) + 1 < wide.prompt_len
+    assert engine.running == [short]
+    assert short.table[: len(table)] == table  # its blocks stayed where they were
+    # Only the short job's own blocks are held (the wide one's full blocks may stay cached, but idle). Read
+    # in this order, while the engine runs: the job only grows.
+    held = engine.pool.held
+    assert held <= engine.pool.blocks_for(len(short.ids) + 2) < engine.pool.blocks_for(wide.prompt_len) + held
     assert short.done.wait(60)
     assert engine.result(short).output.generated_text == reference(engine, PROMPTS[4], max_new_tokens=400)
+
+
+LONG = " ".join(f"line {i}: a sentence to read, in several chunks;" for i in range(12))
+
+
+def test_prompts_read_in_chunks_while_others_decode_match_generate(loaded):
+    eng = make_engine(loaded, max_batch_size=4, step_tokens=16, block_size=8, prefix_caching=False)
+    try:
+        running = [eng.submit(p, params(max_new_tokens=40)) for p in PROMPTS[:2]]
+        wait_for(lambda: all(len(s.tokens) > 2 for s in running), timeout=30, what="the first rows to decode")
+        passes_before = eng.prefills
+        joined = eng.submit(LONG, params(max_new_tokens=10))
+        for seq in [*running, joined]:
+            seq.done.wait(60)
+        for prompt, seq in zip(PROMPTS[:2], running, strict=True):
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=40)
+        result = eng.result(joined)
+        assert result.output.generated_text == reference(eng, LONG, max_new_tokens=10)
+        # Read in chunks of at most 16 tokens (less the decoding rows' share): one pass could not hold it.
+        assert eng.prefills - passes_before >= result.prompt_tokens // 16
+        assert eng.prefix_counters == {"reused": 0, "computed": eng.scheduler.computed_tokens}
+    finally:
+        eng.stop()
+
+
+def test_prompts_sharing_a_prefix_reuse_its_blocks_and_match_generate(loaded):
+    eng = make_engine(loaded, max_batch_size=4, step_tokens=32, block_size=8)
+    try:
+        first = eng.generate(LONG + " first", params(max_new_tokens=8))
+        assert first.output.generated_text == reference(eng, LONG + " first", max_new_tokens=8)
+        assert eng.prefix_counters["reused"] == 0
+        computed = eng.prefix_counters["computed"]
+        assert computed == first.prompt_tokens
+        second = eng.generate(LONG + " second", params(max_new_tokens=8))
+        assert second.output.generated_text == reference(eng, LONG + " second", max_new_tokens=8)
+        reused = eng.prefix_counters["reused"]
+        ids = [eng.tokenizer(LONG + s).input_ids for s in (" first", " second")]
+        common = next(i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
+        assert reused == common // 8 * 8 > 0  # every full block of the common prefix, nothing after it
+        assert eng.prefix_counters["computed"] - computed == second.prompt_tokens - reused
+    finally:
+        eng.stop()

@@ -33,16 +33,27 @@ def hostile(**fields) -> GenerateParameters:
 
 
 class Wrapped:
-    """A model wrapper that can inject faults; everything else goes to the real model."""
+    """Wraps the engine's paged model (``engine.paged``) to inject faults into its forward passes.
 
-    def __init__(self, model) -> None:
-        self.model = model
+    ``forward`` gets the pass's chunks; ``rows(chunks)`` names the sequence of each, so a fault can pick its
+    victim by prompt."""
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    def __init__(self, eng) -> None:
+        self.eng = eng
+        self.paged = eng.paged
+        eng.paged = self
 
-    def __call__(self, input_ids, attention_mask, **kwargs):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def rows(self, chunks):
+        by_table = {id(seq.table): seq for seq in self.eng.running}
+        return [by_table.get(id(chunk.table)) for chunk in chunks]
+
+    def forward(self, chunks):
+        return self.paged.forward(chunks)
+
+
+def decoding(chunks) -> bool:
+    """A pass of decoding rows only (one token each)."""
+    return all(len(chunk.tokens) == 1 for chunk in chunks)
 
 
 def only_one_fails(eng, culprit_prompt: str, error: str) -> None:
@@ -90,16 +101,14 @@ def test_non_finite_scores_from_the_model_fail_only_that_row(loaded):
     victim_prompt = PROMPTS[1]
 
     class NaNForOneRow(Wrapped):
-        def __call__(self, input_ids, attention_mask, **kwargs):
-            out = super().__call__(input_ids, attention_mask, **kwargs)
-            batch = eng.batch
-            if input_ids.shape[1] == 1 and batch is not None and len(batch) == input_ids.shape[0]:
-                for row, seq in enumerate(batch.seqs):
-                    if seq.prompt == victim_prompt and len(seq.tokens) >= 5:
-                        out.logits[row] = float("nan")
+        def forward(self, chunks):
+            out = super().forward(chunks)
+            for seq, logits in zip(self.rows(chunks), out, strict=True):
+                if seq is not None and seq.prompt == victim_prompt and len(seq.tokens) >= 5 and logits is not None:
+                    logits.fill_(float("nan"))
             return out
 
-    eng.model = NaNForOneRow(eng.model)
+    NaNForOneRow(eng)
     only_one_fails(eng, victim_prompt, "not finite")
 
 
@@ -108,22 +117,14 @@ def test_a_decode_step_that_raises_is_probed_row_by_row_and_only_the_culprit_fai
     culprit_prompt = PROMPTS[2]
 
     class BadTensorForOneRow(Wrapped):
-        probes = 0
+        def forward(self, chunks):
+            if any(seq is not None and seq.prompt == culprit_prompt and len(seq.tokens) >= 4
+                   for seq in self.rows(chunks)):
+                # In a pass with others, and alone when probed: only the culprit's own chunk fails alone.
+                raise RuntimeError("index out of range in self (a bad tensor)")
+            return super().forward(chunks)
 
-        def __call__(self, input_ids, attention_mask, **kwargs):
-            batch = eng.batch
-            decoding = input_ids.shape[1] == 1 and batch is not None
-            culprit = [s for s in batch.seqs if s.prompt == culprit_prompt and len(s.tokens) >= 4] if decoding else []
-            if culprit:
-                if input_ids.shape[0] > 1:
-                    raise RuntimeError("index out of range in self (a bad tensor)")
-                # Probing row by row: the probes go through the batch's rows in order.
-                row, self.probes = self.probes, self.probes + 1
-                if batch.seqs[row] is culprit[0]:
-                    raise RuntimeError("index out of range in self (a bad tensor)")
-            return super().__call__(input_ids, attention_mask, **kwargs)
-
-    eng.model = BadTensorForOneRow(eng.model)
+    BadTensorForOneRow(eng)
     only_one_fails(eng, culprit_prompt, "bad tensor")
 
 
@@ -131,12 +132,12 @@ def test_a_failure_that_never_clears_ends_every_job_instead_of_retrying_forever(
     eng = make_engine(loaded, max_batch_size=8)
 
     class AlwaysBroken(Wrapped):
-        def __call__(self, input_ids, attention_mask, **kwargs):
-            if input_ids.shape[1] == 1:
+        def forward(self, chunks):
+            if decoding(chunks):
                 raise RuntimeError("the step always fails")
-            return super().__call__(input_ids, attention_mask, **kwargs)
+            return super().forward(chunks)
 
-    eng.model = AlwaysBroken(eng.model)
+    AlwaysBroken(eng)
     try:
         seqs = [eng.submit(p, params(max_new_tokens=NEW_TOKENS)) for p in PROMPTS[:4]]
         for seq in seqs:
@@ -179,13 +180,12 @@ def test_an_isolated_request_never_shares_a_step(loaded):
     shared = []
 
     class Watch(Wrapped):
-        def __call__(self, input_ids, attention_mask, **kwargs):
-            batch = eng.batch
-            if batch is not None and any(s.isolated for s in batch.seqs):
-                shared.append(input_ids.shape[0])
-            return super().__call__(input_ids, attention_mask, **kwargs)
+        def forward(self, chunks):
+            if any(seq is not None and seq.isolated for seq in self.rows(chunks)):
+                shared.append(len(chunks))
+            return super().forward(chunks)
 
-    eng.model = Watch(eng.model)
+    Watch(eng)
     try:
         first = eng.submit(PROMPTS[0], params(max_new_tokens=NEW_TOKENS))
         suspect = eng.submit(PROMPTS[1], params(max_new_tokens=NEW_TOKENS), isolated=True)
@@ -206,12 +206,12 @@ def test_a_fatal_device_error_hands_over_and_stops_the_engine(loaded):
     eng = Engine(model, spec, EngineConfig(max_batch_size=8), on_fatal=faults.append)
 
     class DeviceAssert(Wrapped):
-        def __call__(self, input_ids, attention_mask, **kwargs):
-            if input_ids.shape[1] == 1:
+        def forward(self, chunks):
+            if decoding(chunks):
                 raise RuntimeError("CUDA error: device-side assert triggered")
-            return super().__call__(input_ids, attention_mask, **kwargs)
+            return super().forward(chunks)
 
-    eng.model = DeviceAssert(eng.model)
+    DeviceAssert(eng)
     try:
         eng.submit(PROMPTS[0], params(max_new_tokens=NEW_TOKENS))
         eng._thread.join(30)

@@ -35,6 +35,7 @@ class FakeEngine:
         self.fatal_error = None
         self.submitted = threading.Event()
         self.seqs = []
+        self.waiting = set()  # ids of sequences given no row yet (the rest are in the batch)
 
     def submit(self, prompt, params, timeout=None, isolated=False, rank=(0, 0)):
         self.calls += 1
@@ -49,6 +50,10 @@ class FakeEngine:
         self.seqs.append(seq)
         self.submitted.set()
         return seq
+
+    @property
+    def running(self):
+        return [seq for seq in self.seqs if not seq.done.is_set() and id(seq) not in self.waiting]
 
     def partial_text(self, seq):
         return seq.text
@@ -163,3 +168,26 @@ def test_a_device_fault_hands_jobs_back_and_the_second_makes_a_poison_job(redis_
     failed = store.get(job.id)
     assert failed.status is JobStatus.FAILED and failed.error.type == "poison_job"
     assert failed.device_faults == 2 and "device-side assert" in failed.error.message
+
+
+def test_a_device_fault_counts_only_against_the_jobs_in_the_failing_batch(redis_client):
+    # A suspect runs alone; the jobs delivered meanwhile wait in the process. When the suspect brings the
+    # device down again, only it is blamed: the waiting ones go back to the queue with no fault added.
+    store = JobStore(redis_client, 100)
+    suspect, waiting = _queued(store), _queued(store)
+    requeued = []
+    engine = FakeEngine(None, finish=False)
+    runner = JobRunner(store, engine, "w", instance="w:1", requeue=lambda j: requeued.append(j.id))
+    threads = [_run_in_background(runner, suspect.id, engine)]
+    threads.append(_run_in_background(runner, waiting.id, engine))
+    engine.waiting.add(id(engine.seqs[1]))
+    engine.fatal_error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    runner.hand_back_after_device_fault(engine.fatal_error)
+    for seq in engine.seqs:
+        seq.done.set()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(requeued) == sorted([suspect.id, waiting.id])
+    assert store.get(suspect.id).device_faults == 1
+    back = store.get(waiting.id)
+    assert back.status is JobStatus.QUEUED and back.device_faults == 0

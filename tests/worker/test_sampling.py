@@ -75,3 +75,44 @@ def test_sampling_without_a_seed_picks_and_reports_one():
     row = RowSampling.from_parameters(GenerateParameters(do_sample=True))
     assert row.seed is not None and 0 <= row.seed < 2**63
     assert RowSampling.from_parameters(GenerateParameters()).seed is None
+
+
+def test_the_counter_stream_is_a_function_of_seed_and_draw_and_spreads_evenly():
+    from worker.sampling import uniforms
+
+    seeds = torch.tensor([1, 2**62 + 7, 1], dtype=torch.long)
+    draws = torch.tensor([0, 0, 1], dtype=torch.long)
+    first, again = uniforms(seeds, draws), uniforms(seeds, draws)
+    assert torch.equal(first, again) and len(set(first.tolist())) == 3  # seed and draw number both matter
+    many = uniforms(torch.full((20000,), 1234, dtype=torch.long), torch.arange(20000))
+    assert ((many >= 0) & (many < 1)).all()
+    counts = torch.histc(many.float(), bins=10, min=0, max=1)
+    assert (counts - 2000).abs().max() < 200  # ~4.5 standard deviations of a fair bin
+
+
+def test_drawing_for_all_rows_at_once_follows_each_row_s_distribution():
+    from worker.sampling import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    u = torch.linspace(0, 1, 4001, dtype=torch.float64)[:-1]
+    picked = torch.stack([draw(probs, torch.stack([x, x])) for x in u])
+    assert set(picked[:, 0].tolist()) == {1, 3, 4} and set(picked[:, 1].tolist()) == {4}  # never a 0-probability token
+    share = torch.bincount(picked[:, 0], minlength=5).double() / len(u)
+    assert torch.allclose(share, probs[0].double(), atol=1e-3)
+
+
+def test_a_full_vocabulary_sort_runs_only_on_the_rows_that_need_it(logits, monkeypatch):
+    import worker.sampling as sampling
+
+    shapes = []
+    real = sampling._top_p
+    monkeypatch.setattr(sampling, "_top_p", lambda scores, p: shapes.append(tuple(scores.shape)) or real(scores, p))
+    rows = [RowSampling.from_parameters(GenerateParameters()),
+            RowSampling.from_parameters(GenerateParameters(do_sample=True, seed=3)),
+            RowSampling.from_parameters(GenerateParameters(do_sample=True, top_p=0.5, seed=4))]
+    chooser = TokenChooser(rows, torch.device("cpu"))
+    tokens, invalid = chooser.choose(logits, torch.zeros(3, VOCAB, dtype=torch.bool))
+    assert shapes == [(1, VOCAB)]  # the top_p row alone: not the greedy row, not the plain sampling row
+    assert tokens[0] == logits[0].argmax() and not invalid.any()
+    kept = _top_p(logits[2:3], torch.tensor([[0.5]]))
+    assert torch.isfinite(kept[0, tokens[2]])  # the top_p row drew from its nucleus

@@ -1,0 +1,173 @@
+"""Who runs in the next step, and how much of each: admission, prompt chunks, blocks and priorities.
+
+Each step has a token budget (``step_tokens``). Rows that are decoding take one token each, first; rows
+still reading their prompt share what is left, most urgent first, in chunks: a long prompt is read over
+several steps while the decoding rows keep producing a token every step.
+
+A waiting request is admitted (most urgent first: interactive before batch, then priority, then arrival)
+when a row is free and the pool has the blocks its whole known text needs beyond what the prefix cache
+already holds: the longest chain of cached full blocks matching its tokens is shared, not recomputed. A
+decoding row takes one more block when it fills its last one; when none is left, the least urgent running
+row is *preempted*: it gives its blocks back (they stay cached, so it usually finds most of them again)
+and waits at the head of its rank to be readmitted, keeping every token it has. Nothing is padded and
+nothing of one row is copied when another joins or leaves.
+
+Pure bookkeeping over ``BlockPool`` and ``Sequence``s: no tensors, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.blocks import BlockPool, chain_hashes
+from worker.paged import ALL, LAST, NONE
+from worker.sequence import Sequence
+
+DETAIL_CHUNK = 64  # prompt tokens per step for a row that wants prompt log-probabilities (full-vocabulary logits)
+
+
+@dataclass
+class Planned:
+    """A row's part in the next step: positions ``start`` .. ``start + count - 1`` of ``seq.ids``."""
+
+    seq: Sequence
+    start: int
+    count: int
+    logits: str  # ALL, LAST or NONE (see worker.paged)
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the row's newest token, so the row chooses its next one after it."""
+        return self.start + self.count == len(self.seq.ids)
+
+
+class Scheduler:
+    """Running and waiting rows over one block pool."""
+
+    def __init__(self, pool: BlockPool, step_tokens: int, prefix_caching: bool = True) -> None:
+        if step_tokens < 1:
+            raise ValueError("the step token budget must be at least 1")
+        self.pool = pool
+        self.step_tokens = step_tokens
+        self.prefix_caching = prefix_caching
+        self.running: list[Sequence] = []
+        self.reused_tokens = 0  # prompt positions taken from the prefix cache (since start)
+        self.computed_tokens = 0  # prompt positions computed
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def admit(self, seq: Sequence) -> bool:
+        """Give ``seq`` a row if the pool has room for its whole known text; False (nothing taken) if not."""
+        size = self.pool.block_size
+        known = len(seq.ids)
+        reuse: list[int] = []
+        if self.prefix_caching and not wants_prompt_logprobs(seq):
+            # Full blocks before the newest token only: at least one position is always computed, so the
+            # row gets the logits it chooses its next token from, and no shared block is ever written.
+            seq.hashes = chain_hashes(seq.ids[: ((known - 1) // size) * size], size)
+            reuse = self.pool.match(seq.hashes)
+            self.pool.share(reuse)
+        else:
+            seq.hashes = []
+        # Room for every known position, plus the next token's.
+        needed = self.pool.blocks_for(known + 1) - len(reuse)
+        if needed > self.pool.available:
+            self.pool.give_back(reuse)
+            return False
+        seq.table = reuse + self.pool.take(needed)
+        seq.computed = len(reuse) * size
+        seq.indexed = len(reuse)
+        reused = min(seq.computed, seq.prompt_len)
+        seq.reused_tokens += reused
+        self.reused_tokens += reused
+        self.running.append(seq)
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` leaves (finished, failed, or preempted): its blocks go back (cached ones stay cached)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.pool.give_back(seq.table)
+        seq.table = []
+        seq.computed = 0
+        seq.indexed = 0
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take ``seq``'s row and blocks back; it keeps its tokens and is recomputed when readmitted."""
+        self.release(seq)
+        seq.preemptions += 1
+
+    def victim(self) -> Sequence | None:
+        """The running row to preempt first: the least urgent, the latest admitted among equals."""
+        if not self.running:
+            return None
+        return max(reversed(self.running), key=lambda s: s.rank)
+
+    # -- the next step -----------------------------------------------------------------------------
+
+    def plan(self) -> tuple[list[Planned], list[Sequence]]:
+        """The rows of the next step and their chunks, and the rows preempted to find blocks for them."""
+        preempted: list[Sequence] = []
+        decoding = [s for s in self.running if s.pending == 1 and not s.in_prompt]
+        reading = sorted((s for s in self.running if s not in decoding), key=lambda s: s.rank)
+        planned: list[Planned] = []
+        budget = self.step_tokens
+        for seq in decoding:
+            if seq not in self.running:
+                continue  # preempted for an earlier row's block
+            if not self._room_for(seq, len(seq.ids) + 1, preempted):
+                continue
+            planned.append(Planned(seq, seq.computed, 1, LAST))
+            budget -= 1
+        for seq in reading:
+            if budget <= 0:
+                break
+            if seq not in self.running:
+                continue
+            wants_all = wants_prompt_logprobs(seq)
+            count = min(seq.pending, budget, DETAIL_CHUNK if wants_all else seq.pending)
+            completes = seq.computed + count == len(seq.ids)
+            if not self._room_for(seq, seq.computed + count + (1 if completes else 0), preempted):
+                continue
+            logits = ALL if wants_all else (LAST if completes else NONE)
+            planned.append(Planned(seq, seq.computed, count, logits))
+            budget -= count
+        planned = [p for p in planned if p.seq in self.running]
+        return planned, preempted
+
+    def _room_for(self, seq: Sequence, positions: int, preempted: list[Sequence]) -> bool:
+        """Make ``seq``'s table cover ``positions`` positions, preempting less urgent rows for blocks if
+        need be; False when ``seq`` itself had to give way."""
+        short = self.pool.blocks_for(positions) - len(seq.table)
+        while short > 0 and self.pool.available < short:
+            victim = self.victim()  # this row itself when nobody is less urgent or newer
+            assert victim is not None  # seq runs
+            self.preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        if short > 0:
+            seq.table.extend(self.pool.take(short))
+        return True
+
+    def ran(self, planned: Planned) -> None:
+        """``planned`` ran: its positions are computed; offer the blocks it filled to the prefix index."""
+        seq = planned.seq
+        seq.computed = planned.start + planned.count
+        self.computed_tokens += max(0, min(seq.computed, seq.prompt_len) - planned.start)
+        if not self.prefix_caching:
+            return
+        size = self.pool.block_size
+        full = seq.computed // size
+        if full > len(seq.hashes):
+            parent = seq.hashes[-1] if seq.hashes else b""
+            start = len(seq.hashes) * size
+            seq.hashes.extend(chain_hashes(seq.ids[start : full * size], size, parent))
+        while seq.indexed < full:
+            self.pool.cache(seq.table[seq.indexed], seq.hashes[seq.indexed])
+            seq.indexed += 1
+
+
+def wants_prompt_logprobs(seq: Sequence) -> bool:
+    """Whether ``seq`` still needs the logits of its prompt positions (``decoder_input_details``)."""
+    return bool(seq.params.decoder_input_details) and len(seq.prefill_logprobs) < seq.prompt_len

@@ -1,0 +1,69 @@
+"""A sequence's text as it grows: incremental detokenization and stop sequences, at a cost per token that
+does not grow with the text.
+
+Each sequence keeps a ``tokenizers`` ``DecodeStream``: every new token yields only the characters it
+completes (a byte-level token may end half-way through a UTF-8 character; those bytes wait for the next
+token), so the text is never decoded again from the start while the job runs. Stop sequences are looked
+for only in the part of the text a new token could have completed. The final text is decoded once from all
+the tokens, so it is exactly what ``tokenizer.decode`` gives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+from worker.sequence import Sequence
+
+
+class TextTracker:
+    """Keeps ``seq.text`` up to date token by token and says when a stop sequence has appeared."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # The fast tokenizer's Rust backend, which DecodeStream steps through.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer
+
+    def add(self, seq: Sequence, token: int) -> bool:
+        """Account for ``seq``'s newest token; True when the text now holds one of its stop sequences."""
+        if seq.decoder is None:
+            seq.decoder = DecodeStream(skip_special_tokens=True)
+        piece = seq.decoder.step(self._backend, token)  # type: ignore[attr-defined]
+        if not piece:
+            return False
+        before = len(seq.text)
+        seq.text += piece
+        if not seq.stop:
+            return False
+        longest = max(len(stop) for stop in seq.stop)
+        window = seq.text[max(0, before - longest + 1) :]
+        return any(stop in window for stop in seq.stop)
+
+    def final(self, seq: Sequence, cut_at_stop: bool) -> str:
+        """The sequence's whole text, decoded once from all its tokens; up to its first stop sequence when
+        it ended on one."""
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        if cut_at_stop:
+            cut = first_stop(text, seq.stop)
+            if cut is not None:
+                text = text[:cut]
+        return text
+
+    @staticmethod
+    def partial(seq: Sequence) -> str:
+        """The text so far, safe to show while the sequence runs: without a stop sequence that has appeared,
+        and holding back the characters that may be the start of one."""
+        text = seq.text
+        if seq.stop:
+            cut = first_stop(text, seq.stop)
+            if cut is not None:
+                return text[:cut]
+            text = text[: max(0, len(text) - (max(len(s) for s in seq.stop) - 1))]
+        return text.rstrip("\ufffd")  # a final decode may end half-way through a character
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """The index where the earliest stop sequence begins in ``text``, if any."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
