@@ -230,8 +230,9 @@ class Settings:
     max_batch_size: int = 32
     max_batch_total_tokens: int | None = None
     batch_wait_ms: float = 5.0
-    # Tokens one forward pass may take: every decoding row's one, then prompts in chunks up to this.
-    step_tokens: int = 512
+    # Tokens one forward pass may take: every decoding row's one, then prompts in chunks up to this
+    # (None: by device, 512 on a GPU, 128 on a CPU).
+    step_tokens: int | None = None
     kv_block_tokens: int = 16  # token slots per paged KV block
     prefix_caching: bool = True  # prompts sharing a prefix share its KV blocks
     max_job_seconds: float = 3600.0

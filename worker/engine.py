@@ -60,6 +60,7 @@ CAP_RECOVERY_STEPS = 16  # successful steps per extra row, after an out-of-memor
 MAX_RESTARTS = 8
 BURST_WINDOWS = 10  # an idle engine waits for a burst at most this many quiet periods (BLOOMQ_BATCH_WAIT_MS)
 FAILED = object()  # a chunk whose pass failed (its row is already retired or waiting again)
+STEP_TOKENS = {"cuda": 512, "cpu": 128}
 PROMPT_LOGPROB_ROWS = 256  # prompt positions turned into log-probabilities at a time (a float32 copy each)
 
 
@@ -79,7 +80,10 @@ class EngineConfig:
     max_batch_size: int = 32
     max_batch_slots: int | None = None  # KV token slots in the pool; None: derived from free memory
     max_wait_seconds: float = 0.0
-    step_tokens: int = 512  # tokens one forward pass may take: every decoding row's one, then prompt chunks
+    # Tokens one forward pass may take: every decoding row's one, then prompt chunks. None: STEP_TOKENS
+    # for the device (a GPU's decode step is bound by memory, so a long chunk costs it little; a CPU's is
+    # bound by compute, so a chunk of 512 stalls the decoding rows for several of their steps).
+    step_tokens: int | None = None
     block_size: int = 16  # token slots per KV block
     prefix_caching: bool = True
 
@@ -106,11 +110,12 @@ class Engine:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.step_tokens = self.config.step_tokens or STEP_TOKENS.get(self.device.type, 512)
         blocks = self._pool_blocks()
         self.kv = PagedKV(self.model.config, blocks, self.config.block_size, loaded.dtype, self.device)
         self.paged = PagedBloom(self.model, self.kv)
         self.pool = BlockPool(blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.pool, self.config.step_tokens, self.config.prefix_caching)
+        self.scheduler = Scheduler(self.pool, self.step_tokens, self.config.prefix_caching)
         self.max_slots = blocks * self.config.block_size  # KV token slots
         self.text = TextTracker(self.tokenizer)
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -136,7 +141,7 @@ class Engine:
             return max(1, self.config.max_batch_slots // size)
         config = self.model.config
         itemsize = next(self.model.parameters()).element_size()
-        tokens = self.config.step_tokens
+        tokens = self.step_tokens
         # One pass: the widest attention scores (every head, a chunk against a full context, float32),
         # the MLP's 4x hidden activations, and the logits kept (a row each, or a prompt-details chunk).
         activations = (config.n_head * tokens * self.spec.max_total_tokens * 4
@@ -346,6 +351,8 @@ class Engine:
                     break
                 if seq.isolated and running:
                     break  # it waits for an empty engine
+                if self.scheduler.awaits_prefix(seq):
+                    continue  # its prefix is being computed: admitted once it is cached, sharing it
                 if not self.scheduler.admit(seq):
                     break  # in order: later requests wait rather than overtake
                 self._waiting.remove(seq)

@@ -51,10 +51,30 @@ class Scheduler:
         self.step_tokens = step_tokens
         self.prefix_caching = prefix_caching
         self.running: list[Sequence] = []
+        # Full prompt blocks a running row will compute (chain hash -> that row): a request whose prefix
+        # is being computed waits for it instead of computing the same blocks alongside.
+        self._inflight: dict[bytes, Sequence] = {}
         self.reused_tokens = 0  # prompt positions taken from the prefix cache (since start)
         self.computed_tokens = 0  # prompt positions computed
 
     # -- admission ---------------------------------------------------------------------------------
+
+    def awaits_prefix(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s next uncached prompt block is being computed by a running row right now: it
+        is better admitted once that block is cached (a few passes), sharing it."""
+        if not self.prefix_caching or not self._inflight or wants_prompt_logprobs(seq):
+            return False
+        hashes = self._prompt_hashes(seq)
+        cached = len(self.pool.match(hashes))
+        return cached < len(hashes) and hashes[cached] in self._inflight
+
+    def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
+        """Chain hashes of ``seq``'s full blocks before its newest token (cached on the sequence)."""
+        size = self.pool.block_size
+        full = (len(seq.ids) - 1) // size
+        if len(seq.hashes) != full:
+            seq.hashes = chain_hashes(seq.ids[: full * size], size)
+        return seq.hashes
 
     def admit(self, seq: Sequence) -> bool:
         """Give ``seq`` a row if the pool has room for its whole known text; False (nothing taken) if not."""
@@ -64,13 +84,12 @@ class Scheduler:
         if self.prefix_caching and not wants_prompt_logprobs(seq):
             # Full blocks before the newest token only: at least one position is always computed, so the
             # row gets the logits it chooses its next token from, and no shared block is ever written.
-            seq.hashes = chain_hashes(seq.ids[: ((known - 1) // size) * size], size)
-            reuse = self.pool.match(seq.hashes)
+            reuse = self.pool.match(self._prompt_hashes(seq))
             self.pool.share(reuse)
         else:
             seq.hashes = []
-        # Room for every known position, plus the next token's.
-        needed = self.pool.blocks_for(known + 1) - len(reuse)
+        # Room for every known position (the next token's slot is found when it is fed).
+        needed = self.pool.blocks_for(known) - len(reuse)
         if needed > self.pool.available:
             self.pool.give_back(reuse)
             return False
@@ -81,12 +100,17 @@ class Scheduler:
         seq.reused_tokens += reused
         self.reused_tokens += reused
         self.running.append(seq)
+        for digest in seq.hashes[len(reuse) :]:
+            self._inflight.setdefault(digest, seq)
         return True
 
     def release(self, seq: Sequence) -> None:
         """``seq`` leaves (finished, failed, or preempted): its blocks go back (cached ones stay cached)."""
         if seq in self.running:
             self.running.remove(seq)
+        for digest in seq.hashes:
+            if self._inflight.get(digest) is seq:
+                del self._inflight[digest]
         self.pool.give_back(seq.table)
         seq.table = []
         seq.computed = 0
@@ -115,7 +139,7 @@ class Scheduler:
         for seq in decoding:
             if seq not in self.running:
                 continue  # preempted for an earlier row's block
-            if not self._room_for(seq, len(seq.ids) + 1, preempted):
+            if not self._room_for(seq, len(seq.ids), preempted):
                 continue
             planned.append(Planned(seq, seq.computed, 1, LAST))
             budget -= 1
@@ -127,7 +151,7 @@ class Scheduler:
             wants_all = wants_prompt_logprobs(seq)
             count = min(seq.pending, budget, DETAIL_CHUNK if wants_all else seq.pending)
             completes = seq.computed + count == len(seq.ids)
-            if not self._room_for(seq, seq.computed + count + (1 if completes else 0), preempted):
+            if not self._room_for(seq, seq.computed + count, preempted):
                 continue
             logits = ALL if wants_all else (LAST if completes else NONE)
             planned.append(Planned(seq, seq.computed, count, logits))
@@ -164,7 +188,10 @@ class Scheduler:
             start = len(seq.hashes) * size
             seq.hashes.extend(chain_hashes(seq.ids[start : full * size], size, parent))
         while seq.indexed < full:
-            self.pool.cache(seq.table[seq.indexed], seq.hashes[seq.indexed])
+            digest = seq.hashes[seq.indexed]
+            self.pool.cache(seq.table[seq.indexed], digest)
+            if self._inflight.get(digest) is seq:
+                del self._inflight[digest]
             seq.indexed += 1
 
 

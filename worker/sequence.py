@@ -64,6 +64,7 @@ class Sequence:
     indexed: int = 0  # blocks of ``table`` offered to the prefix index so far
     seen: torch.Tensor | None = None  # [vocab] bool: tokens present in ids (repetition penalty)
     decoder: object | None = None  # the incremental detokenizer of ``tokens``
+    held: int = 0  # newest tokens whose text the detokenizer holds back (an unfinished character)
 
     def __post_init__(self) -> None:
         if not self.ids:

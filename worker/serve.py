@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         on_fatal=on_device_fault,
     )
     log.info("engine: up to %d jobs per batch, %d KV token slots in blocks of %d, %d tokens per step, prefix "
-             "caching %s", settings.max_batch_size, engine.max_slots, settings.kv_block_tokens, settings.step_tokens,
+             "caching %s", settings.max_batch_size, engine.max_slots, settings.kv_block_tokens, engine.step_tokens,
              "on" if settings.prefix_caching else "off")
     client = connect(settings.redis_url, settings.redis_sentinel_master)
     store = JobStore(client, settings.job_retention_seconds)

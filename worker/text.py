@@ -3,7 +3,9 @@ does not grow with the text.
 
 Each sequence keeps a ``tokenizers`` ``DecodeStream``: every new token yields only the characters it
 completes (a byte-level token may end half-way through a UTF-8 character; those bytes wait for the next
-token), so the text is never decoded again from the start while the job runs. Stop sequences are looked
+token), so the text is never decoded again from the start while the job runs. Bytes that never become a
+character (a random or broken model can emit them for ever) are let through as U+FFFD after
+``HOLD_LIMIT`` tokens, as the final decode shows them, so the work per token stays bounded. Stop sequences are looked
 for only in the part of the text a new token could have completed. The final text is decoded once from all
 the tokens, so it is exactly what ``tokenizer.decode`` gives.
 """
@@ -15,6 +17,10 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from worker.sequence import Sequence
+
+# A UTF-8 character is at most 4 bytes and a byte-level token at least one: text held back longer than
+# this never completes.
+HOLD_LIMIT = 8
 
 
 class TextTracker:
@@ -30,6 +36,14 @@ class TextTracker:
         if seq.decoder is None:
             seq.decoder = DecodeStream(skip_special_tokens=True)
         piece = seq.decoder.step(self._backend, token)  # type: ignore[attr-defined]
+        if not piece:
+            seq.held += 1
+            if seq.held < HOLD_LIMIT:
+                return False
+            # Start afresh after the held tokens (byte-level pieces decode alike alone or in context).
+            piece = self.tokenizer.decode(seq.tokens[-seq.held :], skip_special_tokens=True)
+            seq.decoder = DecodeStream(skip_special_tokens=True)
+        seq.held = 0
         if not piece:
             return False
         before = len(seq.text)

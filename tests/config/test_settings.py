@@ -23,7 +23,7 @@ def test_values_are_read_and_cast_from_the_environment():
 
 def test_engine_settings_default_as_documented_and_are_read():
     s = Settings.from_env({})
-    assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching) == (512, 16, True)
+    assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching) == (None, 16, True)  # steps: by device
     s = Settings.from_env({"BLOOMQ_STEP_TOKENS": "64", "BLOOMQ_KV_BLOCK_TOKENS": "32", "BLOOMQ_PREFIX_CACHING": "off"})
     assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching) == (64, 32, False)
 

@@ -50,14 +50,34 @@ def test_seeded_sampling_is_reproducible_through_the_stack(stack):
 
 
 def test_stop_sequence_ends_the_job_and_is_not_returned(stack):
-    full = wait_for_job(stack.url, stack.submit("Once upon a time", parameters={"max_new_tokens": 30})["id"])
-    text = full["output"]["generated_text"]
-    stop = text[8:11]
-    cut = wait_for_job(
-        stack.url, stack.submit("Once upon a time", parameters={"max_new_tokens": 30, "stop": [stop]})["id"]
-    )
-    assert cut["output"]["finish_reason"] == "stop_sequence"
-    assert cut["output"]["generated_text"] == text[: text.index(stop)]
+    # A stop string taken from a first run's text; the second run (same greedy prompt) must end on it and
+    # return the text before it. Whatever the second run generated, its own tokens are the judge: if their
+    # text holds the stop, it must have ended there; if it does not (a greedy near-tie made the two runs
+    # part before the stop), it ran to its length, and a stop is taken from it for another try.
+    params = {"max_new_tokens": 30, "details": True}
+    first = wait_for_job(stack.url, stack.submit("Once upon a time", parameters=params)["id"])
+    text = first["output"]["generated_text"]
+    ended_on_stop = False
+    for _ in range(3):
+        stop = text[8:11]
+        out = wait_for_job(stack.url, stack.submit("Once upon a time", parameters={**params, "stop": [stop]})["id"])[
+            "output"]
+        whole = _decode(stack, [token["id"] for token in out["details"]["tokens"]])
+        context = (text, stop, out["generated_text"], whole)
+        assert stop not in out["generated_text"], context
+        if out["finish_reason"] == "stop_sequence":
+            assert out["generated_text"] == whole[: whole.index(stop)], context
+            ended_on_stop = True
+            break
+        assert out["finish_reason"] == "length" and stop not in whole, context
+        text = whole
+    assert ended_on_stop
+
+
+def _decode(stack, ids: list[int]) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stack.model).decode(ids, skip_special_tokens=True)
 
 
 def test_return_full_text_keeps_the_multilingual_prompt_intact(stack):

@@ -276,3 +276,22 @@ def test_prompts_sharing_a_prefix_reuse_its_blocks_and_match_generate(loaded):
         assert eng.prefix_counters["computed"] - computed == second.prompt_tokens - reused
     finally:
         eng.stop()
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once(loaded):
+    # All four arrive together: the first computes the shared blocks; the others wait the passes that
+    # takes, then share them (before, all four computed the whole prefix side by side).
+    eng = make_engine(loaded, max_batch_size=4, step_tokens=32, block_size=8, max_wait_seconds=0.2)
+    try:
+        prompts = [LONG + f" question {i}" for i in range(4)]
+        seqs = [eng.submit(p, params(max_new_tokens=6)) for p in prompts]
+        for prompt, seq in zip(prompts, seqs, strict=True):
+            seq.done.wait(60)
+            assert eng.result(seq).output.generated_text == reference(eng, prompt, max_new_tokens=6)
+        ids = [eng.tokenizer(p).input_ids for p in prompts]
+        common = next(i for i, column in enumerate(zip(*ids, strict=False)) if len(set(column)) > 1)
+        shared = common // 8 * 8
+        assert eng.prefix_counters["reused"] >= 3 * shared > 0
+        assert eng.prefix_counters["computed"] <= sum(map(len, ids)) - 3 * shared
+    finally:
+        eng.stop()

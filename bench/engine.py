@@ -1,0 +1,265 @@
+"""Engine benchmark: the paged engine alone, in this process, on random BLOOM checkpoints (no stack).
+
+    make bench-engine                      # or: python bench/engine.py [--parts stall,prefix,kv,host]
+
+1. stall: two jobs decoding 300 tokens each; a 900-token prompt joins. Each running job's gaps between
+   tokens: the median before the join, the longest until the joining job has its first token. Repeated
+   for each ``--step-tokens`` value (the per-pass token budget, BLOOMQ_STEP_TOKENS).
+2. prefix: 24 jobs whose prompts share an 876-token prefix (each adds a few words), against 24 distinct
+   prompts of the same length, 16 new tokens each, all submitted at once; prefix caching on.
+3. kv: the mixed 32-job workload of ``make bench`` (prompts of bench/throughput.py, 8..128 new tokens,
+   seed 1234), all at once: KV slots held (whole blocks) against the tokens in use, over every pass; beside
+   it the figure of a padded cache (every row as wide as the widest, the previous engine's layout).
+4. host: one 2,000-token job with a stop sequence that never matches, on the tiny checkpoint (so host
+   work shows): per-token host time (a step's wall time less its forward pass), first 100 against last 100.
+
+Parts 1–3 run on a random checkpoint of hidden 512, 12 layers, 8 heads and BLOOM's 250,880-word
+vocabulary (the shape the engine issue was measured on; built once into ``--cache``). Tables are printed
+and appended to bench/RESULTS.md (``--no-record`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.throughput import PROMPTS, machine, report, workload  # noqa: E402
+from config.models import resolve_model  # noqa: E402
+from jobs.schema import GenerateParameters  # noqa: E402
+from worker.engine import Engine, EngineConfig  # noqa: E402
+from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
+from worker.sequence import Sequence  # noqa: E402
+
+MID = {"hidden_size": 512, "n_layer": 12, "n_head": 8, "vocab_size": 250880}
+
+
+def build(cache: Path, name: str, **shape: Any) -> Path:
+    from worker.tiny import build_tiny_bloom
+
+    target = cache / name
+    if not (target / "config.json").exists():
+        print(f"building {name} in {target} (once)", flush=True)
+        build_tiny_bloom(target, **shape)
+    return target
+
+
+class Clock:
+    """When each row got each token (after the step that chose it), and each forward pass's span."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.tokens: dict[int, list[float]] = {}
+        self.passes: list[tuple[float, float]] = []
+        self.samples: list[tuple[int, int, int, int]] = []  # per pass: tokens in use, slots held, rows, widest
+        choose, forward = engine._choose, engine.paged.forward
+
+        def noted_choose(ready: list[Any]) -> None:
+            choose(ready)
+            now = time.perf_counter()
+            for item, _ in ready:
+                self.tokens.setdefault(id(item.seq), []).append(now)
+
+        def noted_forward(chunks: list[Any]) -> Any:
+            running = engine.scheduler.running
+            lengths = [len(s.ids) for s in running]
+            self.samples.append((sum(lengths), engine.pool.held * engine.pool.block_size, len(running),
+                                 max(lengths, default=0)))
+            start = time.perf_counter()
+            out = forward(chunks)
+            self.passes.append((start, time.perf_counter()))
+            return out
+
+        engine._choose = noted_choose  # type: ignore[method-assign]
+        engine.paged.forward = noted_forward  # type: ignore[method-assign]
+
+    def of(self, seq: Sequence) -> list[float]:
+        return self.tokens.get(id(seq), [])
+
+
+def engine_for(loaded: LoadedModel, model_dir: Path, **config: Any) -> Engine:
+    engine = Engine(loaded, resolve_model(str(model_dir)), EngineConfig(**config))
+    engine.eos_token_ids = frozenset()  # random weights: every job runs its length
+    return engine
+
+
+def text_of(loaded: LoadedModel, tokens: int, salt: int) -> str:
+    """A prompt of exactly ``tokens`` tokens: words drawn with ``salt``, trimmed by the tokenizer."""
+    rng = random.Random(salt)
+    words = " ".join(PROMPTS).split()
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += loaded.tokenizer(" " + " ".join(rng.choice(words) for _ in range(64))).input_ids
+    return loaded.tokenizer.decode(ids[:tokens])
+
+
+def greedy(n: int) -> GenerateParameters:
+    return GenerateParameters(max_new_tokens=n, do_sample=False)
+
+
+def part_stall(loaded: LoadedModel, model_dir: Path, budgets: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for budget in budgets:
+        engine = engine_for(loaded, model_dir, step_tokens=budget, max_batch_size=8)
+        clock = Clock(engine)
+        try:
+            running = [engine.submit(p, greedy(300)) for p in PROMPTS[:2]]
+            while min(len(clock.of(s)) for s in running) < 40:
+                time.sleep(0.01)
+            joined_at = time.perf_counter()
+            joined = engine.submit(text_of(loaded, 900, salt=budget), greedy(8))
+            for seq in [*running, joined]:
+                seq.done.wait()
+            first = clock.of(joined)[0]
+            before, during = [], []
+            for seq in running:
+                times = clock.of(seq)
+                gaps = list(zip(times, times[1:], strict=False))
+                before += [b - a for a, b in gaps if b <= joined_at]
+                during += [b - a for a, b in gaps if b > joined_at and a <= first]
+            median = statistics.median(before)
+            rows.append({"budget": budget, "median": median, "longest": max(during), "join": first - joined_at,
+                         "ratio": max(during) / median})
+        finally:
+            engine.close()
+        print(f"  stall, {budget} tokens a pass: {rows[-1]['ratio']:.1f}× the median gap", flush=True)
+    return rows
+
+
+def part_prefix(loaded: LoadedModel, model_dir: Path) -> dict[str, Any]:
+    prefix = text_of(loaded, 876, salt=1)
+    suffixes = [f" Question {i}: what follows {w}?" for i, w in enumerate(" ".join(PROMPTS).split()[:24])]
+    shared = [prefix + s for s in suffixes]
+    lengths = [len(loaded.tokenizer(p).input_ids) for p in shared]
+    distinct = [text_of(loaded, n, salt=100 + i) for i, n in enumerate(lengths)]
+    found: dict[str, Any] = {"prompt_tokens": statistics.mean(lengths)}
+    for name, prompts in (("distinct", distinct), ("shared", shared)):
+        engine = engine_for(loaded, model_dir, max_batch_size=24, max_wait_seconds=0.2)
+        try:
+            start = time.perf_counter()
+            seqs = [engine.submit(p, greedy(16)) for p in prompts]
+            for seq in seqs:
+                seq.done.wait()
+            found[name] = time.perf_counter() - start
+            found[f"{name}_counters"] = engine.prefix_counters
+        finally:
+            engine.close()
+        print(f"  prefix, {name}: {found[name]:.1f} s", flush=True)
+    return found
+
+
+def part_kv(loaded: LoadedModel, model_dir: Path) -> dict[str, Any]:
+    engine = engine_for(loaded, model_dir, max_batch_size=32, max_wait_seconds=0.2)
+    clock = Clock(engine)
+    try:
+        start = time.perf_counter()
+        seqs = [engine.submit(text, greedy(n)) for text, n in workload(32)]
+        for seq in seqs:
+            seq.done.wait()
+        wall = time.perf_counter() - start
+    finally:
+        engine.close()
+    used = sum(s[0] for s in clock.samples)
+    held = sum(s[1] for s in clock.samples)
+    padded = sum(s[2] * s[3] for s in clock.samples)
+    tokens = sum(len(s.tokens) for s in seqs)
+    print(f"  kv: {used / held:.3f} of held slots in use", flush=True)
+    return {"used_per_held": used / held, "used_per_padded": used / padded, "passes": len(clock.samples),
+            "wall": wall, "tok_s": tokens / wall, "block": engine.pool.block_size}
+
+
+def part_host(tiny: LoadedModel, tiny_dir: Path, tokens: int) -> dict[str, Any]:
+    engine = engine_for(tiny, tiny_dir, max_batch_size=1)
+    clock = Clock(engine)
+    try:
+        params = GenerateParameters(max_new_tokens=tokens, do_sample=False, stop=["<never in this text>"])
+        seq = engine.submit("Once upon a time", params)
+        seq.done.wait()
+    finally:
+        engine.close()
+    starts = [start for start, _ in clock.passes]
+    host = [(starts[i + 1] - starts[i]) - (clock.passes[i][1] - clock.passes[i][0]) for i in range(len(starts) - 1)]
+    first, last = statistics.mean(host[1:101]), statistics.mean(host[-100:])
+    print(f"  host: first 100 {first * 1e3:.3f} ms, last 100 {last * 1e3:.3f} ms", flush=True)
+    return {"tokens": len(seq.tokens), "first": first, "last": last, "ratio": last / first}
+
+
+def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
+    command = " ".join(["python bench/engine.py", *sys.argv[1:]])
+    lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — `{command}`", "",
+             f"Machine: {machine()}. Checkpoint: random BLOOM, hidden 512, 12 layers, 8 heads, vocabulary "
+             f"250,880, {args.dtype} on {args.device}; torch {torch.__version__}. Engine defaults unless named.", ""]
+    if "stall" in found:
+        lines += ["Stall: two jobs decoding 300 tokens, a 900-token prompt joins (target: longest gap ≤ 3× the "
+                  "median; the previous engine: 15×).", "",
+                  "| tokens a pass | median gap ms | longest gap while joining ms | ratio | join → first token s |",
+                  "|---:|---:|---:|---:|---:|"]
+        for row in found["stall"]:
+            lines.append(f"| {row['budget']} | {row['median'] * 1e3:.1f} | {row['longest'] * 1e3:.1f} | "
+                         f"{row['ratio']:.1f}× | {row['join']:.2f} |")
+        lines.append("")
+    if "prefix" in found:
+        p = found["prefix"]
+        lines += [f"Prefix: 24 jobs, prompts of {p['prompt_tokens']:.0f} tokens, 16 new tokens each, submitted "
+                  "at once (target ≥ 5×; the previous engine: 1.07×).", "",
+                  "| prompts | wall s | prompt tokens reused | computed |", "|---|---:|---:|---:|"]
+        for name in ("distinct", "shared"):
+            counters = p[f"{name}_counters"]
+            lines.append(f"| {name} | {p[name]:.1f} | {counters['reused']} | {counters['computed']} |")
+        lines += ["", f"- shared prefix {p['distinct'] / p['shared']:.1f}× faster than distinct prompts", ""]
+    if "kv" in found:
+        k = found["kv"]
+        lines += [f"KV on the mixed 32-job workload ({k['passes']} passes, {k['wall']:.1f} s, "
+                  f"{k['tok_s']:.1f} generated tok/s): tokens in use per KV slot held = "
+                  f"**{k['used_per_held']:.3f}** with {k['block']}-token blocks (target ≥ 0.9); a padded "
+                  f"cache (rows × widest) would have held them at {k['used_per_padded']:.3f}.", ""]
+    if "host" in found:
+        h = found["host"]
+        lines += [f"Host time per token, one {h['tokens']}-token job with a stop sequence (tiny checkpoint): "
+                  f"first 100 tokens {h['first'] * 1e3:.3f} ms, last 100 {h['last'] * 1e3:.3f} ms: "
+                  f"**{h['ratio']:.2f}×** (target ≤ 1.2×).", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="stall,prefix,kv,host")
+    parser.add_argument("--step-tokens", default="64,128,512", help="budgets the stall part tries")
+    parser.add_argument("--host-tokens", type=int, default=2000)
+    parser.add_argument("--cache", type=Path, default=ROOT / ".models")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    device = pick_device(args.device)
+    found: dict[str, Any] = {}
+    runs: list[tuple[str, Callable[[], Any]]] = []
+    if parts & {"stall", "prefix", "kv"}:
+        mid_dir = build(args.cache, "bench-bloom-mid", **MID)
+        mid = load_model(resolve_model(str(mid_dir)), device, args.dtype)
+        runs += [("stall", lambda: part_stall(mid, mid_dir, [int(b) for b in args.step_tokens.split(",")])),
+                 ("prefix", lambda: part_prefix(mid, mid_dir)), ("kv", lambda: part_kv(mid, mid_dir))]
+    if "host" in parts:
+        tiny_dir = build(args.cache, "tiny-bloom")
+        tiny = load_model(resolve_model(str(tiny_dir)), device, args.dtype)
+        runs.append(("host", lambda: part_host(tiny, tiny_dir, args.host_tokens)))
+    for name, run in runs:
+        if name in parts:
+            print(f"{name} ...", flush=True)
+            found[name] = run()
+    report(render(args, found), record=not args.no_record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
