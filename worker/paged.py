@@ -113,7 +113,7 @@ class PagedBloom:
             context.append(row_slots)
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         slots_t = torch.tensor(slots, dtype=torch.long, device=device)
-        plan = _AttentionPlan(chunks, context, self.kv.null_slot, device)
+        plan = _AttentionPlan(chunks, context, self.kv.null_slot, device, self.kv.block_size)
         transformer = self.model.transformer
         x = transformer.word_embeddings_layernorm(transformer.word_embeddings(ids_t))
         for index, layer in enumerate(transformer.h):
@@ -161,27 +161,43 @@ class PagedBloom:
 
 
 class _AttentionPlan:
-    """How one pass attends: the decode rows together (padded to the longest context, masked), each prompt
-    chunk on its own (its queries against its row's whole context, causal). Built once per pass, used by
-    every layer."""
+    """How one pass attends, built once per pass and used by every layer.
 
-    def __init__(self, chunks: list[Chunk], context: list[list[int]], null_slot: int, device: torch.device) -> None:
+    - Decode rows (one token each) that share cached prefix blocks (a common system prompt or document)
+      are attended as a group: the shared keys and values are read once for the whole group, each row's
+      own tail apart, and one softmax spans both (``_SharedGroup``), so a long shared prefix is not
+      copied once per row every step.
+    - The other decode rows are attended together, padded to the longest context and masked.
+    - Each prompt chunk is attended on its own: its queries against its row's whole context, causal.
+    """
+
+    def __init__(self, chunks: list[Chunk], context: list[list[int]], null_slot: int, device: torch.device,
+                 block_size: int = 1) -> None:
         self.device = device
-        decode = [i for i, chunk in enumerate(chunks) if len(chunk.tokens) == 1]
         offsets, offset = [], 0
         for chunk in chunks:
             offsets.append(offset)
             offset += len(chunk.tokens)
         self.total = offset
-        self.decode_rows = torch.tensor([offsets[i] for i in decode], dtype=torch.long, device=device)
+        decode = [i for i, chunk in enumerate(chunks) if len(chunk.tokens) == 1]
+        self.groups: list[_SharedGroup] = []
+        alone: list[int] = []
+        for rows, shared in _shared_prefixes([chunks[i] for i in decode], decode, block_size):
+            if shared:
+                self.groups.append(_SharedGroup(rows, shared * block_size, chunks, context, offsets, null_slot,
+                                                device))
+            else:
+                alone.extend(rows)
+        alone.sort()
+        self.decode_rows = torch.tensor([offsets[i] for i in alone], dtype=torch.long, device=device)
         self.decode_gather: torch.Tensor | None = None
         self.decode_positions: torch.Tensor | None = None
         self.decode_valid: torch.Tensor | None = None
-        if decode:
-            width = max(chunks[i].end for i in decode)
-            gather = torch.full((len(decode), width), null_slot, dtype=torch.long)
-            valid = torch.zeros((len(decode), width), dtype=torch.bool)
-            for row, i in enumerate(decode):
+        if alone:
+            width = max(chunks[i].end for i in alone)
+            gather = torch.full((len(alone), width), null_slot, dtype=torch.long)
+            valid = torch.zeros((len(alone), width), dtype=torch.bool)
+            for row, i in enumerate(alone):
                 length = chunks[i].end
                 gather[row, :length] = torch.tensor(context[i], dtype=torch.long)
                 valid[row, :length] = True
@@ -212,6 +228,8 @@ class _AttentionPlan:
             bias = bias.masked_fill(~self.decode_valid[:, None, :], float("-inf")).unsqueeze(2).to(dtype)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
             out.index_copy_(0, self.decode_rows, attended.squeeze(2))
+        for group in self.groups:
+            out.index_copy_(0, group.rows, group.attend(query, keys, values, slopes, scale).to(dtype))
         for offset, count, gather, causal, positions in self.prefills:
             k = keys[gather].transpose(0, 1)  # [heads, context, dim]
             v = values[gather].transpose(0, 1)
@@ -221,3 +239,60 @@ class _AttentionPlan:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
             out[offset : offset + count] = attended.transpose(0, 1)
         return out
+
+
+def _shared_prefixes(chunks: list[Chunk], indexes: list[int], block_size: int) -> list[tuple[list[int], int]]:
+    """Decode rows grouped by their first block: (the rows' indexes, how many leading blocks all of them
+    hold in common, before each one's newest token). A block id in two tables is a cached, full block."""
+    by_first: dict[int, list[int]] = {}
+    for chunk, index in zip(chunks, indexes, strict=True):
+        by_first.setdefault(chunk.table[0] if chunk.end > block_size else -1 - index, []).append(index)
+    position = dict(zip(indexes, chunks, strict=True))
+    found = []
+    for rows in by_first.values():
+        if len(rows) < 2:
+            found.append((rows, 0))
+            continue
+        tables = [position[i].table for i in rows]
+        limit = min((position[i].end - 1) // block_size for i in rows)
+        shared = 0
+        while shared < limit and all(t[shared] == tables[0][shared] for t in tables):
+            shared += 1
+        found.append((rows, shared))
+    return found
+
+
+class _SharedGroup:
+    """Decode rows whose first ``shared`` positions are the same cached blocks: those keys and values are
+    gathered once for the group; each row's own positions after them are gathered apart (padded, masked);
+    the scores of both parts go through one softmax (float32)."""
+
+    def __init__(self, rows: list[int], shared: int, chunks: list[Chunk], context: list[list[int]],
+                 offsets: list[int], null_slot: int, device: torch.device) -> None:
+        self.rows = torch.tensor([offsets[i] for i in rows], dtype=torch.long, device=device)
+        self.shared = torch.tensor(context[rows[0]][:shared], dtype=torch.long, device=device)
+        width = max(chunks[i].end for i in rows) - shared
+        tail = torch.full((len(rows), width), null_slot, dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for row, i in enumerate(rows):
+            own = context[i][shared:]
+            tail[row, : len(own)] = torch.tensor(own, dtype=torch.long)
+            valid[row, : len(own)] = True
+        self.tail = tail.to(device)
+        self.valid = valid.to(device)
+        self.shared_positions = torch.arange(shared, device=device, dtype=torch.float32)
+        self.tail_positions = torch.arange(shared, shared + width, device=device, dtype=torch.float32)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slopes: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        q = query.index_select(0, self.rows).float()  # [rows, heads, dim]
+        shared_k, shared_v = keys[self.shared].float(), values[self.shared].float()  # [positions, heads, dim]
+        tail_k, tail_v = keys[self.tail].float(), values[self.tail].float()  # [rows, positions, heads, dim]
+        bias = slopes[None, :, None]
+        scores_shared = torch.einsum("rhd,lhd->rhl", q, shared_k) * scale + bias * self.shared_positions
+        scores_tail = torch.einsum("rhd,rlhd->rhl", q, tail_k) * scale + bias * self.tail_positions
+        scores_tail = scores_tail.masked_fill(~self.valid[:, None, :], float("-inf"))
+        weights = torch.cat([scores_shared, scores_tail], dim=-1).softmax(dim=-1)
+        split = shared_k.shape[0]
+        return (torch.einsum("rhl,lhd->rhd", weights[..., :split], shared_v)
+                + torch.einsum("rhl,rlhd->rhd", weights[..., split:], tail_v))

@@ -121,8 +121,10 @@ class TokenChooser:
         an invalid distribution.
         """
         scores = self._penalise(logits, seen) if self.any_penalty else logits
-        invalid = torch.isnan(scores).any(dim=-1) | ~torch.isfinite(scores).any(dim=-1)
         greedy = scores.argmax(dim=-1)
+        # One pass over the scores: argmax takes NaN for the largest, so a row with a NaN, or with no
+        # finite score (all -inf, or an +inf), has a best score that is not finite.
+        invalid = ~torch.isfinite(scores.gather(1, greedy.unsqueeze(1)).squeeze(1))
         if not self.any_sample:
             return greedy, invalid
         rows = self.sample_rows

@@ -11,7 +11,7 @@ from transformers import BloomConfig, BloomForCausalLM
 from transformers.models.bloom import modeling_bloom
 
 from worker.blocks import BlockPool
-from worker.paged import ALL, LAST, NONE, Chunk, PagedBloom, PagedKV, alibi_slopes
+from worker.paged import ALL, LAST, NONE, Chunk, PagedBloom, PagedKV, _AttentionPlan, alibi_slopes
 
 BLOCK = 4
 
@@ -124,3 +124,29 @@ def test_a_shared_prefix_block_serves_two_rows_as_if_each_had_computed_it(model)
         table_b = table_a[:2] + pool.take(1)
         [logits] = paged.forward([Chunk(b[8:], 8, table_b, ALL)])
     torch.testing.assert_close(logits, _reference_logits(model, b)[8:], rtol=0, atol=1e-4)
+
+
+def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone(model):
+    # Three rows share a prefix of three cached blocks and decode together with a row of their own; the
+    # sharing rows are attended as a group (the shared keys read once), the other on its own.
+    paged, pool = _paged(model)
+    prefix = _prompts([12], seed=11)[0]
+    tails = [[5, 6, 7], [50, 60], [9, 9, 9, 9, 9, 41]]
+    other = _prompts([10], seed=12)[0]
+    prefix_table = pool.take(3)
+    tables = [prefix_table + pool.take(pool.blocks_for(len(prefix) + len(t)) - 3) for t in tails]
+    other_table = pool.take(pool.blocks_for(len(other)))
+    texts = [prefix + t for t in tails]
+    with torch.inference_mode():
+        paged.forward([Chunk(prefix, 0, prefix_table, NONE)])
+        # Each sharing row reads its own tail but its newest token; the other row its prompt but the last.
+        paged.forward([Chunk(t[:-1], 12, table, NONE) for t, table in zip(tails, tables, strict=True) if len(t) > 1]
+                      + [Chunk(other[:-1], 0, other_table, NONE)])
+        plan_rows = [Chunk(text[-1:], len(text) - 1, table, LAST) for text, table in zip(texts, tables, strict=True)]
+        plan_rows.append(Chunk(other[-1:], len(other) - 1, other_table, LAST))
+        plan = _AttentionPlan(plan_rows, [paged.kv.slots(c) for c in plan_rows], paged.kv.null_slot,
+                              torch.device("cpu"), BLOCK)
+        assert len(plan.groups) == 1 and plan.groups[0].shared.numel() == 12 and plan.decode_rows.numel() == 1
+        logits = paged.forward(plan_rows)
+    for text, got in zip([*texts, other], logits, strict=True):
+        torch.testing.assert_close(got[0], _reference_logits(model, text)[-1], rtol=0, atol=1e-4)
