@@ -122,7 +122,7 @@ class Engine:
         self._cond = threading.Condition()
         self._cap = self.config.max_batch_size  # lowered after an out-of-memory, restored when idle
         self._cap_ceiling = self.config.max_batch_size  # below the size that last ran out of memory
-        self._chooser: tuple[tuple[int, ...], TokenChooser] | None = None
+        self._chooser: tuple[tuple[Sequence, ...], TokenChooser] | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # forward passes run (for tests and metrics)
@@ -478,11 +478,12 @@ class Engine:
 
     def _chooser_for(self, seqs: list[Sequence]) -> TokenChooser:
         """The sampler for these rows, built again only when the set of rows changes."""
-        key = tuple(id(seq) for seq in seqs)
-        if self._chooser is None or self._chooser[0] != key:
+        # The cache holds the sequences themselves: an id() alone could be a finished sequence's, reused.
+        cached = self._chooser
+        if cached is None or len(cached[0]) != len(seqs) or any(a is not b for a, b in zip(cached[0], seqs, strict=True)):
             chooser = TokenChooser([s.sampling for s in seqs], self.device, [len(s.tokens) for s in seqs])
-            self._chooser = (key, chooser)
-        return self._chooser[1]
+            self._chooser = cached = (tuple(seqs), chooser)
+        return cached[1]
 
     def _seen(self, seqs: list[Sequence]) -> torch.Tensor:
         """[rows, vocab] bool: the tokens each row holds (for the repetition penalty)."""

@@ -80,9 +80,9 @@ class PagedKV:
         return 2 * config.n_layer * block_size * config.hidden_size * itemsize
 
     def slots(self, chunk: Chunk) -> list[int]:
-        """The flat slot of each of ``chunk``'s positions... and of every position before them: 0 .. end-1."""
+        """The flat slot of each of ``chunk``'s positions (where its keys and values are written)."""
         size = self.block_size
-        return [chunk.table[p // size] * size + p % size for p in range(chunk.end)]
+        return [chunk.table[p // size] * size + p % size for p in range(chunk.start, chunk.end)]
 
 
 class PagedBloom:
@@ -103,17 +103,15 @@ class PagedBloom:
         """Run every chunk's tokens through the model (their keys/values are written to the blocks) and
         return, per chunk, float32 logits ``[positions, vocab]`` for the positions it asked for (or None)."""
         device = self.device
-        ids, slots, context = [], [], []
+        ids, slots = [], []
         for chunk in chunks:
             if not chunk.tokens:
                 raise ValueError("a chunk needs at least one token")
-            row_slots = self.kv.slots(chunk)
             ids.extend(chunk.tokens)
-            slots.extend(row_slots[chunk.start :])
-            context.append(row_slots)
+            slots.extend(self.kv.slots(chunk))
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         slots_t = torch.tensor(slots, dtype=torch.long, device=device)
-        plan = _AttentionPlan(chunks, context, self.kv.null_slot, device, self.kv.block_size)
+        plan = _AttentionPlan(chunks, self.kv.null_slot, device, self.kv.block_size)
         transformer = self.model.transformer
         x = transformer.word_embeddings_layernorm(transformer.word_embeddings(ids_t))
         for index, layer in enumerate(transformer.h):
@@ -171,8 +169,7 @@ class _AttentionPlan:
     - Each prompt chunk is attended on its own: its queries against its row's whole context, causal.
     """
 
-    def __init__(self, chunks: list[Chunk], context: list[list[int]], null_slot: int, device: torch.device,
-                 block_size: int = 1) -> None:
+    def __init__(self, chunks: list[Chunk], null_slot: int, device: torch.device, block_size: int) -> None:
         self.device = device
         offsets, offset = [], 0
         for chunk in chunks:
@@ -184,8 +181,8 @@ class _AttentionPlan:
         alone: list[int] = []
         for rows, shared in _shared_prefixes([chunks[i] for i in decode], decode, block_size):
             if shared:
-                self.groups.append(_SharedGroup(rows, shared * block_size, chunks, context, offsets, null_slot,
-                                                device))
+                self.groups.append(_SharedGroup(rows, shared * block_size, chunks, offsets, null_slot, device,
+                                                block_size))
             else:
                 alone.extend(rows)
         alone.sort()
@@ -195,20 +192,14 @@ class _AttentionPlan:
         self.decode_valid: torch.Tensor | None = None
         if alone:
             width = max(chunks[i].end for i in alone)
-            gather = torch.full((len(alone), width), null_slot, dtype=torch.long)
-            valid = torch.zeros((len(alone), width), dtype=torch.bool)
-            for row, i in enumerate(alone):
-                length = chunks[i].end
-                gather[row, :length] = torch.tensor(context[i], dtype=torch.long)
-                valid[row, :length] = True
-            self.decode_gather = gather.to(device)
-            self.decode_valid = valid.to(device)
+            self.decode_gather, self.decode_valid = _slot_rows(
+                [chunks[i] for i in alone], 0, width, block_size, null_slot, device)
             self.decode_positions = torch.arange(width, device=device, dtype=torch.float32)
         self.prefills = []
         for i, chunk in enumerate(chunks):
             if len(chunk.tokens) == 1:
                 continue
-            gather = torch.tensor(context[i], dtype=torch.long, device=device)
+            gather = _slot_rows([chunk], 0, chunk.end, block_size, null_slot, device)[0][0]
             queries = torch.arange(chunk.start, chunk.end, device=device)
             keys = torch.arange(chunk.end, device=device)
             causal = keys[None, :] <= queries[:, None]  # [queries, keys]
@@ -267,19 +258,13 @@ class _SharedGroup:
     gathered once for the group; each row's own positions after them are gathered apart (padded, masked);
     the scores of both parts go through one softmax (float32)."""
 
-    def __init__(self, rows: list[int], shared: int, chunks: list[Chunk], context: list[list[int]],
-                 offsets: list[int], null_slot: int, device: torch.device) -> None:
+    def __init__(self, rows: list[int], shared: int, chunks: list[Chunk], offsets: list[int], null_slot: int,
+                 device: torch.device, block_size: int) -> None:
         self.rows = torch.tensor([offsets[i] for i in rows], dtype=torch.long, device=device)
-        self.shared = torch.tensor(context[rows[0]][:shared], dtype=torch.long, device=device)
-        width = max(chunks[i].end for i in rows) - shared
-        tail = torch.full((len(rows), width), null_slot, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for row, i in enumerate(rows):
-            own = context[i][shared:]
-            tail[row, : len(own)] = torch.tensor(own, dtype=torch.long)
-            valid[row, : len(own)] = True
-        self.tail = tail.to(device)
-        self.valid = valid.to(device)
+        members = [chunks[i] for i in rows]
+        self.shared = _slot_rows(members[:1], 0, shared, block_size, null_slot, device)[0][0]
+        width = max(chunk.end for chunk in members) - shared
+        self.tail, self.valid = _slot_rows(members, shared, width, block_size, null_slot, device)
         self.shared_positions = torch.arange(shared, device=device, dtype=torch.float32)
         self.tail_positions = torch.arange(shared, shared + width, device=device, dtype=torch.float32)
 
@@ -296,3 +281,20 @@ class _SharedGroup:
         split = shared_k.shape[0]
         return (torch.einsum("rhl,lhd->rhd", weights[..., :split], shared_v)
                 + torch.einsum("rhl,rlhd->rhd", weights[..., split:], tail_v))
+
+
+def _slot_rows(chunks: list[Chunk], start: int, width: int, block_size: int, null_slot: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of positions ``start`` .. ``start + width - 1`` of each chunk's row, ``[rows, width]``, the
+    null slot past a row's end; and which are real. Worked out on the device from the block tables, so
+    the host's work grows with the number of blocks, not of positions."""
+    blocks = -(-(start + width) // block_size)
+    tables = torch.zeros((len(chunks), blocks), dtype=torch.long)
+    for row, chunk in enumerate(chunks):
+        held = chunk.table[:blocks]
+        tables[row, : len(held)] = torch.tensor(held, dtype=torch.long)
+    positions = torch.arange(start, start + width, device=device)
+    slots = tables.to(device)[:, positions // block_size] * block_size + positions % block_size
+    ends = torch.tensor([chunk.end for chunk in chunks], dtype=torch.long, device=device)
+    valid = positions[None, :] < ends[:, None]
+    return torch.where(valid, slots, torch.full_like(slots, null_slot)), valid

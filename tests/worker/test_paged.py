@@ -144,8 +144,7 @@ def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone
                       + [Chunk(other[:-1], 0, other_table, NONE)])
         plan_rows = [Chunk(text[-1:], len(text) - 1, table, LAST) for text, table in zip(texts, tables, strict=True)]
         plan_rows.append(Chunk(other[-1:], len(other) - 1, other_table, LAST))
-        plan = _AttentionPlan(plan_rows, [paged.kv.slots(c) for c in plan_rows], paged.kv.null_slot,
-                              torch.device("cpu"), BLOCK)
+        plan = _AttentionPlan(plan_rows, paged.kv.null_slot, torch.device("cpu"), BLOCK)
         assert len(plan.groups) == 1 and plan.groups[0].shared.numel() == 12 and plan.decode_rows.numel() == 1
         logits = paged.forward(plan_rows)
     for text, got in zip([*texts, other], logits, strict=True):
