@@ -58,6 +58,7 @@ if score and tonumber(score) <= tonumber(ARGV[2]) then
 end
 return 0
 """
+SEND_NOW = -1.0  # a queued job's score in its model's index when it has no message at all: send one at once
 STREAM_MAXLEN = 10_000  # events kept per job: every token of the longest BLOOM job, with room to spare
 
 
@@ -507,10 +508,11 @@ class JobStore:
     def record_device_fault(self, job_id: str, attempt: int, message: str, blamed: bool = True) -> Job | None:
         """Attempt ``attempt`` of a job was in its worker's process when the device failed for good.
 
-        The job goes back to queued (the caller re-sends it). ``blamed``: it was in the batch the device
-        failed on, so the fault counts against it (it will run alone, so a second fault points at it); at
-        its ``POISON_AFTER``-th fault it fails as a poison job instead. A job that was only waiting in the
-        process goes back as it was. None when the attempt no longer owns the job.
+        The job goes back to queued, marked for a live reaper to send at once (``to_send_now``).
+        ``blamed``: it was in the batch the device failed on, so the fault counts against it (it will run
+        alone, so a second fault points at it); at its ``POISON_AFTER``-th fault it fails as a poison job
+        instead. A job that was only waiting in the process goes back as it was. None when the attempt no
+        longer owns the job.
         """
 
         def mutate(job: Job) -> Job | None:
@@ -530,7 +532,22 @@ class JobStore:
                 update={"status": JobStatus.QUEUED, "worker": None, "worker_instance": None, "device_faults": faults}
             )
 
-        return self._update(job_id, mutate)
+        job = self._update(job_id, mutate)
+        if job is not None and job.status is JobStatus.QUEUED:
+            # The failing process sends no message (its own consumer could take it as it dies): the
+            # job is marked for any live reaper to send at once.
+            self.redis.zadd(queued_key(job.model), {job_id: SEND_NOW}, xx=True)
+        return job
+
+    def to_send_now(self, model: str, limit: int = 500) -> list[str]:
+        """``model``'s queued jobs that have no message at all (handed back by a failing worker)."""
+        raw = self.redis.zrangebyscore(queued_key(model), "-inf", SEND_NOW, start=0, num=limit)
+        return [_text(item) for item in raw]
+
+    def claim_send_now(self, model: str, job_id: str) -> bool:
+        """Claim the sending of a handed-back job: True for exactly one caller (its clock then starts as a
+        freshly queued job's, so a lost message is re-sent as usual)."""
+        return bool(self._claim_resend(keys=[queued_key(model)], args=[job_id, SEND_NOW, time.time()]))
 
     def running_jobs(self) -> list[str]:
         """Ids of the jobs currently marked running."""

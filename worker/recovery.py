@@ -124,7 +124,8 @@ class OrphanRecovery(Periodic):
             log.warning("batch %s: its queuing had stalled; finished it (%d jobs queued)", batch_id, queued)
 
     def _resend_lost_deliveries(self, live_models: set[str]) -> None:
-        """Re-send interactive jobs whose message went to a worker that died before starting them.
+        """Send the jobs a failing worker handed back (they have no message), and re-send interactive jobs
+        whose message went to a worker that died before starting them.
 
         A worker takes a message and marks the job running within milliseconds; a job still queued long
         after, while its model's queue is empty and a worker for it is live, had its message taken by a
@@ -135,6 +136,11 @@ class OrphanRecovery(Periodic):
         finish it anyway.
         """
         for model in sorted(live_models):
+            for job_id in self.store.to_send_now(model):
+                job = self.store.get(job_id)
+                if job is not None and job.status is JobStatus.QUEUED and self.store.claim_send_now(model, job_id):
+                    log.warning("job %s: handed back by a worker whose device failed; sending it", job_id)
+                    self.requeue(job)
             stale = self.store.stale_queued(model, self.lost_delivery_after)
             if not stale or self.store.redis.llen(queue_for(model)) > 0:
                 continue  # nothing waiting that long, or its message may simply be waiting in the queue

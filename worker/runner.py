@@ -166,8 +166,9 @@ class JobRunner:
 
     def hand_back_after_device_fault(self, exc: BaseException) -> None:
         """The device failed for good (the process is about to exit): give every started job back to the
-        queue. The fault counts against the jobs in the engine's batch at the time (a job at its second
-        fault fails as a poison job), not against those still waiting in the process for a row."""
+        queue, marked for a live worker's reaper to send at once. The fault counts against the jobs in the
+        engine's batch at the time (a job at its second fault fails as a poison job), not against those
+        still waiting in the process for a row."""
         with self._lock:
             running = dict(self._running)
         in_batch = {id(seq) for seq in self.engine.running}
@@ -182,10 +183,10 @@ class JobRunner:
                 continue
             if job is None:
                 continue
-            if job.status is JobStatus.QUEUED and self.requeue is not None:
-                log.warning("job %s: handed back after the device failed (%s, fault %d)", job_id,
-                            "in the failing batch" if blamed else "waiting", job.device_faults)
-                self.requeue(job)
+            if job.status is JobStatus.QUEUED:
+                # No message from here: this process's own consumer could take it as the process dies.
+                log.warning("job %s: handed back after the device failed (%s, fault %d); a live worker sends it",
+                            job_id, "in the failing batch" if blamed else "waiting", job.device_faults)
             elif job.status is JobStatus.FAILED:
                 log.error("job %s: failed as a poison job", job_id)
 

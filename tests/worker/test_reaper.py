@@ -66,6 +66,24 @@ def test_a_job_whose_delivery_was_lost_is_sent_again(redis_client):
     assert redis_client.zscore(queued_key("tiny"), job.id) > LOST_DELIVERY_AFTER
 
 
+def test_a_job_handed_back_by_a_failing_worker_is_sent_at_once_by_one_reaper(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    started = store.start(job.id, "tiny@dead.cpu", "tiny@dead.cpu:1")
+    store.record_device_fault(job.id, started.attempts, "CUDA error: an illegal memory access", blamed=False)
+    _announce(redis_client)
+    redis_client.lpush("bloomq.tiny", "another job's message")  # a busy queue does not hold it back
+    sent_a, sent_b = [], []
+    first = _trusting_reaper(redis_client, store, sent_a)
+    second = _reaper(redis_client, store, sent_b, clock=Clock(0, 0, *[10 + i for i in range(20)]),
+                     instance="tiny@other.cpu:8")
+    first._reap()
+    second._reap()
+    assert sent_a + sent_b == [job.id]
+    assert store.to_send_now("tiny") == []
+
+
 def test_an_orphaned_running_job_is_requeued(redis_client):
     store = JobStore(redis_client, 100)
     job = _job()

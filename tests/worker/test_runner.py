@@ -154,6 +154,8 @@ def test_a_device_fault_hands_jobs_back_and_the_second_makes_a_poison_job(redis_
     job = _queued(store)
     requeued = []
     for fault in (1, 2):
+        if fault == 2:
+            assert store.to_send_now("tiny") == [job.id] and store.claim_send_now("tiny", job.id)
         engine = FakeEngine(None, finish=False)
         runner = JobRunner(store, engine, "w", instance=f"w:{fault}", requeue=lambda j: requeued.append(j.id))
         thread = _run_in_background(runner, job.id, engine)
@@ -164,7 +166,9 @@ def test_a_device_fault_hands_jobs_back_and_the_second_makes_a_poison_job(redis_
         seq.done.set()  # the engine stops; the process would exit here
         thread.join(10)
         assert not thread.is_alive()
-    assert requeued == [job.id]  # handed back once; the second time it failed
+    # Handed back once (marked for a live reaper to send: nothing sent from the failing process); the second
+    # time it failed.
+    assert requeued == [] and store.to_send_now("tiny") == []
     failed = store.get(job.id)
     assert failed.status is JobStatus.FAILED and failed.error.type == "poison_job"
     assert failed.device_faults == 2 and "device-side assert" in failed.error.message
@@ -187,7 +191,7 @@ def test_a_device_fault_counts_only_against_the_jobs_in_the_failing_batch(redis_
         seq.done.set()
     for thread in threads:
         thread.join(10)
-    assert sorted(requeued) == sorted([suspect.id, waiting.id])
+    assert requeued == [] and sorted(store.to_send_now("tiny")) == sorted([suspect.id, waiting.id])
     assert store.get(suspect.id).device_faults == 1
     back = store.get(waiting.id)
     assert back.status is JobStatus.QUEUED and back.device_faults == 0
