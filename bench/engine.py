@@ -202,20 +202,25 @@ def part_host(tiny: LoadedModel, tiny_dir: Path, tokens: int, runs: int = 3) -> 
     return {**found[len(found) // 2], "ratios": [run["ratio"] for run in found]}
 
 
+def table(intro: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A paragraph and a markdown table of numbers (right-aligned), then a blank line."""
+    lines = [intro, "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
 def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
     command = " ".join(["python bench/engine.py", *sys.argv[1:]])
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — `{command}`", "",
              f"Machine: {machine()}. Checkpoint: random BLOOM, hidden 512, 12 layers, 8 heads, vocabulary "
              f"250,880, {args.dtype} on {args.device}; torch {torch.__version__}. Engine defaults unless named.", ""]
     if "stall" in found:
-        lines += ["Stall: two jobs decoding 300 tokens, a 900-token prompt joins (target: longest gap ≤ 3× the "
-                  "median; the previous engine: 15×).", "",
-                  "| tokens a pass | median gap ms | longest gap while joining ms | ratio | join → first token s |",
-                  "|---:|---:|---:|---:|---:|"]
-        for row in found["stall"]:
-            lines.append(f"| {row['budget']} | {row['median'] * 1e3:.1f} | {row['longest'] * 1e3:.1f} | "
-                         f"{row['ratio']:.1f}× | {row['join']:.2f} |")
-        lines.append("")
+        lines += table("Stall: two jobs decoding 300 tokens, a 900-token prompt joins (target: longest gap ≤ 3× "
+                       "the median; the previous engine: 15×).",
+                       ["tokens a pass", "median gap ms", "longest gap while joining ms", "ratio",
+                        "join → first token s"],
+                       [[row["budget"], f"{row['median'] * 1e3:.1f}", f"{row['longest'] * 1e3:.1f}",
+                         f"{row['ratio']:.1f}×", f"{row['join']:.2f}"] for row in found["stall"]])
     if "prefix" in found:
         p = found["prefix"]
         lines += [f"Prefix: 24 jobs, prompts of {p['prompt_tokens']:.0f} tokens, 16 new tokens each, submitted "
@@ -226,15 +231,12 @@ def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
             lines.append(f"| {name} | {p[name]:.1f} | {counters['reused']} | {counters['computed']} |")
         lines += ["", f"- shared prefix {p['distinct'] / p['shared']:.1f}× faster than distinct prompts", ""]
     if "kv" in found:
-        lines += ["KV on the mixed 32-job workload of `make bench` (all submitted at once): tokens in use per KV "
-                  "slot held, over every pass (target ≥ 0.9); beside it, what a padded cache (rows × widest, "
-                  "the previous engine's layout, before its admission reserve) would have held.", "",
-                  "| block tokens | in use / held | in use / padded | passes | wall s | generated tok/s |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        for k in found["kv"]:
-            lines.append(f"| {k['block']} | **{k['used_per_held']:.3f}** | {k['used_per_padded']:.3f} | "
-                         f"{k['passes']} | {k['wall']:.1f} | {k['tok_s']:.1f} |")
-        lines.append("")
+        lines += table("KV on the mixed 32-job workload of `make bench` (all submitted at once): tokens in use per "
+                       "KV slot held, over every pass (target ≥ 0.9); beside it, what a padded cache (rows × "
+                       "widest, the previous engine's layout, before its admission reserve) would have held.",
+                       ["block tokens", "in use / held", "in use / padded", "passes", "wall s", "generated tok/s"],
+                       [[k["block"], f"**{k['used_per_held']:.3f}**", f"{k['used_per_padded']:.3f}", k["passes"],
+                         f"{k['wall']:.1f}", f"{k['tok_s']:.1f}"] for k in found["kv"]])
     if "host" in found:
         h = found["host"]
         ratios = ", ".join(f"{r:.2f}×" for r in h["ratios"])
