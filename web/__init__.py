@@ -15,8 +15,8 @@ from flask import Flask
 from config.logs import configure_logging
 from config.models import ModelRegistry
 from config.settings import Settings
-from jobs.celery_app import make_celery
 from jobs.batches import BatchStore
+from jobs.celery_app import make_celery
 from jobs.store import JobStore, connect
 from jobs.workers import WorkerDirectory
 from web.auth import csrf, init_auth

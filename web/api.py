@@ -15,19 +15,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from jobs.schema import Job, JobRequest, JobStatus
 from jobs.store import CancelOutcome, OwnedPosition
 from web.auth import authenticate_api, current_owner, is_operator
+from web.context import current_service
 from web.errors import ApiError, validation_error
 from web.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
 from web.limits import who
 from web.metrics import render_metrics
 from web.openapi import WorkerSummary, build_openapi
-from web.service import JobService
 from web.watchers import Watch, WatcherSlots
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,6 @@ PREFIX = "/api/v1"
 
 api = Blueprint("api", __name__)
 api.before_request(authenticate_api)
-
-
-def service() -> JobService:
-    """The app's job service."""
-    return current_app.extensions["bloomq"]
 
 
 OPERATOR_FIELDS = ("worker", "worker_instance")  # where a job ran (host, process id): operators' business
@@ -93,7 +88,7 @@ def submit_job() -> Response:
     except ValidationError as exc:
         raise validation_error(exc) from None
     key = idempotency_key()
-    svc = service()
+    svc = current_service()
     job, created = svc.submit(job_request, idempotency_key=key, owner=current_owner())
     body = job_resource(job)
     if not svc.has_live_worker(job.model):
@@ -118,7 +113,7 @@ def list_jobs() -> Response:
     name = "cursor" if request.args.get("cursor") else "after"
     after = _list_position(name, request.args.get(name) or None)
     try:
-        jobs, following = service().store.list_owned(current_owner(), limit, after, status)
+        jobs, following = current_service().store.list_owned(current_owner(), limit, after, status)
     except LookupError:
         raise _invalid(name, "not a job in your listing (unknown, another key's, or expired)") from None
     return jsonify({"jobs": [job_resource(job) for job in jobs],
@@ -178,7 +173,7 @@ def get_job(job_id: str) -> Response:
     """The job resource, or 404. ``?wait=N`` (N <= 60) answers once the job is final or N seconds pass."""
     _require_uuid(job_id)
     wait = _wait_seconds(request.args.get("wait"))
-    svc = service()
+    svc = current_service()
     if wait == 0:
         return jsonify(job_resource(svc.get(job_id, current_owner())))
     with watch(wait):
@@ -220,7 +215,7 @@ CANCEL_MESSAGES = {
 def cancel_job(job_id: str) -> Response:
     """Cancel a job. Idempotent; says what it did."""
     _require_uuid(job_id)
-    job, outcome = service().cancel(job_id, current_owner())
+    job, outcome = current_service().cancel(job_id, current_owner())
     response = jsonify({"outcome": outcome, "message": CANCEL_MESSAGES[outcome], "job": job_resource(job)})
     response.status_code = 202 if outcome == CancelOutcome.REQUESTED else 200
     return response
@@ -230,7 +225,7 @@ def cancel_job(job_id: str) -> Response:
 def job_events(job_id: str) -> Response:
     """Server-Sent Events: ``status``, ``token`` and a final ``done``; resumable with Last-Event-ID."""
     _require_uuid(job_id)
-    svc = service()
+    svc = current_service()
     svc.get(job_id, current_owner())  # 404 (unknown, or another key's job) before the stream starts
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     if not _STREAM_ID.match(after):
@@ -274,14 +269,14 @@ def _sse(event: Event) -> str:
 @api.get(f"{PREFIX}/models")
 def list_models() -> Response:
     """Configured models with queue depth and live worker count."""
-    return jsonify({"models": service().models()})
+    return jsonify({"models": current_service().models()})
 
 
 @api.get(f"{PREFIX}/workers")
 def list_workers() -> Response:
     """Live workers (their heartbeat is current). Operators (and everyone with API keys off) see where
     each runs; other keys see only its model, capacity, load and last heartbeat."""
-    workers = service().live_workers()
+    workers = current_service().live_workers()
     if is_operator():
         return jsonify({"workers": [w.model_dump(mode="json") for w in workers]})
     public = set(WorkerSummary.model_fields)
@@ -300,7 +295,7 @@ def readyz() -> tuple[Response, int]:
 
     The reasons are for anyone who can reach the probe: a code and a fixed message, never exception text
     (which can name hosts and addresses); the exception goes to the log."""
-    svc = service()
+    svc = current_service()
     default = svc.registry.default.name
     try:
         svc.store.redis.ping()
@@ -321,7 +316,7 @@ def _not_ready(code: str, message: str) -> tuple[Response, int]:
 @api.get("/metrics")
 def metrics() -> Response:
     """Prometheus metrics (shared by all web processes: the figures live in Redis)."""
-    return Response(render_metrics(service()), mimetype=CONTENT_TYPE_LATEST)
+    return Response(render_metrics(current_service()), mimetype=CONTENT_TYPE_LATEST)
 
 
 @api.get(f"{PREFIX}/openapi.json")

@@ -41,11 +41,11 @@ from jobs.batches import (
 from jobs.intake import BatchIntake
 from jobs.schema import Job, JobStatus
 from web.auth import authenticate_api, current_owner
+from web.context import current_service
 from web.errors import ApiError, field_errors
 from web.openai_api import Completion, completion_choices, job_requests, openai_error, renamed
 from web.openai_schema import CompletionRequest, check_completion, completion_jobs
 from web.service import BatchLine as JobBatchLine
-from web.service import JobService
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +81,12 @@ def _error(err: ApiError) -> Response:
     return response
 
 
-def _service() -> JobService:
-    return current_app.extensions["bloomq"]
-
-
 def _store() -> BatchStore:
     return current_app.extensions["bloomq.batches"]
 
 
 def _intake() -> BatchIntake:
-    svc = _service()
+    svc = current_service()
     return BatchIntake(svc.store, _store(), svc.batch_queue)
 
 
@@ -122,14 +118,14 @@ def accept_upload(content: bytes, filename: str) -> FileObject:
     """Keep an uploaded batch file, within the limits every upload meets (the API's and the form's):
     its size, its lines (counted as they will be read), the rate limit (an upload counts as one) and what
     the key's kept files may hold in all."""
-    settings = _service().settings
+    settings = current_service().settings
     if len(content) > settings.max_batch_file_bytes:
         raise ApiError(413, "invalid_request_error", f"the file is over {settings.max_batch_file_bytes} bytes",
                        [{"name": "file", "message": "too large"}])
     lines = len(request_lines(content))
     if lines > settings.max_batch_lines:
         raise _invalid("file", f"the file has {lines} lines; at most {settings.max_batch_lines} are accepted")
-    _service().charge(1)
+    current_service().charge(1)
     meta = _store().add_file(content, filename, "batch", current_owner(), settings.max_file_bytes_per_key)
     if meta is None:
         used = _store().stored_bytes(current_owner())
@@ -144,7 +140,7 @@ def accept_upload(content: bytes, filename: str) -> FileObject:
 @batches_api.post("/files")
 def upload_file() -> Response:
     """Multipart ``file`` + ``purpose=batch``."""
-    settings = _service().settings
+    settings = current_service().settings
     request.max_content_length = settings.max_batch_file_bytes + 64 * 1024  # the form's own fields
     upload = request.files.get("file")
     purpose = request.form.get("purpose")
@@ -269,7 +265,7 @@ def start_batch(file_id: str, window: str, metadata: dict[str, str] | None) -> B
     lines, jobs, errors = _read(_store().file_content(file_id) or b"", JobBatchLine(batch.id, deadline))
     if errors:
         raise BatchFileError(errors)
-    _service().charge(len(jobs))
+    current_service().charge(len(jobs))
     batch = batch.model_copy(update={"request_counts": RequestCounts(total=len(jobs))})
     intake = _intake()
     intake.begin(batch, lines, jobs)
@@ -285,7 +281,7 @@ def _read(content: bytes, line_of: JobBatchLine) -> tuple[list[BatchLine], list[
     lines: list[BatchLine] = []
     jobs: list[Job] = []
     errors: list[BatchError] = []
-    svc = _service()
+    svc = current_service()
     for number, custom_id, req in _parse(content, errors):
         try:
             spec = svc.spec_for(req.model)
@@ -426,7 +422,7 @@ def cancel_batch(batch_id: str) -> Response:
         return current.model_copy(update={"status": "cancelling", "cancelling_at": int(time.time())})
 
     if _store().update(batch_id, cancelling, also=lambda pipe: intake.stage_cancel(pipe, batch_id)) is not None:
-        svc = _service()
+        svc = current_service()
         for line in _store().lines(batch_id):  # every job queued before the cancel (no more are queued after it)
             for job_id in line.job_ids:
                 svc.store.cancel(job_id)
@@ -451,7 +447,7 @@ def list_batches() -> Response:
 
 def _result_lines(batch: BatchObject, errors: bool) -> Iterator[bytes]:
     """The output (or error) file: one JSON line per request, from the job records."""
-    store = _service().store
+    store = current_service().store
     cancelled = batch.status in ("cancelling", "cancelled")
     for chunk in _store().line_chunks(batch.id):
         # The chunk's job records in one round trip, not one per job.

@@ -18,6 +18,7 @@ from jobs.schema import FinishReason, Job, JobRequest
 from web.api import idempotency_key, read_json_object
 from web.auth import authenticate_api, current_owner
 from web.chat import ChatTemplateError, render_chat
+from web.context import JOB_ID_HEADER, current_service
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
 from web.openai_schema import ChatRequest, CompletionRequest, check_completion, completion_jobs
@@ -32,17 +33,10 @@ from web.relay import (
     wait_until_succeeded,
     watched_submission,
 )
-from web.service import JobService
 from web.watchers import Watch
-
-JOB_ID_HEADER = "X-Bloomq-Job-Id"
 
 openai_api = Blueprint("openai_api", __name__, url_prefix="/v1")
 openai_api.before_request(authenticate_api)
-
-
-def _service() -> JobService:
-    return current_app.extensions["bloomq"]
 
 
 @openai_api.errorhandler(ApiError)
@@ -77,7 +71,7 @@ def list_models() -> Response:
     data = [
         {"id": m["name"], "object": "model", "created": created, "owned_by": "bloomq",
          "max_model_len": m["max_total_tokens"]}
-        for m in _service().models()
+        for m in current_service().models()
     ]
     return jsonify({"object": "list", "data": data})
 
@@ -92,7 +86,7 @@ def get_model(model: str) -> Response:
 
 
 def _spec(model: str):  # noqa: ANN202 - a ModelSpec
-    spec = _service().spec_for(model)
+    spec = current_service().spec_for(model)
     if spec is None:
         raise ApiError(404, "model_not_found", f"The model '{model}' does not exist (GET /v1/models lists them)",
                        [{"name": "model", "message": "unknown model"}])
@@ -108,7 +102,7 @@ def completions() -> Response:
         raise _invalid(exc) from None
     check_completion(req)
     spec = _spec(req.model)
-    slot, jobs = watched_submission(_service(), lambda: submit_jobs(spec.name, completion_jobs(req),
+    slot, jobs = watched_submission(current_service(), lambda: submit_jobs(spec.name, completion_jobs(req),
                                                                     req.max_tokens is None, spec.max_total_tokens))
     completion = Completion(f"cmpl-{uuid.uuid4().hex}", spec.name, "text_completion", len(req.prompts), req.n)
     if req.stream:
@@ -129,7 +123,7 @@ def chat_completions() -> Response:
     if bad:
         raise ApiError(422, "invalid_request_error", bad[1], [{"name": bad[0], "message": bad[1]}])
     spec = _spec(req.model)
-    template = _service().settings.chat_templates.get(spec.name)
+    template = current_service().settings.chat_templates.get(spec.name)
     if template is None:
         raise ApiError(422, "model_not_chat",
                        f"{spec.name} has no chat template: BLOOM and BLOOMZ are not chat models. Use /v1/completions "
@@ -145,7 +139,7 @@ def chat_completions() -> Response:
         req.max_tokens = None  # chat's default: as many as the model allows
     top = req.top_logprobs or 0
     inputs = [(prompt, req.parameters(choice, top if req.logprobs else None)) for choice in range(req.n)]
-    slot, jobs = watched_submission(_service(), lambda: submit_jobs(spec.name, inputs, req.max_tokens is None,
+    slot, jobs = watched_submission(current_service(), lambda: submit_jobs(spec.name, inputs, req.max_tokens is None,
                                                                     spec.max_total_tokens))
     completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", spec.name, "chat.completion", 1, req.n)
     if req.stream:
@@ -179,7 +173,7 @@ def submit_jobs(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_lim
     requests = job_requests(model, inputs, to_the_limit, total)
     key = idempotency_key()
     try:
-        jobs, _ = _service().submit_all(requests, key, current_owner())
+        jobs, _ = current_service().submit_all(requests, key, current_owner())
     except ApiError as err:
         raise renamed(err) from None
     return jobs
@@ -220,7 +214,7 @@ class Completion:
 
     def wait(self, jobs: list[Job], slot: Watch) -> list[Job]:
         """The jobs once final, holding the client's connection (its watcher slot, no thread)."""
-        return wait_until_succeeded(_service(), jobs, _job_error, slot)
+        return wait_until_succeeded(current_service(), jobs, _job_error, slot)
 
     def body(self, jobs: list[Job], choices: list[dict[str, Any]]) -> dict[str, Any]:
         """The response body over the finished ``jobs``."""
@@ -242,7 +236,7 @@ class Completion:
         """Server-Sent Events: chunks of new text per choice, the finish reason on each choice's last chunk,
         the usage chunk when asked, then ``[DONE]``. A client that goes away cancels the jobs. The client's
         watcher ``slot`` is released when the stream ends."""
-        svc = _service()
+        svc = current_service()
         feeds: JobFeeds = current_app.extensions["bloomq.feeds"]
         job_ids = [job.id for job in jobs]
         chat = self.kind == "chat.completion"

@@ -23,8 +23,8 @@ from jobs.batches import BatchQueue
 from jobs.celery_app import enqueue, withdraw_message
 from jobs.lengths import LengthError, check_lengths
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
-from jobs.webhooks import WebhookURLError, check_url
 from jobs.store import JobStore
+from jobs.webhooks import WebhookURLError, check_url
 from jobs.workers import WorkerDirectory, WorkerInfo
 from web.errors import ApiError
 from web.tokens import PromptCounter

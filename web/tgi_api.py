@@ -19,6 +19,7 @@ from config.models import ModelSpec
 from jobs.schema import MAX_STOP_SEQUENCES, FinishReason, Job, JobRequest, TokenDetail
 from web.api import read_json_object, version
 from web.auth import authenticate_api, current_owner
+from web.context import JOB_ID_HEADER, current_service
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
 from web.relay import (
@@ -30,11 +31,9 @@ from web.relay import (
     wait_until_succeeded,
     watched_submission,
 )
-from web.service import JobService
 from web.watchers import Watch
 
 MAX_BEST_OF = 2
-JOB_ID_HEADER = "X-Bloomq-Job-Id"
 
 tgi_api = Blueprint("tgi_api", __name__, url_prefix="/models")
 tgi_api.before_request(authenticate_api)
@@ -75,10 +74,6 @@ class TgiRequest(BaseModel):
     stream: bool = False
 
 
-def _service() -> JobService:
-    return current_app.extensions["bloomq"]
-
-
 @tgi_api.errorhandler(ApiError)
 def _tgi_error(err: ApiError) -> Response:
     """TGI's error shape: ``{"error": "...", "error_type": "validation" | "overloaded" | ...}``."""
@@ -93,7 +88,7 @@ def _tgi_error(err: ApiError) -> Response:
 
 
 def _spec(name: str) -> ModelSpec:
-    spec = _service().spec_for(name)
+    spec = current_service().spec_for(name)
     if spec is None:
         raise ApiError(404, "not_found", f"Model {name} does not exist (GET /api/v1/models lists them)")
     return spec
@@ -130,7 +125,7 @@ def _submit(spec: ModelSpec, inputs: str, params: list[dict[str, Any]]) -> tuple
         except ValidationError as exc:
             fields = field_errors(exc)
             raise ApiError(422, "validation", f"{fields[0]['name']}: {fields[0]['message']}", fields) from None
-    svc = _service()
+    svc = current_service()
     return watched_submission(svc, lambda: svc.submit_all(requests, owner=current_owner())[0])
 
 
@@ -170,7 +165,7 @@ def generate_stream(name: str) -> Response:
 def info(name: str) -> Response:
     """TGI's ``/info``."""
     spec = _spec(name)
-    svc = _service()
+    svc = current_service()
     workers = [w for w in svc.live_workers() if w.model == spec.name]
     first = workers[0] if workers else None
     return jsonify({
@@ -203,7 +198,7 @@ def info(name: str) -> Response:
 def health(name: str) -> Response:
     """200 when a worker serving the model is live; 503 (TGI's shape) when none is."""
     spec = _spec(name)
-    if not _service().has_live_worker(spec.name):
+    if not current_service().has_live_worker(spec.name):
         raise ApiError(503, "unhealthy", f"no live worker serves {spec.name}; jobs wait in its queue")
     return jsonify({})
 
@@ -220,7 +215,7 @@ def _generate(spec: ModelSpec, req: TgiRequest, params: dict[str, Any]) -> tuple
             job_params["seed"] = params["seed"] + i
         choices.append(job_params)
     slot, jobs = _submit(spec, req.inputs, choices)
-    done = wait_until_succeeded(_service(), jobs, _job_error, slot)
+    done = wait_until_succeeded(current_service(), jobs, _job_error, slot)
     done.sort(key=_score, reverse=True)  # best_of: the most likely sequence first
     best = done[0]
     result: dict[str, Any] = {"generated_text": best.output.generated_text}
@@ -279,7 +274,7 @@ def _headers(job: Job, job_ids: list[str]) -> dict[str, str]:
 
 def _stream(spec: ModelSpec, inputs: str, params: dict[str, Any]) -> Response:
     """TGI's token stream. The job reports every token (``details``), so each becomes one event."""
-    svc = _service()
+    svc = current_service()
     feeds: JobFeeds = current_app.extensions["bloomq.feeds"]
     slot, (job,) = _submit(spec, inputs, [{**params, "details": True}])
 

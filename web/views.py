@@ -12,8 +12,8 @@ from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
 from web.auth import authenticate_page, current_owner, is_operator
+from web.context import current_service
 from web.errors import ApiError, field_errors
-from web.service import JobService
 
 views = Blueprint("views", __name__)
 views.before_request(authenticate_page)
@@ -23,10 +23,6 @@ STORY_TEMPLATE = "This is a creative story about {title}.\n"
 # Form field -> how to read it. Empty fields are left out, so the API's defaults apply.
 _INT_FIELDS = ("max_new_tokens", "top_k", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty")
-
-
-def _service() -> JobService:
-    return current_app.extensions["bloomq"]
 
 
 def story_prompt(title: str) -> str:
@@ -67,7 +63,7 @@ def form_to_request(form: MultiDict[str, str]) -> tuple[dict[str, Any], dict[str
 @views.get("/")
 def index() -> str:
     """The submission form."""
-    return render_template("index.html", models=_service().models(), form={}, errors={})
+    return render_template("index.html", models=current_service().models(), form={}, errors={})
 
 
 @views.post("/")
@@ -76,7 +72,7 @@ def submit_form() -> Response | tuple[str, int]:
     body, errors = form_to_request(request.form)
     if not errors:
         try:
-            job, _created = _service().submit(JobRequest.model_validate(body), owner=current_owner())
+            job, _created = current_service().submit(JobRequest.model_validate(body), owner=current_owner())
             return redirect(url_for("views.job_page", job_id=job.id), code=303)
         except ValidationError as exc:
             errors = {f["name"]: f["message"] for f in field_errors(exc)}
@@ -85,7 +81,7 @@ def submit_form() -> Response | tuple[str, int]:
                 raise
             errors = {f["name"]: f["message"] for f in exc.fields}
     return (
-        render_template("index.html", models=_service().models(), form=request.form, errors=errors),
+        render_template("index.html", models=current_service().models(), form=request.form, errors=errors),
         422,
     )
 
@@ -93,7 +89,7 @@ def submit_form() -> Response | tuple[str, int]:
 @views.get("/jobs/<job_id>")
 def job_page(job_id: str) -> str:
     """One job: status, then text, refreshed in place."""
-    job = _service().get(job_id, current_owner())
+    job = current_service().get(job_id, current_owner())
     if not is_operator():  # where it ran names a host: operators only
         job = job.model_copy(update={"worker": None, "worker_instance": None})
     return render_template(
@@ -108,7 +104,7 @@ def job_page(job_id: str) -> str:
 @views.get("/batches")
 def batches_page() -> str:
     """Upload a batch (JSONL, or one prompt per line with the form's parameters) and follow your batches."""
-    return render_template("batches.html", models=_service().models(), batches=_your_batches(), errors={}, form={})
+    return render_template("batches.html", models=current_service().models(), batches=_your_batches(), errors={}, form={})
 
 
 @views.post("/batches")
@@ -117,7 +113,7 @@ def submit_batch() -> Response | tuple[str, int]:
     page, or show the form again with messages."""
     from web.batches_api import BatchFileError, accept_upload, start_batch
 
-    settings = _service().settings
+    settings = current_service().settings
     upload = request.files.get("file")
     content = upload.read(settings.max_batch_file_bytes + 1) if upload is not None else b""
     errors: dict[str, str] = {}
@@ -138,7 +134,7 @@ def submit_batch() -> Response | tuple[str, int]:
             if exc.status == 429:
                 raise
             errors["file"] = exc.message
-    return render_template("batches.html", models=_service().models(), batches=_your_batches(), errors=errors,
+    return render_template("batches.html", models=current_service().models(), batches=_your_batches(), errors=errors,
                            form=request.form), 422
 
 
@@ -159,7 +155,7 @@ def _your_batches() -> list[Any]:
 def _prompts_as_jsonl(content: bytes, body: dict[str, Any]) -> bytes:
     """A plain text file, one prompt per line, as batch requests with the form's parameters."""
     params = body["parameters"]
-    request_body: dict[str, Any] = {"model": body.get("model") or _service().registry.default.name,
+    request_body: dict[str, Any] = {"model": body.get("model") or current_service().registry.default.name,
                                     "max_tokens": params.get("max_new_tokens", 64)}
     request_body["temperature"] = params.get("temperature", 0)
     for name in ("top_k", "top_p", "repetition_penalty", "seed"):
