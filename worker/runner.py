@@ -15,7 +15,7 @@ import redis
 from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
 from jobs.store import JobStore
 from worker.engine import Engine
-from worker.faults import GenerationError
+from worker.faults import DeviceFault, GenerationError
 from worker.progress import ProgressPublisher
 from worker.sequence import Sequence
 
@@ -107,6 +107,15 @@ class JobRunner:
                 isolated=job.device_faults > 0,
                 rank=(0 if job.priority_class == "interactive" else 1, job.priority),
             )
+        except DeviceFault as exc:
+            # Delivered after this process's device failed, as it exits: not this job's fault. Back to the
+            # queue, unblamed, for a live worker to send at once.
+            log.warning("job %s: arrived as this worker stops after a device failure; handed back", job_id)
+            try:
+                self.store.record_device_fault(job_id, attempt, str(exc), blamed=False)
+            except redis.RedisError:
+                log.warning("job %s: could not hand it back; the reaper will", job_id)
+            return
         except GenerationError as exc:
             log.info("job %s: %s: %s", job_id, exc.type, exc)
             error = JobError(type=exc.type, message=str(exc))

@@ -6,7 +6,7 @@ from jobs.schema import FinishReason, GenerateParameters, Job, JobOutput, JobSta
 from jobs.store import JobStore
 from tests.support import wait_for
 from worker.engine import GenerationResult
-from worker.faults import RequestValidationError
+from worker.faults import DeviceFault, RequestValidationError
 from worker.runner import JobRunner
 
 
@@ -195,3 +195,13 @@ def test_a_device_fault_counts_only_against_the_jobs_in_the_failing_batch(redis_
     assert store.get(suspect.id).device_faults == 1
     back = store.get(waiting.id)
     assert back.status is JobStatus.QUEUED and back.device_faults == 0
+
+
+def test_a_job_delivered_to_a_worker_stopping_after_a_device_failure_goes_back_unblamed(redis_client):
+    store = JobStore(redis_client, 100)
+    job = _queued(store)
+    engine = FakeEngine(None, submit_error=DeviceFault("this worker's device failed and it is stopping"))
+    JobRunner(store, engine, "w", instance="w:1").run(job.id)
+    back = store.get(job.id)
+    assert back.status is JobStatus.QUEUED and back.device_faults == 0 and back.error is None
+    assert store.to_send_now("tiny") == [job.id]  # a live worker's reaper sends it at once
