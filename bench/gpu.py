@@ -65,7 +65,7 @@ from config.settings import Settings  # noqa: E402
 from jobs.schema import GenerateParameters  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
-from worker.memory import kv_bytes_per_slot  # noqa: E402
+from worker.paged import PagedKV  # noqa: E402
 from worker.sequence import Sequence  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-gpu"
@@ -205,6 +205,7 @@ class Bench:
         self.sizes = sizes
         self.bandwidth = bandwidth
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())  # tied head once
+        self.kv_slot_bytes = PagedKV.bytes_per_block(self.model.config, 1, loaded.dtype)  # one token, all layers
         self.clock = ForwardClock(self.model)
         # Read right after loading, as a worker's engine would: the KV pool it sizes (then given back).
         first = Engine(loaded, spec)
@@ -228,7 +229,7 @@ class Bench:
 
     def floor_seconds(self, steps: Steps) -> float:
         """The step's bytes (every weight once, the batch's KV cache) at the measured copy bandwidth."""
-        return (self.weight_bytes + kv_bytes_per_slot(self.model) * steps.slots) / self.bandwidth
+        return (self.weight_bytes + self.kv_slot_bytes * steps.slots) / self.bandwidth
 
     def warm_up(self) -> None:
         self.engine_decode(1, 6)
@@ -305,7 +306,7 @@ class Bench:
                 best = min(best, max(seq.finished_at for seq in seqs) - start)
             finally:
                 engine.close()
-        kv_slot = kv_bytes_per_slot(self.model)
+        kv_slot = self.kv_slot_bytes
         return {"seconds": best, "peak": peak_mib(self.device), "kv": batch * length * kv_slot / MIB,
                 "budget": self.budget_slots * kv_slot / MIB}
 

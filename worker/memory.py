@@ -1,18 +1,10 @@
-"""Device memory: what one KV-cache token costs, the memory the cache may take, giving memory back."""
+"""Device memory: what the KV cache may take, giving memory back."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
-
-
-def kv_bytes_per_slot(model: Any) -> int:
-    """Bytes one token of one row occupies in the KV cache (keys + values, all layers)."""
-    config = model.config
-    itemsize = next(model.parameters()).element_size()
-    return 2 * config.n_layer * config.hidden_size * itemsize
 
 
 def kv_budget_bytes(device: torch.device) -> int:
