@@ -18,6 +18,50 @@ def queue_for(model_name: str, priority_class: str = "interactive") -> str:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """A BLOOM's size, enough to plan where it fits: layers, hidden width, attention heads, vocabulary."""
+
+    n_layer: int
+    hidden: int
+    n_head: int
+    vocab: int = 250880
+
+    @property
+    def embedding_params(self) -> int:
+        """The word embeddings (tied to the LM head) and their LayerNorm, plus the final LayerNorm."""
+        return self.vocab * self.hidden + 4 * self.hidden
+
+    @property
+    def linear_params(self) -> int:
+        """Every layer's projections (what weight-only quantization shrinks) with their biases and norms:
+        qkv 3h^2, dense h^2, the MLP 8h^2, and 13h of biases and LayerNorm parameters."""
+        return self.n_layer * (12 * self.hidden**2 + 13 * self.hidden)
+
+    @property
+    def params(self) -> int:
+        return self.embedding_params + self.linear_params
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Keys and values of one token over all layers."""
+        return 2 * self.n_layer * self.hidden * itemsize
+
+
+# The published BLOOM and BLOOMZ sizes (bloomz-* and bloomz-7b1-mt share their base model's shape).
+SHAPES: dict[str, ModelShape] = {
+    "bloom-560m": ModelShape(24, 1024, 16),
+    "bloom-1b1": ModelShape(24, 1536, 16),
+    "bloom-1b7": ModelShape(24, 2048, 16),
+    "bloom-3b": ModelShape(30, 2560, 32),
+    "bloom-7b1": ModelShape(30, 4096, 32),
+    "bloom": ModelShape(70, 14336, 112),
+}
+for _base in list(SHAPES):
+    SHAPES[_base.replace("bloom", "bloomz", 1)] = SHAPES[_base]
+SHAPES["bloomz-7b1-mt"] = SHAPES["bloom-7b1"]
+SHAPES["bloomz-mt"] = SHAPES["bloom"]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """How to load and limit one model."""
 
@@ -26,6 +70,7 @@ class ModelSpec:
     dtype: str = "auto"  # "auto" = bf16 on GPUs that support it, else fp16; fp32 on CPU
     max_input_tokens: int = 1024
     max_total_tokens: int = BLOOM_CONTEXT
+    shape: ModelShape | None = None  # known for the presets (and local copies of them)
 
     @property
     def queue(self) -> str:
@@ -61,7 +106,7 @@ _PRESET_NAMES = (
 )
 
 PRESETS: dict[str, ModelSpec] = {
-    name: ModelSpec(name=name, source=f"bigscience/{name}") for name in _PRESET_NAMES
+    name: ModelSpec(name=name, source=f"bigscience/{name}", shape=SHAPES[name]) for name in _PRESET_NAMES
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -96,6 +141,7 @@ def resolve_model(ref: str) -> ModelSpec:
             dtype=preset.dtype,
             max_input_tokens=preset.max_input_tokens,
             max_total_tokens=preset.max_total_tokens,
+            shape=preset.shape,
         )
     return ModelSpec(name=name, source=ref)
 

@@ -206,6 +206,14 @@ def _log_level(raw: str) -> str:
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("none", "int8", "int4")
+
+
+def _quantization(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in QUANTIZATIONS:
+        raise ValueError(f"must be one of {', '.join(QUANTIZATIONS)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,10 @@ class Settings:
     step_tokens: int | None = None
     kv_block_tokens: int = 16  # token slots per paged KV block
     prefix_caching: bool = True  # prompts sharing a prefix share its KV blocks
+    tensor_parallel: int = 1  # processes (GPUs) per worker group; the model is split across them
+    quantize: str = "none"  # weight-only quantization of the linear layers: none, int8, int4
+    # A tensor-parallel group's collectives and its rank 0's silence: longer, and a rank is taken for lost.
+    group_timeout_seconds: float = 60.0
     max_job_seconds: float = 3600.0
     webhook_secret: str = field(default="", repr=False)
     webhook_allow: tuple[str, ...] = ()
@@ -298,6 +310,9 @@ class Settings:
             step_tokens=_read(env, "BLOOMQ_STEP_TOKENS", d.step_tokens, _positive_int),
             kv_block_tokens=_read(env, "BLOOMQ_KV_BLOCK_TOKENS", d.kv_block_tokens, _block_tokens),
             prefix_caching=_read(env, "BLOOMQ_PREFIX_CACHING", d.prefix_caching, _switch),
+            tensor_parallel=_read(env, "BLOOMQ_TENSOR_PARALLEL", d.tensor_parallel, _positive_int),
+            quantize=_read(env, "BLOOMQ_QUANTIZE", d.quantize, _quantization),
+            group_timeout_seconds=_read(env, "BLOOMQ_GROUP_TIMEOUT", d.group_timeout_seconds, _positive_float),
             max_job_seconds=_read(env, "BLOOMQ_MAX_JOB_SECONDS", d.max_job_seconds, _positive_float),
             webhook_secret=_read(env, "BLOOMQ_WEBHOOK_SECRET", d.webhook_secret, str),
             webhook_allow=_read(env, "BLOOMQ_WEBHOOK_ALLOW", d.webhook_allow, _comma_list),

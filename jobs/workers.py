@@ -26,7 +26,15 @@ class WorkerInfo(BaseModel):
     device: str
     dtype: str
     pid: int
-    devices: list[str] = Field(default_factory=list, description="GPU indexes this process sees (empty: CPU).")
+    devices: list[str] = Field(default_factory=list, description="GPU indexes this worker uses (empty: CPU).")
+    tensor_parallel: int = Field(1, description="Processes (one per GPU) the model is split across.")
+    quantization: str = Field("none", description="Weight-only quantization of the linear layers.")
+    weights_bytes: list[int] = Field(default_factory=list,
+                                     description="Bytes of weights each rank holds (one entry without tensor "
+                                                 "parallelism).")
+    load_peak_bytes: list[int] = Field(default_factory=list,
+                                       description="Each rank's rise in resident host memory while loading "
+                                                   "(sharded loading reads only the rank's slices).")
     batch_capacity: int = Field(1, description="How many jobs this worker runs at once.")
     jobs_running: int = Field(0, description="Jobs in its batch or waiting in its engine, at the last heartbeat.")
     prefills: int = Field(0, description="Passes that read prompt tokens (prompt chunks) since it started.")

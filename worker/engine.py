@@ -49,6 +49,7 @@ from worker.paged import ALL, Chunk, PagedBloom, PagedKV
 from worker.sampling import RowSampling, TokenChooser
 from worker.scheduler import Planned, Scheduler
 from worker.sequence import Sequence, StepDetail
+from worker.sharding import shard_of
 from worker.text import TextTracker
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,47 @@ class EngineConfig:
     prefix_caching: bool = True
 
 
+def step_tokens(config: EngineConfig, device: torch.device) -> int:
+    """Tokens one forward pass may take on ``device``."""
+    return config.step_tokens or STEP_TOKENS.get(device.type, 512)
+
+
+def pool_blocks(loaded: LoadedModel, spec: ModelSpec, config: EngineConfig) -> int:
+    """Blocks in the KV pool: ``max_batch_slots`` tokens' worth, or what fits in the memory left (less
+    the largest step's activations), at most twice what every row at full length needs (the rest of
+    the pool is prefix cache). For one rank of a tensor-parallel group: what fits on this rank."""
+    size = config.block_size
+    if config.max_batch_slots:
+        return max(1, config.max_batch_slots // size)
+    model_config = loaded.model.config
+    shard = shard_of(loaded.model)
+    itemsize = torch.empty((), dtype=loaded.dtype).element_size()
+    tokens = step_tokens(config, loaded.device)
+    # One pass: the widest attention scores (this rank's heads, a chunk against a full context, float32),
+    # the MLP's 4x hidden activations, and the logits kept (a row each, or a prompt-details chunk).
+    activations = (shard.heads * tokens * spec.max_total_tokens * 4
+                   + tokens * model_config.hidden_size * 8 * itemsize
+                   + max(config.max_batch_size, tokens) * model_config.vocab_size * 4)
+    per_block = PagedKV.bytes_per_block(model_config, size, loaded.dtype, shard.world)
+    fits = (kv_budget_bytes(loaded.device) - activations) // per_block
+    useful = 2 * config.max_batch_size * -(-spec.max_total_tokens // size)
+    return max(1, min(int(fits), useful))
+
+
+def paged_model(loaded: LoadedModel, spec: ModelSpec, config: EngineConfig, group: Any = None
+                ) -> tuple[PagedKV, PagedBloom]:
+    """The KV pool and the paged forward of ``loaded``. In a tensor-parallel group every rank calls
+    this at start-up: the pool gets the number of blocks that fits on every rank."""
+    blocks = pool_blocks(loaded, spec, config)
+    if group is not None:
+        blocks = group.smallest(blocks)
+    kv = PagedKV(loaded.model.config, blocks, config.block_size, loaded.dtype, loaded.device,
+                 shard_of(loaded.model))
+    return kv, PagedBloom(loaded.model, kv, group)
+
+
 class Engine:
-    """Generates text for many requests at once with one loaded model."""
+    """Generates text for many requests at once with one loaded model (or one tensor-parallel group)."""
 
     def __init__(
         self,
@@ -97,7 +137,9 @@ class Engine:
         spec: ModelSpec,
         config: EngineConfig | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        group: Any = None,
     ) -> None:
+        """``group``: the tensor-parallel group this engine leads (rank 0), or None for one device."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -108,12 +150,11 @@ class Engine:
             eos = self.tokenizer.eos_token_id
         # generation_config may give one id or a list of them (any of which ends generation).
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
-        self.step_tokens = self.config.step_tokens or STEP_TOKENS.get(self.device.type, 512)
-        blocks = self._pool_blocks()
-        self.kv = PagedKV(self.model.config, blocks, self.config.block_size, loaded.dtype, self.device)
-        self.paged = PagedBloom(self.model, self.kv)
+        self.step_tokens = step_tokens(self.config, self.device)
+        self.kv, self.paged = paged_model(loaded, spec, self.config, group)
+        self.vocab_size = self.paged.vocab_size
+        blocks = self.kv.num_blocks
         self.pool = BlockPool(blocks, self.config.block_size)
         self.scheduler = Scheduler(self.pool, self.step_tokens, self.config.prefix_caching)
         self.max_slots = blocks * self.config.block_size  # KV token slots
@@ -131,26 +172,8 @@ class Engine:
         # Called (on the engine thread) when the device fails for good; the worker process then exits.
         self.on_fatal = on_fatal
         self.fatal_error: BaseException | None = None
-
-    def _pool_blocks(self) -> int:
-        """Blocks in the KV pool: ``max_batch_slots`` tokens' worth, or what fits in the memory left (less
-        the largest step's activations), at most twice what every row at full length needs (the rest of
-        the pool is prefix cache)."""
-        size = self.config.block_size
-        if self.config.max_batch_slots:
-            return max(1, self.config.max_batch_slots // size)
-        config = self.model.config
-        itemsize = next(self.model.parameters()).element_size()
-        tokens = self.step_tokens
-        # One pass: the widest attention scores (every head, a chunk against a full context, float32),
-        # the MLP's 4x hidden activations, and the logits kept (a row each, or a prompt-details chunk).
-        activations = (config.n_head * tokens * self.spec.max_total_tokens * 4
-                       + tokens * config.hidden_size * 8 * itemsize
-                       + max(self.config.max_batch_size, tokens) * self.vocab_size * 4)
-        per_block = PagedKV.bytes_per_block(config, size, next(self.model.parameters()).dtype)
-        fits = (kv_budget_bytes(self.device) - activations) // per_block
-        useful = 2 * self.config.max_batch_size * -(-self.spec.max_total_tokens // size)
-        return max(1, min(int(fits), useful))
+        if group is not None and group.world > 1:
+            self._ensure_running()  # the group's other ranks hear from it even before the first job
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -313,6 +336,7 @@ class Engine:
                         with self._cond:
                             if not self._waiting and not self._stopping.is_set():
                                 self._cond.wait(timeout=0.5)
+                        self.paged.idle()
                         continue
                     self._step()
                 except Exception as exc:  # never leave callers waiting on a dead engine thread
@@ -324,6 +348,8 @@ class Engine:
                     log.exception("engine iteration failed")
                     for seq in seqs:
                         seq.finish(error=GenerationError(f"engine error: {type(exc).__name__}: {exc}"))
+        if self.fatal_error is None:
+            self.paged.close()
         with self._cond:
             pending = list(self._waiting)
             self._waiting.clear()

@@ -16,10 +16,17 @@ FATAL_DEVICE_MARKERS = (
 )
 
 
+class GroupLost(RuntimeError):
+    """A rank of a tensor-parallel group is gone or stopped answering: the group cannot run another pass
+    (fatal, like a broken device: the group restarts)."""
+
+
 def is_fatal_device_error(exc: BaseException) -> bool:
     """Whether ``exc`` left the device unusable (as opposed to failing one request)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return False
+    if isinstance(exc, GroupLost):
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True

@@ -1,12 +1,17 @@
-"""The launcher: one worker process per GPU (one CPU worker without GPUs).
+"""The launcher: one worker process per GPU (one CPU worker without GPUs), or one tensor-parallel group
+of N processes per N GPUs.
 
-    python -m worker [--model REF] [--gpus all|none|0,1,3] [--dry-run]
+    python -m worker [--model REF] [--gpus all|none|0,1,3] [--tensor-parallel N] [--quantize int8|int4]
+                     [--dry-run] [--plan [--gpus-spec 8xA100-80GB]]
 
-Each child gets ``CUDA_VISIBLE_DEVICES`` before it imports torch, so it sees exactly its own GPU and
-never forks after touching CUDA. The launcher supervises its children: one that dies is restarted with
-a growing backoff (1 s, 2 s, 4 s … 60 s); one that exits before it ever got ready (e.g. the model does not
-load) stops the launcher with its status. SIGTERM/SIGINT drain: each child finishes its running jobs,
-hands back the ones it had not started, and exits.
+Each child gets ``CUDA_VISIBLE_DEVICES`` before it imports torch, so it sees exactly its own GPU (a
+group's ranks see the group's GPUs, each taking the one at its rank) and never forks after touching CUDA.
+A group's ranks also get the torch.distributed environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``: a free port for each start). The launcher supervises its children: a
+worker (or any rank of a group) that dies brings its whole group down and it is restarted with a growing
+backoff (1 s, 2 s, 4 s … 60 s); one that exits before it ever got ready (e.g. the model does not load)
+stops the launcher with its status. SIGTERM/SIGINT drain: each worker (a group's rank 0, which then stops
+its other ranks) finishes its running jobs, hands back the ones it had not started, and exits.
 """
 
 from __future__ import annotations
@@ -15,16 +20,28 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.models import resolve_model
-from config.settings import Settings
+from config.models import ModelSpec, resolve_model
+from config.settings import QUANTIZATIONS, Settings
+from worker.planner import (
+    Gpu,
+    PlacementError,
+    choose,
+    gpu_from_memory,
+    options,
+    parse_gpus,
+    refusal,
+    shape_of,
+)
+from worker.planner import table as planning_table
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,7 @@ class WorkerPlan:
 
     name: str
     cuda_visible_devices: str | None  # None: a CPU worker
+    ranks: int = 1  # processes in its tensor-parallel group (1: a plain worker)
 
     @property
     def device(self) -> str:
@@ -43,16 +61,25 @@ class PlanError(ValueError):
     """The requested GPUs cannot be served on this machine."""
 
 
-def plan_workers(model: str, host: str, gpu_ids: list[str], gpus: str, per_worker: int = 1) -> list[WorkerPlan]:
+def plan_workers(model: str, host: str, gpu_ids: list[str], gpus: str, per_worker: int = 1,
+                 tensor_parallel: int = 1) -> list[WorkerPlan]:
     """Pure planning: which processes to start for ``gpus`` given the GPUs this machine has.
 
-    One process per GPU, or per group of ``per_worker`` GPUs for a model larger than one card (the
-    process then spreads the model over its group with ``device_map``).
+    One process per GPU; or one tensor-parallel group of ``tensor_parallel`` processes per that many
+    GPUs (without GPUs: one group of CPU ranks); or one process per ``per_worker`` GPUs that spreads the
+    model's layers over them with ``device_map`` (one GPU works at a time: tensor parallelism is faster).
     """
     if per_worker < 1:
         raise PlanError(f"--gpus-per-worker {per_worker}: must be at least 1")
+    if tensor_parallel < 1:
+        raise PlanError(f"--tensor-parallel {tensor_parallel}: must be at least 1")
+    if tensor_parallel > 1 and per_worker > 1:
+        raise PlanError("--tensor-parallel and --gpus-per-worker are two ways to use several GPUs per model: "
+                        "choose one")
     if gpus == "none" or (gpus == "all" and not gpu_ids):
-        return [WorkerPlan(name=f"{model}@{host}.cpu", cuda_visible_devices=None)]
+        return [WorkerPlan(name=f"{model}@{host}.cpu", cuda_visible_devices=None, ranks=tensor_parallel)]
+    group = max(per_worker, tensor_parallel)
+    flag = "--tensor-parallel" if tensor_parallel > 1 else "--gpus-per-worker"
     if gpus == "all":
         chosen = gpu_ids
     else:
@@ -65,15 +92,15 @@ def plan_workers(model: str, host: str, gpu_ids: list[str], gpus: str, per_worke
             raise PlanError(f"--gpus {gpus!r}: GPU {', '.join(missing)} does not exist here (GPUs: {have})")
         if len(set(chosen)) != len(chosen):
             raise PlanError(f"--gpus {gpus!r}: a GPU is listed twice")
-    if len(chosen) % per_worker:
+    if len(chosen) % group:
         raise PlanError(
-            f"--gpus-per-worker {per_worker}: {len(chosen)} GPU(s) ({', '.join(chosen)}) do not split into "
-            f"groups of {per_worker}"
+            f"{flag} {group}: {len(chosen)} GPU(s) ({', '.join(chosen)}) do not split into groups of {group}"
         )
-    groups = [chosen[i : i + per_worker] for i in range(0, len(chosen), per_worker)]
+    groups = [chosen[i : i + group] for i in range(0, len(chosen), group)]
     return [
-        WorkerPlan(name=f"{model}@{host}.gpu{'+'.join(group)}", cuda_visible_devices=",".join(group))
-        for group in groups
+        WorkerPlan(name=f"{model}@{host}.gpu{'+'.join(ids)}", cuda_visible_devices=",".join(ids),
+                   ranks=tensor_parallel)
+        for ids in groups
     ]
 
 
@@ -94,33 +121,106 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def gpu_cards() -> list[Gpu]:
+    """The cards this machine offers, by nvidia-smi (name and memory), in index order; [] without it."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    cards = []
+    for line in out.splitlines():
+        name, _, mib = line.rpartition(",")
+        if name.strip() and mib.strip().isdigit():
+            cards.append(gpu_from_memory(name.strip(), int(mib) * 2**20))
+    return cards
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description="Start bloomq worker processes.")
     parser.add_argument("--model", help="registry name, hub id or local directory (default: BLOOMQ_MODEL)")
     parser.add_argument("--gpus", default="all", help="all (default), none, or GPU indexes like 0,1,3")
+    parser.add_argument("--tensor-parallel", type=int, metavar="N",
+                        help="split the model across groups of N processes, one per GPU (without GPUs: N CPU "
+                             "ranks); default: BLOOMQ_TENSOR_PARALLEL, else 1")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS,
+                        help="weight-only quantization of the linear layers (default: BLOOMQ_QUANTIZE, else none)")
     parser.add_argument("--gpus-per-worker", type=int, default=1, metavar="K",
-                        help="GPUs per process, for a model larger than one card (default 1)")
+                        help="GPUs per process, the model's layers spread over them (one works at a time; "
+                             "--tensor-parallel is faster)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
                         help="override the dtype policy for this model (default: BLOOMQ_DTYPE, else auto)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="print where the model fits on these GPUs (or --gpus-spec's) and exit")
+    parser.add_argument("--gpus-spec", metavar="NxCARD", help="plan for other GPUs, e.g. 8xA100-80GB or 2xH200")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
     ref = args.model or settings.model
+    tensor_parallel = args.tensor_parallel or settings.tensor_parallel
+    quantization = args.quantize or settings.quantize
     if args.dtype:
         os.environ["BLOOMQ_DTYPE"] = args.dtype  # the children read it
+    os.environ["BLOOMQ_QUANTIZE"] = quantization
     try:
         spec = resolve_model(ref)
-        plan = plan_workers(spec.name, settings.host_name, visible_gpus(), args.gpus, args.gpus_per_worker)
-    except (PlanError, ValueError) as exc:
+        if args.plan or args.gpus_spec:
+            return print_plan(spec, args.gpus_spec)
+        plan = plan_workers(spec.name, settings.host_name, visible_gpus(), args.gpus, args.gpus_per_worker,
+                            tensor_parallel)
+        check_fits(spec, plan, quantization)
+    except (PlanError, PlacementError, ValueError) as exc:
         parser.error(str(exc))
     if args.dry_run:
         policy = args.dtype or settings.dtype
         for item in plan:
             dtype = describe_dtype(item, policy if policy != "auto" else spec.dtype)
-            print(f"{item.name}: devices={item.cuda_visible_devices or 'cpu'} queue={spec.queue} dtype={dtype}")
+            print(f"{item.name}: devices={item.cuda_visible_devices or 'cpu'} queue={spec.queue} dtype={dtype} "
+                  f"tensor_parallel={item.ranks} quantize={quantization}")
         return 0
     return run_plan(plan, ref)
+
+
+def print_plan(spec: ModelSpec, gpus_spec: str | None) -> int:
+    """``--plan``: the placements on ``gpus_spec`` (or this machine's GPUs); 0 when one fits, 1 if not."""
+    shape = shape_of(spec)
+    if shape is None:
+        raise PlacementError(f"the shape of {spec.source!r} is unknown: plan with a registry name (e.g. bloom) or "
+                             "a local checkpoint directory")
+    if gpus_spec:
+        count, card = parse_gpus(gpus_spec)
+    else:
+        cards = gpu_cards()
+        if not cards:
+            raise PlacementError("no GPU visible here: give --gpus-spec, e.g. --gpus-spec 8xA100-80GB")
+        count, card = len(cards), min(cards, key=lambda c: c.memory_bytes)
+    text = planning_table(spec.name, shape, spec.max_total_tokens, count, card)
+    print(text)
+    return 1 if "\nrefused:" in text else 0
+
+
+def check_fits(spec: ModelSpec, plan: list[WorkerPlan], quantization: str) -> None:
+    """Refuse, before anything loads, a placement that cannot fit on this machine's GPUs (when the model's
+    shape and the cards are known)."""
+    shape = shape_of(spec)
+    cards = gpu_cards()
+    if shape is None or not cards or not plan or plan[0].cuda_visible_devices is None:
+        return
+    card = min(cards, key=lambda c: c.memory_bytes)
+    ranks = plan[0].ranks
+    reason = refusal(shape, spec.max_total_tokens, len(cards), card, quantization, ranks)
+    if reason is not None:
+        try:
+            chosen = choose(options(shape, spec.max_total_tokens, len(cards), card))
+            hint = (f"; on these GPUs: --tensor-parallel {chosen.tensor_parallel} --quantize "
+                    f"{chosen.quantization} (python -m worker --plan)")
+        except PlacementError as exc:
+            hint = f"; nothing fits on these GPUs ({exc})"
+        raise PlacementError(f"{spec.name} does not fit: {reason}{hint}")
 
 
 def describe_dtype(item: WorkerPlan, policy: str) -> str:
@@ -135,21 +235,42 @@ MAX_BACKOFF = 60.0
 STABLE_AFTER = 60.0  # a child that ran this long has its restart backoff reset
 
 
+GROUP_GRACE = 15.0  # after one rank of a group dies, the others get this long to notice and exit on their own
+
+
 @dataclass
 class Child:
-    """One supervised worker process."""
+    """One supervised worker: a process, or the processes of a tensor-parallel group (rank 0 first)."""
 
     plan: WorkerPlan
     ready_file: Path
-    proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started_at: float = 0.0
     restarts: int = 0
     restart_at: float | None = None
     ever_ready: bool = False
+    failed_at: float | None = None  # when a member was first seen dead (the group is going down)
+    status: int = 0  # the first member's exit status
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The worker process (a group's rank 0: the one that consumes the queue)."""
+        return self.procs[0] if self.procs else None
+
+    def alive(self) -> list[subprocess.Popen[bytes]]:
+        return [proc for proc in self.procs if proc.poll() is None]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (a group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Supervisor:
-    """Starts the planned worker processes, restarts the ones that die, drains them all on a signal."""
+    """Starts the planned workers, restarts the ones that die (a group as a whole), drains them all on a
+    signal."""
 
     def __init__(
         self,
@@ -164,7 +285,7 @@ class Supervisor:
         self.stopping = False
 
     def serve_command(self, plan: WorkerPlan) -> list[str]:
-        """The worker process for ``plan``."""
+        """The worker process for ``plan`` (every rank of a group runs it; the rank comes from ``RANK``)."""
         return [sys.executable, "-m", "worker.serve", "--model", self.ref, "--device", plan.device,
                 "--name", plan.name]
 
@@ -173,17 +294,26 @@ class Supervisor:
         env["CUDA_VISIBLE_DEVICES"] = child.plan.cuda_visible_devices or ""
         env[READY_FILE_ENV] = str(child.ready_file)
         child.ready_file.unlink(missing_ok=True)
-        child.proc = subprocess.Popen(self.command(child.plan), env=env)
+        ranks = child.plan.ranks
+        if ranks > 1:
+            env.update(WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        child.procs = []
+        for rank in range(ranks):
+            if ranks > 1:
+                env.update(RANK=str(rank), LOCAL_RANK=str(rank))
+            child.procs.append(subprocess.Popen(self.command(child.plan), env=dict(env)))
         child.started_at = time.monotonic()
         child.restart_at = None
+        child.failed_at = None
 
     def signal_all(self, signum: int) -> None:
         for child in self.children:
+            # A group's rank 0 drains and then stops its other ranks itself.
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signum)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Drain: pass ``signum`` to every child and restart none. Celery's warm shutdown finishes the
+        """Drain: pass ``signum`` to every worker and restart none. Celery's warm shutdown finishes the
         running jobs and gives back the ones not started; a second SIGINT means "stop now" to Celery."""
         self.stopping = True
         self.signal_all(signum)
@@ -204,9 +334,11 @@ class Supervisor:
                     if not self.stopping and now >= child.restart_at:
                         self.start(child)
                     continue
-                code = child.proc.poll() if child.proc is not None else None
-                if code is None or self.stopping:
+                if not self._gone(child, now):
                     continue
+                if self.stopping:
+                    continue
+                code = child.status
                 if not child.ever_ready:
                     # It never got as far as consuming its queue (the model did not load, say): restarting
                     # would only repeat the error. Stop everything and pass the status on.
@@ -221,11 +353,28 @@ class Supervisor:
                 delay = min(MAX_BACKOFF, 2.0**child.restarts)
                 child.restarts += 1
                 child.restart_at = now + delay
-                print(f"[launcher] {child.plan.name} died with status {code}; restarting in {delay:.0f}s",
+                what = "a rank of the group" if child.plan.ranks > 1 else "it"
+                print(f"[launcher] {child.plan.name}: {what} died with status {code}; restarting in {delay:.0f}s",
                       file=sys.stderr, flush=True)
-            if self.stopping and all(c.proc is None or c.proc.poll() is not None for c in self.children):
+            if self.stopping and all(not c.alive() or self._gone(c, now) for c in self.children):
                 return status
             time.sleep(0.2)
+
+    def _gone(self, child: Child, now: float) -> bool:
+        """Whether every process of ``child`` has exited. Once one has, the others get ``GROUP_GRACE`` to
+        follow on their own (rank 0 hands its jobs back first), then are killed."""
+        if not child.procs:
+            return True
+        alive = child.alive()
+        if len(alive) == len(child.procs):
+            return False
+        if child.failed_at is None:
+            child.failed_at = now
+            child.status = next(proc.returncode for proc in child.procs if proc.poll() is not None)
+        if alive and now - child.failed_at >= GROUP_GRACE:
+            for proc in alive:
+                proc.kill()
+        return not alive
 
 
 def run_plan(plan: list[WorkerPlan], ref: str) -> int:

@@ -22,10 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from worker.faults import GroupLost
+from worker.group import PASS_FAILED, PASS_OK, PASS_OUT_OF_MEMORY, STOP
+from worker.sharding import Shard, shard_of
+
+T = TypeVar("T")
 
 ALL, LAST, NONE = "all", "last", "none"  # which of a chunk's positions get logits
 
@@ -61,11 +68,12 @@ class PagedKV:
     read after its row wrote it, and memory the load never reaches is never touched."""
 
     def __init__(self, config: Any, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, shard: Shard | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        heads = config.n_head
-        head_dim = config.hidden_size // heads
+        shard = shard or Shard.of(config)
+        heads = shard.heads  # a tensor-parallel rank keeps its own heads only
+        head_dim = shard.head_dim
         self.null_slot = num_blocks * block_size
         shape = (self.null_slot + 1, heads, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
@@ -74,10 +82,10 @@ class PagedKV:
             tensor[self.null_slot].zero_()
 
     @staticmethod
-    def bytes_per_block(config: Any, block_size: int, dtype: torch.dtype) -> int:
-        """Device bytes one block takes across all layers (keys and values)."""
+    def bytes_per_block(config: Any, block_size: int, dtype: torch.dtype, world: int = 1) -> int:
+        """Device bytes one block takes across all layers (keys and values), on each of ``world`` ranks."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layer * block_size * config.hidden_size * itemsize
+        return 2 * config.n_layer * block_size * (config.hidden_size // world) * itemsize
 
     def slots(self, chunk: Chunk) -> list[int]:
         """The flat slot of each of ``chunk``'s positions (where its keys and values are written)."""
@@ -86,57 +94,122 @@ class PagedKV:
 
 
 class PagedBloom:
-    """Runs ``model`` (a loaded ``BloomForCausalLM``) over chunks of rows, keeping keys/values in ``kv``."""
+    """Runs ``model`` (a loaded ``BloomForCausalLM``, or one rank's shard of it) over chunks of rows,
+    keeping keys/values in ``kv``.
 
-    def __init__(self, model: Any, kv: PagedKV) -> None:
+    In a tensor-parallel group (``group``) every rank runs the same pass over its own heads and slices:
+    rank 0 calls ``forward`` (which first sends the chunks to the others), the others ``run`` what they
+    receive. The partial sums of the row-parallel layers meet in all-reduces and the logits are gathered
+    on rank 0. A rank whose part of the pass raises keeps taking part in the collectives with zeros, and
+    at the end the group agrees on the outcome: every rank raises (out of memory if that was the cause),
+    so the group stays in step and rank 0 handles the failure as it would on one device.
+    """
+
+    def __init__(self, model: Any, kv: PagedKV, group: Any = None) -> None:
         self.model = model
         self.kv = kv
         config = model.config
-        self.heads = config.n_head
-        self.head_dim = config.hidden_size // self.heads
+        self.shard = shard_of(model)
+        self.heads = self.shard.heads
+        self.head_dim = self.shard.head_dim
+        self.hidden = config.hidden_size
+        self.vocab_size = config.vocab_size
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
         self.device = model.get_input_embeddings().weight.device
-        self.slopes = alibi_slopes(self.heads).to(self.device)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        # Every head's slope as BLOOM builds them, then this rank's heads.
+        start = self.shard.head_start
+        self.slopes = alibi_slopes(config.n_head)[start : start + self.heads].to(self.device)
+        self.group = group
+        self.parallel = group is not None and self.shard.world > 1
 
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """Run every chunk's tokens through the model (their keys/values are written to the blocks) and
         return, per chunk, float32 logits ``[positions, vocab]`` for the positions it asked for (or None)."""
-        device = self.device
+        if self.parallel:
+            self.group.send(chunks)
+        return self.run(chunks)
+
+    def idle(self) -> None:
+        """Nothing to run for now (rank 0 of a group shows the others it lives)."""
+        if self.parallel:
+            self.group.ping_if_idle()
+
+    def close(self) -> None:
+        """No more passes (the other ranks of a group stop following)."""
+        if self.parallel:
+            try:
+                self.group.send(STOP)
+            except GroupLost:
+                pass
+
+    def run(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        """This process's part of the pass over ``chunks``: the logits on rank 0 (or alone), none elsewhere."""
+        tokens = sum(len(chunk.tokens) for chunk in chunks)
+        guard = _Guard(self.parallel)
+        blank = lambda: torch.zeros((tokens, self.hidden), dtype=self.dtype, device=self.device)  # noqa: E731
+        prepared = guard(lambda: self._prepare(chunks), lambda: None)
+        ids, slots, plan = prepared if prepared is not None else (None, None, None)
+        transformer = self.model.transformer
+        x = self._sum(guard(lambda: self._embed(ids), blank))
+        x = guard(lambda: transformer.word_embeddings_layernorm(x), blank)
+        for index, layer in enumerate(transformer.h):
+            x = self._layer(index, layer, x, slots, plan, guard, blank)
+        x = guard(lambda: transformer.ln_f(x), blank)
+        return self._logits(chunks, x, guard)
+
+    def _prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, _AttentionPlan]:
         ids, slots = [], []
         for chunk in chunks:
             if not chunk.tokens:
                 raise ValueError("a chunk needs at least one token")
             ids.extend(chunk.tokens)
             slots.extend(self.kv.slots(chunk))
-        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-        slots_t = torch.tensor(slots, dtype=torch.long, device=device)
-        plan = _AttentionPlan(chunks, self.kv.null_slot, device, self.kv.block_size)
-        transformer = self.model.transformer
-        x = transformer.word_embeddings_layernorm(transformer.word_embeddings(ids_t))
-        for index, layer in enumerate(transformer.h):
-            x = self._layer(index, layer, x, slots_t, plan)
-        x = transformer.ln_f(x)
-        return self._logits(chunks, x)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        slots_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return ids_t, slots_t, _AttentionPlan(chunks, self.kv.null_slot, self.device, self.kv.block_size)
 
-    def _layer(self, index: int, layer: Any, x: torch.Tensor, slots: torch.Tensor, plan: _AttentionPlan
-               ) -> torch.Tensor:
+    def _sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's output: the sum of every rank's part."""
+        return self.group.all_reduce(partial) if self.parallel else partial
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model.transformer.word_embeddings
+        if not self.parallel:
+            return embeddings(ids)
+        local = ids - self.shard.vocab_start  # this rank holds a range of the vocabulary
+        inside = (local >= 0) & (local < self.shard.vocab_rows)
+        found = F.embedding(local.clamp(0, self.shard.vocab_rows - 1), embeddings.weight)
+        return found * inside.unsqueeze(1).to(found.dtype)
+
+    def _layer(self, index: int, layer: Any, x: torch.Tensor, slots: Any, plan: Any, guard: _Guard,
+               blank: Callable[[], torch.Tensor]) -> torch.Tensor:
         tokens = x.shape[0]
-        normed = layer.input_layernorm(x)
-        residual = normed if self.post_ln_residual else x
-        attention = layer.self_attention
-        qkv = attention.query_key_value(normed).view(tokens, self.heads, 3, self.head_dim)
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        keys, values = self.kv.keys[index], self.kv.values[index]
-        keys.index_copy_(0, slots, key)
-        values.index_copy_(0, slots, value)
-        context = plan.attend(query, keys, values, self.slopes, self.scale)
-        attended = attention.dense(context.reshape(tokens, -1)) + residual
-        normed = layer.post_attention_layernorm(attended)
-        residual = normed if self.post_ln_residual else attended
-        return layer.mlp(normed.unsqueeze(0), residual.unsqueeze(0)).squeeze(0)
+        attention, mlp = layer.self_attention, layer.mlp
 
-    def _logits(self, chunks: list[Chunk], hidden: torch.Tensor) -> list[torch.Tensor | None]:
+        def attend() -> tuple[torch.Tensor, torch.Tensor]:
+            normed = layer.input_layernorm(x)
+            qkv = attention.query_key_value(normed).view(tokens, self.heads, 3, self.head_dim)
+            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            keys, values = self.kv.keys[index], self.kv.values[index]
+            keys.index_copy_(0, slots, key)
+            values.index_copy_(0, slots, value)
+            context = plan.attend(query, keys, values, self.slopes, self.scale)
+            return attention.dense(context.reshape(tokens, -1)), normed if self.post_ln_residual else x
+
+        partial, residual = guard(attend, lambda: (blank(), blank()))
+        attended = self._sum(partial) + residual
+
+        def feed_forward() -> tuple[torch.Tensor, torch.Tensor]:
+            normed = layer.post_attention_layernorm(attended)
+            partial = mlp.dense_4h_to_h(mlp.gelu_impl(mlp.dense_h_to_4h(normed)))
+            return partial, normed if self.post_ln_residual else attended
+
+        partial, residual = guard(feed_forward, lambda: (blank(), blank()))
+        return self._sum(partial) + residual
+
+    def _logits(self, chunks: list[Chunk], hidden: torch.Tensor, guard: _Guard) -> list[torch.Tensor | None]:
         picks: list[int] = []
         spans: list[tuple[int, int] | None] = []
         offset = 0
@@ -151,11 +224,57 @@ class PagedBloom:
             else:
                 spans.append(None)
             offset += count
-        if not picks:
+        logits: torch.Tensor | None = None
+        if picks:
+            index = torch.tensor(picks, dtype=torch.long, device=hidden.device)
+            rows = self.shard.vocab_rows if self.parallel else self.vocab_size
+            logits = guard(lambda: self.model.lm_head(hidden.index_select(0, index)),
+                           lambda: torch.zeros((len(picks), rows), dtype=self.dtype, device=self.device))
+            if self.parallel:
+                logits = self.group.gather_columns(logits, self.vocab_size)
+        if self.parallel:
+            guard.agree(self.group)
+        if logits is None:
             return [None] * len(chunks)
-        index = torch.tensor(picks, dtype=torch.long, device=hidden.device)
-        logits = self.model.lm_head(hidden.index_select(0, index)).float()
+        logits = logits.float()
         return [None if span is None else logits[span[0] : span[1]] for span in spans]
+
+
+class _Guard:
+    """Runs the local parts of a pass. Alone, errors simply propagate. In a group, the first error is
+    kept and the rest of the pass runs on zeros (``fallback``), so this rank still meets the others in
+    every collective; ``agree`` then makes every rank raise if any rank failed."""
+
+    def __init__(self, parallel: bool) -> None:
+        self.parallel = parallel
+        self.failure: BaseException | None = None
+
+    def __call__(self, part: Callable[[], T], fallback: Callable[[], T]) -> T:
+        if not self.parallel:
+            return part()
+        if self.failure is None:
+            try:
+                return part()
+            except GroupLost:
+                raise
+            except Exception as exc:  # answered by agree(), on every rank
+                self.failure = exc
+        return fallback()
+
+    def agree(self, group: Any) -> None:
+        failure = self.failure
+        status = (PASS_OK if failure is None
+                  else PASS_OUT_OF_MEMORY if isinstance(failure, torch.OutOfMemoryError) else PASS_FAILED)
+        worst = group.worst(status)
+        if worst == PASS_OK:
+            return
+        said = group.share("" if failure is None else f"{type(failure).__name__}: {failure}")
+        detail = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text)
+        if failure is not None:
+            raise failure
+        if worst == PASS_OUT_OF_MEMORY:
+            raise torch.OutOfMemoryError(f"another rank of the group ran out of memory ({detail})")
+        raise RuntimeError(f"another rank of the group failed this pass ({detail})")
 
 
 class _AttentionPlan:

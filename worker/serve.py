@@ -5,6 +5,10 @@
 Normally started by the launcher (``python -m worker``), which sets ``CUDA_VISIBLE_DEVICES`` first.
 The model is loaded before the process subscribes to its queue; a load failure exits non-zero with the
 original error and leaves the jobs queued.
+
+In a tensor-parallel group (``WORLD_SIZE`` > 1, set by the launcher) every rank loads its own slices;
+rank 0 then serves as above, leading the group; the other ranks only follow its passes
+(``worker.group.follow``) and never talk to Redis.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -65,15 +70,43 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_spec(settings, args.model or settings.model)
 
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
-    from worker.engine import Engine, EngineConfig
+    from worker.engine import Engine, EngineConfig, paged_model
+    from worker.faults import GroupLost
+    from worker.group import Group, GroupEnv, follow
     from worker.loading import load_model, pick_device
     from worker.runner import JobRunner
     from worker.tasks import WebhookDispatcher, register_tasks
 
     # A load failure propagates: the process exits non-zero with the original error, before it has
     # subscribed to the queue, so the model's jobs stay queued for a worker that can serve them.
-    device = pick_device(args.device)
-    loaded = load_model(spec, device, settings.dtype)
+    place = GroupEnv.from_env()
+    device = pick_device(args.device, place.local_rank)
+    loaded = load_model(spec, device, settings.dtype, place.rank, place.world, settings.quantize)
+    engine_config = EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_batch_slots=settings.max_batch_total_tokens,
+        max_wait_seconds=settings.batch_wait_ms / 1000,
+        step_tokens=settings.step_tokens,
+        block_size=settings.kv_block_tokens,
+        prefix_caching=settings.prefix_caching,
+    )
+    group = None
+    weights, peaks = [loaded.weights_bytes], [loaded.load_peak_bytes]
+    if place.world > 1:
+        group = Group(place, device, settings.group_timeout_seconds)
+        weights, peaks = map(list, zip(*group.share((loaded.weights_bytes, loaded.load_peak_bytes)), strict=True))
+        if place.rank > 0:
+            # Only rank 0 answers signals (it drains, then tells the others to stop); a terminal's Ctrl-C
+            # reaches every process, and a follower leaving first would fail rank 0's running jobs.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                follow(paged_model(loaded, spec, engine_config, group)[1], group)
+            except GroupLost as exc:
+                log.critical("rank %d of %d: %s; exiting", place.rank, place.world, exc)
+                return DEVICE_FAULT_EXIT
+            group.close()
+            return 0
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     name = args.name or default_worker_name(spec.name, settings.host_name, "cpu" if device.type == "cpu" else f"gpu{gpu}")
 
@@ -87,19 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.shutdown()
             os._exit(DEVICE_FAULT_EXIT)
 
-    engine = Engine(
-        loaded,
-        spec,
-        EngineConfig(
-            max_batch_size=settings.max_batch_size,
-            max_batch_slots=settings.max_batch_total_tokens,
-            max_wait_seconds=settings.batch_wait_ms / 1000,
-            step_tokens=settings.step_tokens,
-            block_size=settings.kv_block_tokens,
-            prefix_caching=settings.prefix_caching,
-        ),
-        on_fatal=on_device_fault,
-    )
+    engine = Engine(loaded, spec, engine_config, on_fatal=on_device_fault, group=group)
     log.info("engine: up to %d jobs per batch, %d KV token slots in blocks of %d, %d tokens per step, prefix "
              "caching %s", settings.max_batch_size, engine.max_slots, settings.kv_block_tokens, engine.step_tokens,
              "on" if settings.prefix_caching else "off")
@@ -137,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         batch_capacity=settings.max_batch_size,
         kv_blocks=engine.pool.num_blocks,
         kv_block_tokens=engine.pool.block_size,
+        tensor_parallel=place.world,
+        quantization=loaded.quantization,
+        weights_bytes=weights,
+        load_peak_bytes=peaks,
     )
 
     def current_info() -> WorkerInfo:
