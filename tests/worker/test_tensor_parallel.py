@@ -5,7 +5,10 @@ in step; a lost rank is an error, not a hang."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from config.models import resolve_model
+from tests.support import ROOT
 from tests.worker import group_ranks
 from worker.engine import paged_model
 from worker.loading import load_model
@@ -146,3 +150,25 @@ def test_each_rank_loads_exactly_its_slices(checkpoint, world):
                 want = full
             assert torch.equal(got, want), name
         assert part.lm_head.weight is part.transformer.word_embeddings.weight
+
+
+LOAD_RANK = """
+import sys, torch
+from config.models import resolve_model
+from worker.loading import load_model
+loaded = load_model(resolve_model(sys.argv[1]), torch.device("cpu"), "float32", int(sys.argv[2]), int(sys.argv[3]))
+print(loaded.load_peak_bytes, loaded.weights_bytes)
+"""
+
+
+def test_a_ranks_peak_memory_while_loading_is_about_its_share(tmp_path):
+    # ~200 MB of fp32 weights, so a rank's half is far apart from the whole.
+    path = build_tiny_bloom(tmp_path / "big", hidden_size=768, n_layer=8, n_head=8)
+    checkpoint_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    # Rank 1 of 2 (its vocabulary part is the padded one), in a fresh process: measured here, it rises by
+    # 119 MB loading its 115 MB of weights from a 229 MB checkpoint.
+    out = subprocess.run([sys.executable, "-c", LOAD_RANK, str(path), "1", "2"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    peak, weights = map(int, out.stdout.split()[-2:])
+    assert 0.45 * checkpoint_bytes < weights < 0.55 * checkpoint_bytes
+    assert peak < 0.7 * checkpoint_bytes, f"rank 1 rose by {peak} bytes loading {weights} of {checkpoint_bytes}"
