@@ -283,6 +283,7 @@ class Supervisor:
         self.children = [Child(item, state_dir / f"{item.name}.ready") for item in plan]
         self.command = command or self.serve_command
         self.stopping = False
+        self.group_grace = GROUP_GRACE
 
     def serve_command(self, plan: WorkerPlan) -> list[str]:
         """The worker process for ``plan`` (every rank of a group runs it; the rank comes from ``RANK``)."""
@@ -371,7 +372,7 @@ class Supervisor:
         if child.failed_at is None:
             child.failed_at = now
             child.status = next(proc.returncode for proc in child.procs if proc.poll() is not None)
-        if alive and now - child.failed_at >= GROUP_GRACE:
+        if alive and now - child.failed_at >= self.group_grace:
             for proc in alive:
                 proc.kill()
         return not alive

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from tests.support import ROOT
-from worker.launcher import PlanError, plan_workers
+from worker.launcher import PlanError, WorkerPlan, plan_workers
 
 
 def test_no_gpu_gives_one_cpu_worker():
@@ -102,3 +102,59 @@ def test_a_worker_that_never_gets_ready_stops_the_launcher_with_its_status(tmp_p
     supervisor, log = _supervise(tmp_path, "fail-at-load")
     assert supervisor.run(install_signals=False) == 3
     assert log.read_text().count("start") == 1  # not restarted: it would only fail again
+
+
+def test_tensor_parallel_groups():
+    plan = plan_workers("bloom", "box", [str(i) for i in range(8)], "all", tensor_parallel=4)
+    assert [(p.cuda_visible_devices, p.ranks) for p in plan] == [("0,1,2,3", 4), ("4,5,6,7", 4)]
+    assert plan_workers("m", "h", [], "all", tensor_parallel=2) == [WorkerPlan("m@h.cpu", None, ranks=2)]
+    with pytest.raises(PlanError, match="--tensor-parallel 4: 3 GPU"):
+        plan_workers("bloom", "box", ["0", "1", "2"], "all", tensor_parallel=4)
+    with pytest.raises(PlanError, match="choose one"):
+        plan_workers("bloom", "box", ["0", "1"], "all", per_worker=2, tensor_parallel=2)
+
+
+GROUP_CHILD = """
+import os, pathlib, signal, sys, time
+log = pathlib.Path(sys.argv[1])
+rank = os.environ["RANK"]
+with log.open("a") as f:
+    f.write(f"start {rank} {os.environ['WORLD_SIZE']} {os.environ['MASTER_PORT']}\\n")
+if rank == "0":
+    signal.signal(signal.SIGTERM, lambda *_: (log.open("a").write("drained 0\\n"), sys.exit(0)))
+    pathlib.Path(os.environ["BLOOMQ_READY_FILE"]).touch()
+else:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a follower leaves when its leader is gone
+    if log.read_text().count("start 1") == 1:
+        time.sleep(0.5)
+        os._exit(9)  # the first rank 1 dies
+parent = os.getppid()
+while True:
+    time.sleep(0.1)
+    if rank != "0" and "drained 0" in log.read_text():
+        sys.exit(0)
+"""
+
+
+def test_a_rank_that_dies_restarts_its_whole_group_and_a_drain_reaches_the_leader(tmp_path):
+    import signal
+    import threading
+
+    from worker.launcher import Supervisor
+
+    script = tmp_path / "rank.py"
+    script.write_text(GROUP_CHILD)
+    log = tmp_path / "ranks.log"
+    supervisor = Supervisor([WorkerPlan("m@h.cpu", None, ranks=2)], "m", tmp_path,
+                            command=lambda plan: [sys.executable, str(script), str(log)])
+    supervisor.group_grace = 0.5  # this stand-in leader does not notice its lost rank: it is killed
+    threading.Timer(5.0, lambda: supervisor.stop(signal.SIGTERM)).start()
+    assert supervisor.run(install_signals=False) == 0
+    starts = [line.split() for line in log.read_text().splitlines() if line.startswith("start")]
+    assert len(starts) == 4  # rank 1 died: both ranks started again
+    first, second = starts[:2], starts[2:]
+    assert sorted(s[1] for s in first) == sorted(s[1] for s in second) == ["0", "1"]
+    assert {s[2] for s in starts} == {"2"}
+    ports = [{s[3] for s in first}, {s[3] for s in second}]
+    assert len(ports[0]) == len(ports[1]) == 1 and ports[0] != ports[1]  # one rendezvous port per start
+    assert log.read_text().count("drained 0") == 1  # the stop went to the leader, which told the other
