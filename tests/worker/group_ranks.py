@@ -18,6 +18,7 @@ from worker.faults import GroupLost
 from worker.group import Group, GroupEnv, follow
 from worker.loading import load_model
 from worker.paged import ALL, LAST, Chunk
+from worker.quantize import quantize
 
 BLOCK = 4
 ENGINE = EngineConfig(max_batch_size=8, max_batch_slots=512, block_size=BLOCK, step_tokens=16)
@@ -64,6 +65,8 @@ def rank_main(rank: int, world: int, port: int, checkpoint: str, out: str, scena
             else:
                 follow(paged_model(loaded, spec, ENGINE, group)[1], group)
             continue
+        if scenario == "int8":
+            quantize(loaded.model, "int8", torch.device("cpu"))  # each rank its own slices
         _kv, paged = paged_model(loaded, spec, ENGINE, group)
         if rank == 0:
             torch.save(_drive(paged, scenario), result_file)
@@ -84,7 +87,8 @@ def engine_prompts() -> list[str]:
 
 def _drive(paged, scenario: str) -> dict:
     """Rank 0: run the passes; record logits, or what each pass raised."""
-    seen: dict = {"logits": [], "errors": []}
+    weight = paged.model.transformer.h[0].mlp.dense_h_to_4h.weight
+    seen: dict = {"logits": [], "errors": [], "weight_type": type(weight).__name__}
     with torch.inference_mode():
         for index, chunks in enumerate(passes(tables())):
             try:

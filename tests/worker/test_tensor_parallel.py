@@ -55,15 +55,15 @@ def _seen(out, scenario: str, world: int):
 
 @pytest.fixture(scope="module")
 def pair(checkpoint, tmp_path_factory):
-    """One group of two ranks (the ranks start once): a rank failing passes, then an engine."""
+    """One group of two ranks (the ranks start once): a rank failing passes, an engine, int8 slices."""
     out = tmp_path_factory.mktemp("pair")
-    _run_group(2, checkpoint, out, "failures", "engine")
+    _run_group(2, checkpoint, out, "failures", "engine", "int8")
     return out
 
 
-def _whole_model_logits(checkpoint: str) -> list:
+def _whole_model_logits(checkpoint: str, quantization: str = "none") -> list:
     spec = resolve_model(checkpoint)
-    loaded = load_model(spec, torch.device("cpu"), "float32")
+    loaded = load_model(spec, torch.device("cpu"), "float32", quantization=quantization)
     _kv, paged = paged_model(loaded, spec, group_ranks.ENGINE)
     with torch.inference_mode():
         return [paged.forward(chunks) for chunks in group_ranks.passes(group_ranks.tables())]
@@ -103,6 +103,23 @@ def test_split_in_two_gives_the_whole_models_logits_and_a_ranks_failure_fails_th
     for got_pass, want_pass in zip(seen["logits"], expected, strict=True):
         for got, want in zip(got_pass, want_pass, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_int8_composes_with_tensor_parallelism(checkpoint, pair):
+    # Each rank quantizes its own slices: the row-parallel layers' scales are taken over each rank's
+    # columns, so the logits are close to the whole int8 model's, not equal.
+    whole = _whole_model_logits(checkpoint, "int8")
+    seen = _seen(pair, "int8", 2)
+    assert seen["weight_type"] == "Int8Tensor"
+    assert seen["errors"] == [None] * len(whole)
+    same = total = 0
+    for got_pass, want_pass in zip(seen["logits"], whole, strict=True):
+        for got, want in zip(got_pass, want_pass, strict=True):
+            assert got.shape == want.shape and bool(torch.isfinite(got).all())
+            assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+            same += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += got.shape[0]
+    assert same / total >= 0.9
 
 
 def test_a_lost_rank_is_an_error_for_rank_zero_not_a_hang(checkpoint, tmp_path):
