@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu chaos bench-failover redis-server chromium wrk clean
+.PHONY: install run test tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench-priorities: install redis-server
 # The stack on the real GPU, the engine's decode step against the memory-bandwidth floor, HF generate, prefill.
 bench-gpu: install redis-server
 	$(PY) bench/gpu.py $(BENCH_ARGS)
+
+# Tensor-parallel groups (CPU ranks here) and int8/int4 weights: the decode pass at batch 1, 8, 32 against the floor.
+bench-parallel: install
+	$(PY) bench/parallel.py $(BENCH_ARGS)
 
 # The paged engine alone: token gaps while a long prompt joins, shared prefixes, KV use, host time per token.
 bench-engine: install

@@ -14,6 +14,9 @@
    against static batches of HF ``generate``.
 3. Prefill through the engine (prompts in chunks of its step token budget, prefix caching off so every
    prompt is computed) at several prompt lengths; peak memory against the engine's KV pool.
+4. (CUDA, not --quick) Tensor-parallel and quantized decode on the first model: bench/parallel.py's rows for
+   each tensor-parallel size the visible GPUs allow, and int8 / int4 weights on one GPU, at batch 1, 8, 32,
+   against the floor of the bytes each rank reads.
 
 On a GPU machine with torch and transformers but no network, carry in:
 
@@ -59,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import torch  # noqa: E402
 
+from bench import parallel  # noqa: E402
 from bench.throughput import PROMPTS, machine, report, summarise  # noqa: E402
 from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
@@ -577,6 +581,7 @@ def main() -> int:
     parser.add_argument("--skip-stack", action="store_true", help="skip part 1 (launcher, redis, worker)")
     parser.add_argument("--skip-mixed", action="store_true", help="skip the mixed-length run")
     parser.add_argument("--skip-prefill", action="store_true", help="skip part 3")
+    parser.add_argument("--skip-parallel", action="store_true", help="skip part 4")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -605,11 +610,27 @@ def main() -> int:
             torch.cuda.empty_cache()
         failed = failed or "error" in models[-1]
     table = render(device, bandwidth, stack, models, sizes)
+    if device.type == "cuda" and not args.quick and not args.skip_parallel:
+        print("part 4: tensor-parallel and quantized decode ...", flush=True)
+        found, error = guarded(lambda: parallel_rows(dirs[names[0]], names[0], bandwidth))
+        failed = failed or error
+        table += "\n" + (f"\nPart 4 failed: {found}" if error else found)
     report(table, record=device.type == "cuda" and not args.quick and not args.no_record)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")
     return 1 if failed else 0
+
+
+def parallel_rows(model_dir: Path, name: str, bandwidth: float) -> str:
+    """Part 4: each tensor-parallel size the visible GPUs allow (and the heads divide), then int8 and int4
+    on one GPU, at batch 1, 8, 32."""
+    heads = SHAPES[name][2]
+    sizes = [n for n in (1, 2, 4, 8) if n <= torch.cuda.device_count() and heads % n == 0]
+    results = [(n, "none", parallel.measure(str(model_dir), "cuda", n, "none", [1, 8, 32], 128, 16)) for n in sizes]
+    results += [(1, q, parallel.measure(str(model_dir), "cuda", 1, q, [1, 8, 32], 128, 16)) for q in ("int8", "int4")]
+    title = f"Part 4: tensor-parallel and quantized decode, {name}, 128-token prompts, median of 16 passes"
+    return "\n".join(parallel.table_lines(title, results, bandwidth))
 
 
 def guarded(part: Callable[[], Any]) -> tuple[Any, bool]:

@@ -21,8 +21,8 @@ the odd-numbered slopes of ``2p`` heads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch

@@ -33,7 +33,8 @@ def passes(tables: list[list[int]]) -> list[list[Chunk]]:
     """A prefill of mixed lengths (the longest split into two chunks, the split inside a block), then two
     decode steps of every row."""
     rows = prompts()
-    first = [Chunk(rows[0], 0, tables[0], ALL), Chunk(rows[1], 0, tables[1], ALL), Chunk(rows[2][:6], 0, tables[2], ALL)]
+    first = [Chunk(rows[0], 0, tables[0], ALL), Chunk(rows[1], 0, tables[1], ALL),
+             Chunk(rows[2][:6], 0, tables[2], ALL)]
     second = [Chunk(rows[2][6:], 6, tables[2], ALL)]
     steps = []
     for step in range(2):
