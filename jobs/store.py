@@ -532,12 +532,9 @@ class JobStore:
                 update={"status": JobStatus.QUEUED, "worker": None, "worker_instance": None, "device_faults": faults}
             )
 
-        job = self._update(job_id, mutate)
-        if job is not None and job.status is JobStatus.QUEUED:
-            # The failing process sends no message (its own consumer could take it as it dies): the
-            # job is marked for any live reaper to send at once.
-            self.redis.zadd(queued_key(job.model), {job_id: SEND_NOW}, xx=True)
-        return job
+        # The failing process sends no message (its own consumer could take it as it dies): the job is
+        # queued marked for any live reaper to send at once, in the same transaction.
+        return self._update(job_id, mutate, queued_score=SEND_NOW)
 
     def to_send_now(self, model: str, limit: int = 500) -> list[str]:
         """``model``'s queued jobs that have no message at all (handed back by a failing worker)."""
@@ -657,11 +654,14 @@ class JobStore:
         mutate: Callable[..., Job | None],
         status_event: bool = True,
         read: Callable[[Any, Job], Any] | None = None,
+        queued_score: float | None = None,
     ) -> Job | None:
         """Apply ``mutate`` atomically; a concurrent writer makes us re-read and try again.
 
         ``read(pipe, job)``: watches and reads other keys the change depends on; its answer is passed to
         ``mutate`` as a second argument, and a change to those keys also makes us try again.
+        ``queued_score``: a job that becomes queued enters the queued index with this score (default: now;
+        ``SEND_NOW``: it has no message and a reaper sends one).
         """
         key = job_key(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -691,7 +691,8 @@ class JobStore:
                         pipe.srem(RUNNING_KEY, job_id)
                     if updated.priority_class == "interactive":
                         if updated.status is JobStatus.QUEUED and before.status is not JobStatus.QUEUED:
-                            pipe.zadd(queued_key(updated.model), {job_id: time.time()})
+                            score = time.time() if queued_score is None else queued_score
+                            pipe.zadd(queued_key(updated.model), {job_id: score})
                         elif before.status is JobStatus.QUEUED and updated.status is not JobStatus.QUEUED:
                             pipe.zrem(queued_key(updated.model), job_id)
                     if status_event and (updated.status != before.status or updated.cancel_requested != before.cancel_requested):
