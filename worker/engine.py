@@ -416,9 +416,10 @@ class Engine:
         if any(item.start < item.seq.prompt_len for item in planned):
             self.prefills += 1  # a pass that reads prompt tokens
         outputs = self._forward(planned)
+        running = set(self.scheduler.running)
         ready: list[tuple[Planned, torch.Tensor]] = []
         for item, logits in zip(planned, outputs, strict=True):
-            if logits is FAILED or item.seq.done.is_set() or item.seq not in self.scheduler.running:
+            if logits is FAILED or item.seq.done.is_set() or item.seq not in running:
                 continue
             self.scheduler.ran(item)
             if item.logits == ALL:

@@ -132,31 +132,35 @@ class Scheduler:
     def plan(self) -> tuple[list[Planned], list[Sequence]]:
         """The rows of the next step and their chunks, and the rows preempted to find blocks for them."""
         preempted: list[Sequence] = []
+        live = set(self.running)  # less those preempted on the way (set lookups: no rows x rows scans)
         decoding = [s for s in self.running if s.pending == 1 and not s.in_prompt]
-        reading = sorted((s for s in self.running if s not in decoding), key=lambda s: s.rank)
+        decoding_rows = set(decoding)
+        reading = sorted((s for s in self.running if s not in decoding_rows), key=lambda s: s.rank)
         planned: list[Planned] = []
         budget = self.step_tokens
         for seq in decoding:
-            if seq not in self.running:
+            if seq not in live:
                 continue  # preempted for an earlier row's block
-            if not self._room_for(seq, len(seq.ids), preempted):
-                continue
-            planned.append(Planned(seq, seq.computed, 1, LAST))
-            budget -= 1
+            fits = self._room_for(seq, len(seq.ids), preempted)
+            live.difference_update(preempted)
+            if fits:
+                planned.append(Planned(seq, seq.computed, 1, LAST))
+                budget -= 1
         for seq in reading:
             if budget <= 0:
                 break
-            if seq not in self.running:
+            if seq not in live:
                 continue
             wants_all = wants_prompt_logprobs(seq)
             count = min(seq.pending, budget, DETAIL_CHUNK if wants_all else seq.pending)
             completes = seq.computed + count == len(seq.ids)
-            if not self._room_for(seq, seq.computed + count, preempted):
-                continue
-            logits = ALL if wants_all else (LAST if completes else NONE)
-            planned.append(Planned(seq, seq.computed, count, logits))
-            budget -= count
-        planned = [p for p in planned if p.seq in self.running]
+            fits = self._room_for(seq, seq.computed + count, preempted)
+            live.difference_update(preempted)
+            if fits:
+                logits = ALL if wants_all else (LAST if completes else NONE)
+                planned.append(Planned(seq, seq.computed, count, logits))
+                budget -= count
+        planned = [p for p in planned if p.seq in live]
         return planned, preempted
 
     def _room_for(self, seq: Sequence, positions: int, preempted: list[Sequence]) -> bool:

@@ -56,7 +56,9 @@ def test_a_job_can_name_another_known_model(client, redis_client):
     assert redis_client.llen("bloomq.bloom-1b7") == 1
 
 
-@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid"])
+# Fixed ids: every test process (pytest-xdist) must collect the same test names.
+@pytest.mark.parametrize("job_id", ["8d3f5a7e-2b1c-4e6f-9a0d-3c5b7e9f1a2d", "not-a-uuid"],
+                         ids=["unknown-uuid", "not-a-uuid"])
 def test_unknown_job_is_a_json_404(client, job_id):
     response = client.get(f"/api/v1/jobs/{job_id}")
     assert response.status_code == 404

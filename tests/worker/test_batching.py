@@ -137,6 +137,9 @@ class OOMAbove:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return self.paged.forward(chunks)
 
+    def __getattr__(self, name):  # everything else (idle, close, ...) is the paged model's
+        return getattr(self.paged, name)
+
 
 def test_out_of_memory_splits_the_batch_and_every_job_still_matches(loaded):
     eng = make_engine(loaded, max_batch_size=8)

@@ -50,6 +50,9 @@ class Wrapped:
     def forward(self, chunks):
         return self.paged.forward(chunks)
 
+    def __getattr__(self, name):  # everything else (idle, close, ...) is the paged model's
+        return getattr(self.paged, name)
+
 
 def decoding(chunks) -> bool:
     """A pass of decoding rows only (one token each)."""
