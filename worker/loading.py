@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from config.models import ModelSpec
 from worker.quantize import QuantizationError, quantize
-from worker.sharding import PeakMemory, Shard, load_shard
+from worker.sharding import Shard, load_shard
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,11 @@ def _load_shard(spec: ModelSpec, device: torch.device, dtype: torch.dtype, rank:
         directory = _local_checkpoint(spec.source)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         shard = Shard.of(AutoConfig.from_pretrained(directory), rank, world)
-        with PeakMemory() as peak:
-            model = load_shard(directory, shard, dtype, device)
+        model = load_shard(directory, shard, dtype, device)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load rank {rank} of {world} of {spec.source!r}: {exc}\n{_HINT}") from exc
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, load_peak_bytes=peak.peak_bytes)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+                       load_peak_bytes=model.bloomq_load_peak_bytes)
 
 
 def _local_checkpoint(source: str) -> str:

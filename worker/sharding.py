@@ -14,13 +14,21 @@ How the weights are split (the Megatron layout TGI and vLLM use):
 - the LayerNorms whole on every rank.
 
 Loading builds the model on the ``meta`` device (no memory) and reads each tensor's slice straight from
-the safetensors files (``safe_open(...).get_slice``), so a rank's peak host memory is about its share.
+the safetensors files (``StoredTensor``: the file's header gives each tensor's offset; a row range is one
+read, a column range is read a block of rows at a time), so a rank's resident memory grows by its share
+only. (Memory-mapping the file, as ``safe_open`` does, would leave the tensors backed by the file's pages:
+a rank's weights would then count the pages of every row its column slices cross, and be read from disk
+lazily during the first passes.)
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,12 +110,11 @@ class Shard:
         return WHOLE, 0, 0
 
     def take(self, name: str, full: Any) -> torch.Tensor:
-        """This rank's part of parameter ``name``, from ``full`` (a tensor or a safetensors slice: only the
-        part is read)."""
+        """This rank's part of parameter ``name``, from ``full`` (a tensor, or a ``StoredTensor``: only the
+        part is read from the file)."""
         how, start, stop = self.span(name)
         if how == ROW:
-            rows = full.get_shape()[0] if hasattr(full, "get_shape") else full.shape[0]
-            part = full[start : min(stop, rows)]
+            part = full[start : min(stop, full.shape[0])]
             if part.shape[0] < stop - start:  # the last vocabulary part, padded
                 pad = torch.zeros((stop - start - part.shape[0], *part.shape[1:]), dtype=part.dtype)
                 part = torch.cat([part, pad])
@@ -133,6 +140,65 @@ def checkpoint_files(source: str | Path) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+COLUMN_BLOCK_BYTES = 32 * 2**20  # whole rows read at once while taking a column range (a bounded buffer)
+
+
+class StoredTensor:
+    """One tensor of a safetensors file, read on demand: ``stored[a:b]`` (rows), ``stored[:, a:b]``
+    (columns, 2-D), ``stored[:]`` (all) read just those bytes into memory this process owns."""
+
+    def __init__(self, handle: Any, base: int, entry: dict[str, Any]) -> None:
+        self.handle = handle
+        self.dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        self.shape = tuple(entry["shape"])
+        self.offset = base + entry["data_offsets"][0]
+        self.row_bytes = math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, tuple):
+            rows, columns = index
+            assert rows == slice(None) and len(self.shape) == 2, "columns of a 2-D tensor only"
+            return self._columns(columns.start, columns.stop)
+        start, stop, _ = index.indices(self.shape[0] if self.shape else 1)
+        if not self.shape:
+            return self._read(self.offset, 1).reshape(())
+        return self._read(self.offset + start * self.row_bytes, (stop - start) * self.row_bytes).reshape(
+            stop - start, *self.shape[1:])
+
+    def _columns(self, start: int, stop: int) -> torch.Tensor:
+        rows, _ = self.shape
+        out = torch.empty((rows, stop - start), dtype=self.dtype)
+        block = max(1, COLUMN_BLOCK_BYTES // max(1, self.row_bytes))
+        for first in range(0, rows, block):
+            count = min(block, rows - first)
+            whole = self._read(self.offset + first * self.row_bytes, count * self.row_bytes).reshape(count, -1)
+            out[first : first + count] = whole[:, start:stop]
+        return out
+
+    def _read(self, offset: int, size: int) -> torch.Tensor:
+        buffer = bytearray(size)
+        if size:
+            self.handle.seek(offset)
+            if self.handle.readinto(buffer) != size:
+                raise ShardingError(f"{self.handle.name}: the file ends before the tensor does")
+        return torch.frombuffer(buffer, dtype=self.dtype) if size else torch.empty(0, dtype=self.dtype)
+
+
+def stored_tensors(path: Path) -> Iterator[tuple[str, StoredTensor]]:
+    """Every tensor of a safetensors file, by name, nothing read yet."""
+    with open(path, "rb", buffering=0) as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            yield name, StoredTensor(handle, 8 + length, entry)
+
+
 def _model_name(key: str) -> str:
     """A checkpoint key as the model names it (the hub's BLOOM files leave out ``transformer.``)."""
     if key.startswith(("transformer.", "lm_head.")):
@@ -142,8 +208,8 @@ def _model_name(key: str) -> str:
 
 def load_shard(source: str | Path, shard: Shard, dtype: torch.dtype, device: torch.device) -> Any:
     """``BloomForCausalLM`` holding only ``shard``'s part of the checkpoint in ``source`` (a directory),
-    built without materialising the whole model. The tied LM head is the embedding's part."""
-    from safetensors import safe_open
+    built without materialising the whole model. The tied LM head is the embedding's part. The rise in
+    resident memory while the weights were read is left in ``bloomq_load_peak_bytes``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source)
@@ -151,13 +217,13 @@ def load_shard(source: str | Path, shard: Shard, dtype: torch.dtype, device: tor
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    for path in checkpoint_files(source):
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+    with PeakMemory() as peak:  # reading the weights (the code and the empty model are not counted)
+        for path in checkpoint_files(source):
+            for key, stored in stored_tensors(path):
                 name = _model_name(key)
                 if name == "lm_head.weight" or name not in params:
                     continue  # tied to the embedding / not a parameter of this architecture
-                tensor = shard.take(name, handle.get_slice(key)).to(dtype=dtype)
+                tensor = shard.take(name, stored).to(dtype=dtype)
                 _set_parameter(model, name, tensor.to(device))
                 loaded.add(name)
     missing = sorted(set(params) - loaded - {"lm_head.weight"})
@@ -166,6 +232,7 @@ def load_shard(source: str | Path, shard: Shard, dtype: torch.dtype, device: tor
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     model.lm_head.weight = model.transformer.word_embeddings.weight
     model.bloomq_shard = shard
+    model.bloomq_load_peak_bytes = peak.peak_bytes
     return model.eval()
 
 
