@@ -46,7 +46,12 @@ class JobRunner:
         instance: str | None = None,
         requeue: Callable[[Job], None] | None = None,
         result_patience: float = 600.0,
+        replicas: tuple[int, float] | None = None,
     ) -> None:
+        """``replicas``: (how many, seconds): a final result is waited on until that many Redis replicas
+        have it (BLOOMQ_REDIS_MIN_REPLICAS), before the job's message is acknowledged, so a failover right
+        after cannot lose the result of a job whose message is gone (which would run it twice)."""
+        self.replicas = replicas
         self.store = store
         self.instance = instance or worker_name
         self.engine = engine
@@ -215,6 +220,14 @@ class JobRunner:
         if job is None:
             log.warning("job %s: not stored: it was finished or taken over elsewhere first", job_id)
             return
+        if self.replicas is not None:
+            count, seconds = self.replicas
+            try:
+                if not self.store.replicated([job_id], count, seconds):
+                    log.warning("job %s: its result reached fewer than %d replica(s) within %.1fs", job_id, count,
+                                seconds)
+            except redis.RedisError as exc:
+                log.warning("job %s: could not wait for replicas: %s", job_id, exc)
         output = job.output
         log.info(
             "job %s: %s, %d tokens (%s)",

@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     def requeue(job: Job) -> None:
         enqueue(app, batch_queue, job)
 
+    replicas = ((settings.redis_min_replicas, settings.redis_replica_wait_seconds)
+                if settings.redis_min_replicas else None)
     runner = JobRunner(store, engine, name, instance=instance, requeue=requeue,
-                       result_patience=settings.result_patience_seconds)
+                       result_patience=settings.result_patience_seconds, replicas=replicas)
     register_tasks(app, runner)
     sender = WebhookSender(store, settings.webhook_secret, settings.webhook_allow,
                            timeout=settings.webhook_timeout_seconds)
