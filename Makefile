@@ -33,8 +33,10 @@ wrk:
 run: install redis-server
 	$(PY) scripts/stack.py
 
+# Test files run in parallel, one process per core, each file whole in one process (its module-scoped stack
+# is started once); PYTEST_ARGS='-n 0' runs them one by one.
 test: install redis-server chromium
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 # A tiny random BLOOM checkpoint to try the stack without downloading weights.
 tiny: install

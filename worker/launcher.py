@@ -207,11 +207,14 @@ def check_fits(spec: ModelSpec, plan: list[WorkerPlan], quantization: str) -> No
     """Refuse, before anything loads, a placement that cannot fit on this machine's GPUs (when the model's
     shape and the cards are known)."""
     shape = shape_of(spec)
+    ranks = plan[0].ranks if plan else 1
+    if shape is not None and shape.n_head % ranks:
+        raise PlacementError(f"{spec.name} has {shape.n_head} attention heads, which do not divide into a "
+                             f"tensor-parallel size of {ranks}")
     cards = gpu_cards()
     if shape is None or not cards or not plan or plan[0].cuda_visible_devices is None:
         return
     card = min(cards, key=lambda c: c.memory_bytes)
-    ranks = plan[0].ranks
     reason = refusal(shape, spec.max_total_tokens, len(cards), card, quantization, ranks)
     if reason is not None:
         try:

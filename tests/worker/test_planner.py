@@ -69,3 +69,10 @@ def test_plan_command_prints_every_option_and_the_choice():
     refused = subprocess.run([sys.executable, "-m", "worker", "--model", "bloom", "--plan", "--gpus-spec", "A10"],
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 1 and "refused: no placement fits" in refused.stdout
+
+
+def test_the_launcher_refuses_a_split_the_heads_do_not_allow_before_loading():
+    run = subprocess.run([sys.executable, "-m", "worker", "--model", "bloom-560m", "--gpus", "none",
+                          "--tensor-parallel", "3", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "16 attention heads, which do not divide into a tensor-parallel size of 3" in run.stderr
