@@ -19,11 +19,16 @@ from jobs.batches import BatchStore
 from jobs.celery_app import make_celery
 from jobs.store import JobStore, connect
 from jobs.workers import WorkerDirectory
+from web.api import api
 from web.auth import csrf, init_auth
+from web.batches_api import batches_api
 from web.errors import register_error_handlers
 from web.feeds import JobFeeds
 from web.limits import charge, limiter
+from web.openai_api import openai_api
 from web.service import JobService
+from web.tgi_api import tgi_api
+from web.views import views
 from web.watchers import WatcherSlots
 
 
@@ -57,12 +62,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloomq.feeds"] = JobFeeds(service.store)
 
     app.extensions["bloomq.started"] = int(time.time())
-
-    from web.api import api
-    from web.batches_api import batches_api
-    from web.openai_api import openai_api
-    from web.tgi_api import tgi_api
-    from web.views import views
 
     init_auth(app, settings)
     limiter.init_app(app)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.metadata
 import json
 import logging
 import math
@@ -22,13 +21,13 @@ from pydantic import ValidationError
 from jobs.schema import Job, JobRequest, JobStatus
 from jobs.store import CancelOutcome, OwnedPosition
 from web.auth import authenticate_api, current_owner, is_operator
-from web.context import current_service
+from web.bodies import idempotency_key, read_json_object
+from web.context import current_service, version
 from web.errors import ApiError, validation_error
 from web.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
-from web.limits import who
 from web.metrics import render_metrics
 from web.openapi import WorkerSummary, build_openapi
-from web.watchers import Watch, WatcherSlots
+from web.watchers import watch
 
 log = logging.getLogger(__name__)
 
@@ -47,37 +46,6 @@ def job_resource(job: Job) -> dict[str, Any]:
     if not is_operator():
         body.update(dict.fromkeys(OPERATOR_FIELDS))
     return body
-
-
-def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 415/400 ApiError saying what is wrong with it."""
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "payload_too_large", f"the body is over the limit of {limit} bytes")
-    if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # Python's JSON reader recurses once per nesting level
-        raise ApiError(400, "bad_request", "the body is nested too deeply to be a job request") from None
-    if body is None:
-        raise ApiError(400, "bad_request", "the body is not valid JSON")
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
-    return body
-
-
-MAX_IDEMPOTENCY_KEY = 255
-
-
-def idempotency_key() -> str | None:
-    """The request's ``Idempotency-Key`` header (None without one), or a 400 naming it when it is not 1 to
-    255 characters: the same rule on every route that takes one."""
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
-        message = f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
-        raise ApiError(400, "bad_request", f"Idempotency-Key {message}", [{"name": "Idempotency-Key", "message": message}])
-    return key
 
 
 @api.post(f"{PREFIX}/jobs")
@@ -179,12 +147,6 @@ def get_job(job_id: str) -> Response:
     with watch(wait):
         job = svc.wait(job_id, wait, current_owner())
     return jsonify(job_resource(job))
-
-
-def watch(seconds: float) -> Watch:
-    """A watcher slot for this client, held while a long poll or stream waits (429/503 when full)."""
-    slots: WatcherSlots = current_app.extensions["bloomq.watchers"]
-    return slots.acquire(who(), seconds)
 
 
 def _wait_seconds(raw: str | None) -> float:
@@ -323,14 +285,6 @@ def metrics() -> Response:
 def openapi() -> Response:
     """The OpenAPI document of this API."""
     return jsonify(build_openapi(version()))
-
-
-def version() -> str:
-    """This package's version ("0" when it is not installed)."""
-    try:
-        return importlib.metadata.version("bloomq")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
 
 
 _STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")  # Redis stream ids: two 64-bit numbers

@@ -3,6 +3,8 @@ compatible request made."""
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from flask import current_app
 
 from web.service import JobService
@@ -13,3 +15,11 @@ JOB_ID_HEADER = "X-Bloomq-Job-Id"  # on OpenAI- and TGI-compatible answers: the 
 def current_service() -> JobService:
     """The job service of the app handling this request."""
     return current_app.extensions["bloomq"]
+
+
+def version() -> str:
+    """This package's version ("0" when it is not installed)."""
+    try:
+        return importlib.metadata.version("bloomq")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"

@@ -23,6 +23,7 @@ class ApiError(Exception):
         message: str,
         fields: list[dict[str, str]] | None = None,
         retry_after: int | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -30,6 +31,7 @@ class ApiError(Exception):
         self.message = message
         self.fields = fields or []
         self.retry_after = retry_after
+        self.extra = extra or {}  # more members of the error object (OpenAI's ``errors`` list of a batch file)
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "message": self.message, "fields": self.fields}}
@@ -59,29 +61,59 @@ class ClientGone(Exception):
     """The client of a waiting request closed its connection (nobody is left to answer)."""
 
 
-def _body(err: ApiError) -> dict[str, Any]:
-    """The error in the shape the path's clients expect: OpenAI's under /v1, TGI's under /models."""
-    if request.path.startswith("/v1/"):
-        param = err.fields[0]["name"] if err.fields else None
-        kind = "server_error" if err.status >= 500 else "invalid_request_error"
-        return {"error": {"message": err.message, "type": kind, "param": param, "code": err.type}}
-    if request.path.startswith("/models/"):
-        return {"error": err.message, "error_type": err.type}
-    return err.to_dict()
+# -- the error shape of each surface: one formatter each ----------------------------------------------
+
+def native_error(err: ApiError) -> tuple[dict[str, Any], int]:
+    """bloomq's own shape: ``{"error": {"type", "message", "fields"}}``."""
+    return err.to_dict(), err.status
+
+
+_OPENAI_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                 409: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 429: "rate_limit_error"}
+
+
+def openai_error(err: ApiError) -> tuple[dict[str, Any], int]:
+    """OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``; a request OpenAI calls invalid
+    is a 400 (never a 422)."""
+    status = 400 if err.status == 422 else err.status
+    kind = _OPENAI_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    param = err.fields[0]["name"] if err.fields else None
+    return {"error": {"message": err.message, "type": kind, "param": param, "code": err.type, **err.extra}}, status
+
+
+_TGI_KINDS = {422: "validation", 400: "validation", 413: "validation", 415: "validation", 429: "overloaded",
+              401: "unauthorized", 404: "not_found", 424: "generation"}
+
+
+def tgi_error(err: ApiError) -> tuple[dict[str, Any], int]:
+    """TGI's shape: ``{"error": "...", "error_type": "validation" | "overloaded" | ...}``; an invalid field
+    is a 422, as TGI answers."""
+    status = 422 if err.status == 400 and err.fields else err.status
+    return {"error": err.message, "error_type": _TGI_KINDS.get(err.status, err.type)}, status
+
+
+def _formatter(path: str):  # noqa: ANN202 - one of the three above
+    if path.startswith("/v1/"):
+        return openai_error
+    if path.startswith("/models/"):
+        return tgi_error
+    return native_error
 
 
 def _json(err: ApiError) -> Response:
-    response = jsonify(_body(err))
-    response.status_code = err.status
+    body, status = _formatter(request.path)(err)
+    response = jsonify(body)
+    response.status_code = status
     if err.retry_after is not None:
         response.headers["Retry-After"] = str(err.retry_after)
-    if err.status == 401:
+    if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="bloomq"'
     return response
 
 
 def register_error_handlers(app: Flask) -> None:
-    """JSON errors under /api, friendly pages elsewhere."""
+    """JSON errors under /api, /v1 and /models, each in its surface's shape; friendly pages elsewhere."""
 
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError) -> Any:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.schema import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
-from web.errors import ApiError
+from jobs.schema import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, JobRequest
+from web.errors import ApiError, field_errors
 
 MAX_CHOICES = 8  # n, and prompts in one request, times each other
 
@@ -134,3 +134,41 @@ def check_completion(req: CompletionRequest) -> None:
     bad = req.unsupported()
     if bad:
         raise ApiError(422, "invalid_request_error", bad[1], [{"name": bad[0], "message": bad[1]}])
+
+
+def job_requests(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_limit: bool, total: int
+                 ) -> list[JobRequest]:
+    """One job request per (prompt, parameters); an error naming the OpenAI parameter when one is refused."""
+    requests = []
+    for prompt, params in inputs:
+        if to_the_limit:
+            params = {**params, "max_length": total}
+        try:
+            requests.append(JobRequest.model_validate({"inputs": prompt, "model": model, "parameters": params}))
+        except ValidationError as exc:
+            raise _invalid_parameters(exc) from None
+    return requests
+
+
+# Job API names -> the OpenAI parameter a client sent
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "inputs": "prompt",
+                 "top_n_tokens": "logprobs", "seed": "seed", "stop": "stop"}
+
+
+def openai_name(name: str) -> str:
+    parts = name.split(".")
+    leaf = parts[1] if parts[0] == "parameters" and len(parts) > 1 else parts[0]
+    return _OPENAI_NAMES.get(leaf, leaf)
+
+
+def _invalid_parameters(exc: ValidationError) -> ApiError:
+    fields = [{"name": openai_name(f["name"]), "message": f["message"]} for f in field_errors(exc)]
+    return ApiError(422, "invalid_request_error", f"{fields[0]['name']}: {fields[0]['message']}", fields)
+
+
+def renamed(err: ApiError) -> ApiError:
+    """A job API error with its fields named as the OpenAI parameters the client sent."""
+    fields = [{"name": openai_name(f["name"]), "message": f["message"]} for f in err.fields]
+    return ApiError(err.status, err.type, err.message, fields, err.retry_after)
+
+

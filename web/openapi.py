@@ -19,6 +19,8 @@ from jobs.batches import (
 )
 from jobs.schema import API_JOBS_PATH, JobRequest, JobResource, JobStatus
 from jobs.workers import WorkerInfo
+from web.openai_schema import ChatRequest, CompletionRequest
+from web.tgi_schema import TgiRequest
 
 REF = "#/components/schemas/{model}"
 
@@ -518,9 +520,6 @@ def _batch_paths() -> dict[str, Any]:
 
 def build_openapi(version: str) -> dict[str, Any]:
     """The whole document."""
-    from web.openai_schema import ChatRequest, CompletionRequest
-    from web.tgi_api import TgiRequest  # (it imports the API, which imports this)
-
     models = [*_MODELS, *_COMPATIBLE_MODELS, (CompletionRequest, "validation"), (ChatRequest, "validation"),
               (TgiRequest, "validation")]
     _, top = models_json_schema(models, ref_template=REF)

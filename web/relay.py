@@ -25,7 +25,7 @@ from jobs.schema import Job
 from web.errors import ApiError, ClientGone
 from web.feeds import KEEPALIVE_SECONDS, JobFeeds
 from web.service import JobService
-from web.watchers import Watch
+from web.watchers import Watch, watch
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ def client_gone() -> bool:
 def watched_submission(svc: JobService, submit: Callable[[], list[Job]]) -> tuple[Watch, list[Job]]:
     """The client's watcher slot, then its jobs (``submit()``): a client at its cap is refused before any
     job exists, and the slot is given back when the jobs are refused."""
-    from web.api import watch  # (the API module imports the service this one uses)
-
     slot = watch(svc.settings.compat_wait_limit)
     try:
         return slot, submit()

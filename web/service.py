@@ -54,7 +54,7 @@ class JobService:
     def __post_init__(self) -> None:
         self.batch_queue = BatchQueue(self.store.redis)
 
-    def prepare(self, request: JobRequest, owner: str | None = None, batch: BatchLine | None = None) -> Job:
+    def prepare(self, request: JobRequest, owner: str | None = None, batch: BatchOrigin | None = None) -> Job:
         """The job ``request`` makes, checked with every rule a job must meet (model known, lengths within
         its limits, webhook allowed, timeout within the maximum); nothing is written. ``batch``: the job is a
         line of a batch (batch priority class, the batch's deadline)."""
@@ -317,7 +317,7 @@ def _owned(job: Job | None, owner: str | None) -> Job | None:
 
 
 @dataclass(frozen=True)
-class BatchLine:
+class BatchOrigin:
     """What makes a job a line of a batch."""
 
     batch_id: str

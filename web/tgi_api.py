@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from config.models import ModelSpec
 from jobs.schema import MAX_STOP_SEQUENCES, FinishReason, Job, JobRequest, TokenDetail
-from web.api import read_json_object, version
 from web.auth import authenticate_api, current_owner
-from web.context import JOB_ID_HEADER, current_service
+from web.bodies import read_json_object
+from web.context import JOB_ID_HEADER, current_service, version
 from web.errors import ApiError, field_errors
 from web.feeds import JobFeeds
 from web.relay import (
@@ -31,60 +31,11 @@ from web.relay import (
     wait_until_succeeded,
     watched_submission,
 )
+from web.tgi_schema import MAX_BEST_OF, TgiRequest
 from web.watchers import Watch
-
-MAX_BEST_OF = 2
 
 tgi_api = Blueprint("tgi_api", __name__, url_prefix="/models")
 tgi_api.before_request(authenticate_api)
-
-
-class TgiParameters(BaseModel):
-    """TGI's parameters. Unknown ones are ignored, as TGI does; known ones are checked."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
-    decoder_input_details: bool = False
-    details: bool = False
-    do_sample: bool | None = None
-    max_new_tokens: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = None
-    return_full_text: bool | None = None
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_n_tokens: int | None = None
-    top_p: float | None = None
-    truncate: int | None = None
-    typical_p: float | None = None
-    # TGI features bloomq does not have: refused when asked for, so nothing is silently different
-    frequency_penalty: float | None = None
-    grammar: Any = None
-    watermark: bool = False
-    adapter_id: str | None = None
-
-
-class TgiRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    inputs: str = Field(min_length=1)
-    parameters: TgiParameters = Field(default_factory=TgiParameters)
-    stream: bool = False
-
-
-@tgi_api.errorhandler(ApiError)
-def _tgi_error(err: ApiError) -> Response:
-    """TGI's error shape: ``{"error": "...", "error_type": "validation" | "overloaded" | ...}``."""
-    kind = {422: "validation", 400: "validation", 413: "validation", 415: "validation", 429: "overloaded",
-            401: "unauthorized", 404: "not_found", 424: "generation"}.get(err.status, err.type)
-    status = 422 if err.status == 400 and err.fields else err.status
-    response = jsonify({"error": err.message, "error_type": kind})
-    response.status_code = status
-    if err.retry_after is not None:
-        response.headers["Retry-After"] = str(err.retry_after)
-    return response
 
 
 def _spec(name: str) -> ModelSpec:

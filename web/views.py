@@ -12,6 +12,7 @@ from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
 from web.auth import authenticate_page, current_owner, is_operator
+from web.batch_service import BatchFileError, accept_upload, own_batch, start_batch, your_batches
 from web.context import current_service
 from web.errors import ApiError, field_errors
 
@@ -111,7 +112,6 @@ def batches_page() -> str:
 def submit_batch() -> Response | tuple[str, int]:
     """Start a batch from the uploaded file (the same limits and checks as the Batch API); redirect to its
     page, or show the form again with messages."""
-    from web.batches_api import BatchFileError, accept_upload, start_batch
 
     settings = current_service().settings
     upload = request.files.get("file")
@@ -141,13 +141,11 @@ def submit_batch() -> Response | tuple[str, int]:
 @views.get("/batches/<batch_id>")
 def batch_page(batch_id: str) -> str:
     """One batch: progress (the page refreshes itself while it runs), errors, and its result files."""
-    from web.batches_api import own_batch
 
     return render_template("batch.html", batch=own_batch(batch_id))
 
 
 def _your_batches() -> list[Any]:
-    from web.batches_api import your_batches
 
     return your_batches(20)[0]
 

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import redis
+from flask import current_app
 
 from web.errors import ApiError
+from web.limits import who
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +138,9 @@ class WatcherSlots:
     def _give_back(self) -> None:
         with self._lock:
             self._held -= 1
+
+
+def watch(seconds: float) -> Watch:
+    """A watcher slot for this client, held while a long poll or stream waits (429/503 when full)."""
+    slots: WatcherSlots = current_app.extensions["bloomq.watchers"]
+    return slots.acquire(who(), seconds)

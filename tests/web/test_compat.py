@@ -180,7 +180,7 @@ def test_lines_left_at_the_end_of_the_window_expire_the_batch(client, redis_clie
     from datetime import timedelta
 
     from jobs.schema import utcnow
-    from web.batches_api import _store
+    from web.batch_service import batch_store
 
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
               "body": {"model": "bloom-560m", "prompt": "hi", "max_tokens": 3}} for i in range(2)]
@@ -192,7 +192,7 @@ def test_lines_left_at_the_end_of_the_window_expire_the_batch(client, redis_clie
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 2
     store = client.application.extensions["bloomq"].store
     with client.application.app_context():
-        job_ids = [job_id for line in _store().lines(batch["id"]) for job_id in line.job_ids]
+        job_ids = [job_id for line in batch_store().lines(batch["id"]) for job_id in line.job_ids]
     past = utcnow() - timedelta(seconds=1)
     for job_id in job_ids:  # the window ran out with no worker to take the lines
         store._update(job_id, lambda job: job.model_copy(update={"deadline": past}))
