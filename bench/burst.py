@@ -31,22 +31,13 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.throughput import _up, machine, pct, report, seconds_between  # noqa: E402
+from bench.common import machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
 from jobs.store import job_stream_key  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-burst"
 PROMPTS = ["Once upon a time", "从前有一座山", "def quicksort(items):", "The history of the printing press"]
 HEARTBEAT = 0.5  # seconds: the worker reports its prefill count this often
-
-
-def build_model(model_dir: Path) -> Path:
-    """A random BLOOM of 512 hidden, 8 layers (a decode step of some ms on a CPU), built once."""
-    if (model_dir / "config.json").exists():
-        return model_dir
-    from worker.tiny import build_tiny_bloom
-
-    return build_tiny_bloom(model_dir, hidden_size=512, n_layer=8, n_head=8)
 
 
 def prefills(base: str) -> int:
@@ -118,7 +109,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(x) for x in args.bursts.split(",")]
     waits = [x.strip() for x in args.wait_ms.split(",")]
-    model_dir = build_model(args.model_dir)
+    model_dir = mid_bloom(args.model_dir)
     LOGS.mkdir(parents=True, exist_ok=True)
     redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="bloomq-bench-redis-"))).start()
     client = redis.Redis.from_url(redis_server.url)
@@ -129,7 +120,7 @@ def main() -> int:
     web = start_web(redis_server.url, str(model_dir), LOGS / "web.log", port, **env)
     rows = []
     try:
-        wait_for(lambda: _up(base), timeout=30, what="web")
+        wait_for(lambda: web_up(base), timeout=30, what="web")
         for wait_ms in waits:
             worker = start_worker(redis_server.url, str(model_dir), LOGS / f"worker-wait{wait_ms}.log",
                                   BLOOMQ_BATCH_WAIT_MS=wait_ms, **env)

@@ -20,28 +20,11 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.throughput import machine  # noqa: E402
+from bench.common import chaos_model, fresh_logs, machine  # noqa: E402
 from tests.chaos import run_chaos  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "chaos"
-
-
-def chaos_model() -> Path:
-    """The tiny random BLOOM the chaos runs use (built once, kept under .models)."""
-    from worker.tiny import build_tiny_bloom
-
-    model = ROOT / ".models" / "chaos-bloom"
-    if not (model / "config.json").exists():
-        build_tiny_bloom(model, hidden_size=256, n_layer=4, n_head=4)
-    return model
-
-
-def fresh_logs(folder: Path) -> None:
-    """An empty log folder for this run's processes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.log"):
-        old.unlink()
 
 
 def main() -> int:

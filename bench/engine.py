@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.throughput import PROMPTS, machine, report, workload  # noqa: E402
+from bench.common import PROMPTS, machine, report, workload  # noqa: E402
 from config.models import resolve_model  # noqa: E402
 from jobs.schema import GenerateParameters  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402

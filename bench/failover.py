@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.chaos import chaos_model, fresh_logs  # noqa: E402
-from bench.throughput import _up, machine  # noqa: E402
+from bench.common import chaos_model, fresh_logs, machine, web_up  # noqa: E402
 from jobs.store import connect  # noqa: E402
 from tests.failover import describe, run_failover  # noqa: E402
 from tests.support import SentinelCluster, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
@@ -64,7 +63,7 @@ def measure_latency(cluster: SentinelCluster, model: Path, jobs: int) -> list[st
                         **{**ENV, "BLOOMQ_LOG_LEVEL": "WARNING", "BLOOMQ_REDIS_MIN_REPLICAS": str(replicas)})
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_for(lambda: _up(base), timeout=30, what="the web")
+            wait_for(lambda: web_up(base), timeout=30, what="the web")
             submit_latency(base, 20)  # warm up both gunicorn processes
             rows.append(latency_row(replicas, submit_latency(base, jobs)))
         finally:

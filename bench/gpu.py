@@ -62,8 +62,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import torch  # noqa: E402
 
-from bench import parallel  # noqa: E402
-from bench.throughput import PROMPTS, machine, report, summarise  # noqa: E402
+from bench.common import PROMPTS, machine, report, summarise  # noqa: E402
 from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from jobs.schema import GenerateParameters  # noqa: E402
@@ -612,7 +611,7 @@ def main() -> int:
     table = render(device, bandwidth, stack, models, sizes)
     if device.type == "cuda" and not args.quick and not args.skip_parallel:
         print("part 4: tensor-parallel and quantized decode ...", flush=True)
-        found, error = guarded(lambda: parallel_rows(dirs[names[0]], names[0], bandwidth))
+        found, error = guarded(lambda: parallel_rows(args.cache, names[0]))
         failed = failed or error
         table += "\n" + (f"\nPart 4 failed: {found}" if error else found)
     report(table, record=device.type == "cuda" and not args.quick and not args.no_record)
@@ -622,15 +621,18 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def parallel_rows(model_dir: Path, name: str, bandwidth: float) -> str:
-    """Part 4: each tensor-parallel size the visible GPUs allow (and the heads divide), then int8 and int4
-    on one GPU, at batch 1, 8, 32."""
-    heads = SHAPES[name][2]
+def parallel_rows(cache: Path, name: str) -> str:
+    """Part 4: bench/parallel.py (run as its own program) for each tensor-parallel size the visible GPUs
+    allow (and the heads divide), then int8 and int4 on one GPU, at batch 1, 8, 32."""
+    hidden, layers, heads, vocab = SHAPES[name]
     sizes = [n for n in (1, 2, 4, 8) if n <= torch.cuda.device_count() and heads % n == 0]
-    results = [(n, "none", parallel.measure(str(model_dir), "cuda", n, "none", [1, 8, 32], 128, 16)) for n in sizes]
-    results += [(1, q, parallel.measure(str(model_dir), "cuda", 1, q, [1, 8, 32], 128, 16)) for q in ("int8", "int4")]
-    title = f"Part 4: tensor-parallel and quantized decode, {name}, 128-token prompts, median of 16 passes"
-    return "\n".join(parallel.table_lines(title, results, bandwidth))
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "parallel.md"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--device", "cuda",
+                        "--tp", ",".join(map(str, sizes)), "--quantize", "none,int8,int4", "--hidden", str(hidden),
+                        "--layers", str(layers), "--heads", str(heads), "--vocab", str(vocab or 250880),
+                        "--cache", str(cache), "--no-record", "--out", str(out)], check=True)
+        return f"Part 4: tensor-parallel and quantized decode, {name} shape\n" + out.read_text()
 
 
 def guarded(part: Callable[[], Any]) -> tuple[Any, bool]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from bench.throughput import machine, report  # noqa: E402
+from bench.common import machine, random_bloom, report  # noqa: E402
 from config.models import resolve_model  # noqa: E402
 from worker.engine import EngineConfig, paged_model  # noqa: E402
 from worker.group import Group, GroupEnv, follow  # noqa: E402
@@ -118,12 +118,8 @@ def measure(checkpoint: str, device_type: str, world: int, quantization: str, ba
 
 
 def build_checkpoint(cache: Path, hidden: int, layers: int, heads: int, vocab: int) -> Path:
-    from worker.tiny import build_tiny_bloom
-
     path = cache / f"bloom-h{hidden}-l{layers}-n{heads}-v{vocab}"
-    if not (path / "config.json").exists():
-        build_tiny_bloom(path, hidden_size=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, init_std=0.02)
-    return path
+    return random_bloom(path, hidden_size=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, init_std=0.02)
 
 
 def table_lines(title: str, results: list[tuple[int, str, dict]], bandwidth: float) -> list[str]:
@@ -152,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--cache", type=Path, default=ROOT / ".models" / "bench")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     checkpoint = str(build_checkpoint(args.cache, args.hidden, args.layers, args.heads, args.vocab))
@@ -168,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
              f"Machine: {machine() if args.device == 'cpu' else torch.cuda.get_device_name(0)}. Random BLOOM, hidden "
              f"{args.hidden}, {args.layers} layers, {args.heads} heads, vocabulary {args.vocab}; {args.prompt}-token "
              f"prompts, median of {args.steps} decode passes; copy bandwidth {bandwidth / 1e9:.1f} GB/s.")
-    report("\n".join(table_lines(title, results, bandwidth)), record=not args.no_record)
+    text = "\n".join(table_lines(title, results, bandwidth))
+    report(text, record=not args.no_record)
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 

@@ -28,8 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.burst import build_model  # noqa: E402
-from bench.throughput import _up, machine, pct, report, seconds_between  # noqa: E402
+from bench.common import machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-priorities"
@@ -127,7 +126,7 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=ROOT / ".models" / "bench-burst-bloom")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
-    model_dir = build_model(args.model_dir)
+    model_dir = mid_bloom(args.model_dir)
     LOGS.mkdir(parents=True, exist_ok=True)
     redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="bloomq-bench-redis-"))).start()
     port = free_port()
@@ -137,7 +136,7 @@ def main() -> int:
     web = start_web(redis_server.url, str(model_dir), LOGS / "web.log", port, **env)
     worker = start_worker(redis_server.url, str(model_dir), LOGS / "worker.log", **env)
     try:
-        wait_for(lambda: _up(base), timeout=30, what="web")
+        wait_for(lambda: web_up(base), timeout=30, what="web")
         wait_for(lambda: live_workers(base, _auth(KEYS[0])) >= 1, timeout=120, what="worker")
         print("batch + interactive probes, with priorities ...", flush=True)
         prio = with_priorities(base, args, model_dir.name)

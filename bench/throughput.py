@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import random
 import re
 import shutil
-import statistics
-import subprocess
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,46 +35,10 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
+from bench.common import PROMPTS, bloom_560m_shape, machine, pct, report, seconds_between, summarise, web_up, workload  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
-PROMPTS = [
-    "This is a creative story about a lighthouse keeper.\n",
-    "Once upon a time, in a village by the sea,",
-    "从前有一座山，山里有一座庙，",
-    "كان يا ما كان في قديم الزمان",
-    "def quicksort(items):\n",
-    "The history of the printing press begins",
-    "Il était une fois un petit chat qui",
-    "SELECT name, count(*) FROM users",
-]
 LOGS = ROOT / "test-artifacts" / "bench"
-
-
-def build_model(model_dir: Path) -> Path:
-    """The bloom-560m shape with random weights (built once, then reused)."""
-    if (model_dir / "config.json").exists():
-        return model_dir
-    from worker.tiny import build_tiny_bloom
-
-    print(f"building a random bloom-560m-shaped checkpoint in {model_dir} (once)", flush=True)
-    return build_tiny_bloom(
-        model_dir, hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880, init_std=0.02, seed=0
-    )
-
-
-def workload(n: int, seed: int = 1234) -> list[tuple[str, int]]:
-    rng = random.Random(seed)
-    return [(PROMPTS[i % len(PROMPTS)], rng.randint(8, 128)) for i in range(n)]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def seconds_between(start: str, end: str) -> float:
-    parse = dt.datetime.fromisoformat
-    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
 
 
 def run_stack_jobs(base: str, jobs: list[tuple[str, int]]) -> dict[str, float]:
@@ -108,18 +69,6 @@ def run_stack_jobs(base: str, jobs: list[tuple[str, int]]) -> dict[str, float]:
     wall = max(seconds_between(first_created, done[i]["finished_at"]) for i in ids)
     latencies = [seconds_between(done[i]["created_at"], done[i]["finished_at"]) for i in ids]
     return summarise(latencies, sum(done[i]["output"]["generated_tokens"] for i in ids), wall)
-
-
-def summarise(latencies: list[float], tokens: int, wall: float) -> dict[str, float]:
-    """Throughput and latency figures for one setup."""
-    return {
-        "jobs_per_s": len(latencies) / wall,
-        "tokens_per_s": tokens / wall,
-        "mean_latency": statistics.mean(latencies),
-        "p95_latency": pct(latencies, 95),
-        "wall": wall,
-        "tokens": tokens,
-    }
 
 
 def run_static_generate(model_dir: Path, jobs: list[tuple[str, int]], batch_size: int) -> dict[str, float]:
@@ -241,22 +190,6 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, no GPU; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=32)
@@ -270,7 +203,7 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
 
-    model_dir = build_model(args.model_dir)
+    model_dir = bloom_560m_shape(args.model_dir)
     jobs = workload(args.jobs)
     LOGS.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
@@ -280,7 +213,7 @@ def main() -> int:
     web = start_web(redis_server.url, str(model_dir), LOGS / "web.log", port, BLOOMQ_LOG_LEVEL="WARNING")
     env = {"BLOOMQ_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     try:
-        wait_for(lambda: _up(base), timeout=30, what="web")
+        wait_for(lambda: web_up(base), timeout=30, what="web")
 
         def with_worker(batch_size: int, fn):
             worker = start_worker(redis_server.url, str(model_dir), LOGS / f"worker-b{batch_size}.log",
@@ -314,21 +247,6 @@ def main() -> int:
 
     report(render(args, results, overhead, intake), record=not args.no_record)
     return 0
-
-
-def report(table: str, record: bool = True) -> None:
-    """Print a results table and (unless told not to) append it to bench/RESULTS.md."""
-    print(table)
-    if record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as out:
-            out.write(table + "\n")
-
-
-def _up(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def render(args, results, overhead, intake) -> str:

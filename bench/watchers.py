@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.throughput import _up, machine, pct, seconds_between  # noqa: E402
+from bench.common import machine, pct, seconds_between, web_up  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 from tests.watchers import Crowd, Outcome, raise_fd_limit  # noqa: E402
 from web.watchers import watchers_key  # noqa: E402
@@ -149,7 +149,7 @@ def run_phase(args: argparse.Namespace, name: str, redis_url: str, model: Path, 
     worker = start_worker(redis_url, str(model), LOGS / f"worker-{name}.log", BLOOMQ_LOG_LEVEL="WARNING")
     web = start_web(redis_url, str(model), LOGS / f"web-{name}.log", port, **WEB_ENV, **SETUPS[name])
     try:
-        wait_for(lambda: _up(base), timeout=30, what=f"the {name} web")
+        wait_for(lambda: web_up(base), timeout=30, what=f"the {name} web")
         wait_for(lambda: live_workers(base) >= 1, timeout=300, what="the worker")
         probe_job = _submit(base, "probe", 1)
         machine_before = machine_busy()
