@@ -36,7 +36,7 @@ import requests  # noqa: E402
 from bench.common import machine, pct, seconds_between, web_up  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 from tests.watchers import Crowd, Outcome, raise_fd_limit  # noqa: E402
-from web.watchers import watchers_key  # noqa: E402
+from web.http.watchers import watchers_key  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-watchers"
 SETUPS = {

@@ -7,8 +7,8 @@ import pytest
 
 from config.settings import Settings
 from web import create_app
-from web.chat import ChatTemplateError, render_chat
-from web.relay import JobEvent, TextRelay
+from web.http.relay import JobEvent, TextRelay
+from web.services.chat import ChatTemplateError, render_chat
 
 
 @pytest.fixture()
@@ -180,7 +180,7 @@ def test_lines_left_at_the_end_of_the_window_expire_the_batch(client, redis_clie
     from datetime import timedelta
 
     from jobs.schema import utcnow
-    from web.batch_service import batch_store
+    from web.services.batches import batch_store
 
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
               "body": {"model": "bloom-560m", "prompt": "hi", "max_tokens": 3}} for i in range(2)]

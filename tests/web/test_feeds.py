@@ -7,7 +7,7 @@ import threading
 from jobs.schema import GenerateParameters, Job, JobOutput, new_job_id
 from jobs.store import JobStore, ProgressUpdate
 from tests.support import wait_for
-from web.feeds import JobFeeds
+from web.http.feeds import JobFeeds
 
 
 def _job(store: JobStore) -> str:

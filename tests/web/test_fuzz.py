@@ -40,7 +40,7 @@ from jobs.schema import FinishReason, GenerationDetails, Job, JobOutput, TokenDe
 from jobs.store import ProgressUpdate, queued_key
 from jobs.workers import WorkerInfo
 from web import create_app
-from web.openapi import build_openapi
+from web.native.openapi import build_openapi
 
 SERVED = "tiny-bloom"  # the default model, served by the fake worker
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"

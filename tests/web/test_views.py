@@ -1,7 +1,7 @@
 """The HTML form and job page (server side; the browser behaviour is covered end to end)."""
 
 from tests.support import csrf_token
-from web.views import story_prompt
+from web.pages.views import story_prompt
 
 
 def post_form(client, data, path="/"):

@@ -14,8 +14,8 @@ import redis
 from config.settings import Settings, SettingsError
 from tests.support import free_port, wait_for
 from web import create_app
-from web.errors import ApiError
-from web.watchers import WatcherSlots, watchers_key
+from web.http.errors import ApiError
+from web.http.watchers import WatcherSlots, watchers_key
 
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "config" / "gunicorn.conf.py"
 

@@ -19,8 +19,8 @@ from jobs.batches import (
 )
 from jobs.schema import API_JOBS_PATH, JobRequest, JobResource, JobStatus
 from jobs.workers import WorkerInfo
-from web.openai_schema import ChatRequest, CompletionRequest
-from web.tgi_schema import TgiRequest
+from web.openai.schema import ChatRequest, CompletionRequest
+from web.tgi.schema import TgiRequest
 
 REF = "#/components/schemas/{model}"
 

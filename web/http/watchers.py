@@ -21,8 +21,8 @@ from types import TracebackType
 import redis
 from flask import current_app
 
-from web.errors import ApiError
-from web.limits import who
+from web.http.errors import ApiError
+from web.http.limits import who
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import redis
 from flask import request
 
 from jobs.schema import Job
-from web.errors import ApiError, ClientGone
-from web.feeds import KEEPALIVE_SECONDS, JobFeeds
-from web.service import JobService
-from web.watchers import Watch, watch
+from web.http.errors import ApiError, ClientGone
+from web.http.feeds import KEEPALIVE_SECONDS, JobFeeds
+from web.http.watchers import Watch, watch
+from web.services.jobs import JobService
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,12 @@ from jobs.batches import (
     BatchObject,
 )
 from jobs.schema import Job, JobStatus
-from web.auth import authenticate_api, current_owner
-from web.batch_service import (
+from web.http.auth import authenticate_api, current_owner
+from web.http.context import current_service
+from web.http.errors import ApiError
+from web.openai.completion import Completion, completion_choices
+from web.openai.schema import CompletionRequest
+from web.services.batches import (
     ENDPOINT,
     WINDOWS,
     accept_upload,
@@ -41,10 +45,6 @@ from web.batch_service import (
     start_batch,
     your_batches,
 )
-from web.context import current_service
-from web.errors import ApiError
-from web.openai_completion import Completion, completion_choices
-from web.openai_schema import CompletionRequest
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from jobs import metrics as job_metrics
-from web.service import JobService
+from web.services.jobs import JobService
 
 HELP = {
     "queue_seconds": "Seconds from submission to the first start",

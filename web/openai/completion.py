@@ -11,11 +11,10 @@ from typing import Any
 from flask import Response, current_app, jsonify, stream_with_context
 
 from jobs.schema import FinishReason, Job
-from web.context import JOB_ID_HEADER, current_service
-from web.errors import ApiError, openai_error
-from web.feeds import JobFeeds
-from web.openai_schema import CompletionRequest, openai_name
-from web.relay import (
+from web.http.context import JOB_ID_HEADER, current_service
+from web.http.errors import ApiError, openai_error
+from web.http.feeds import JobFeeds
+from web.http.relay import (
     JobEvent,
     TextRelay,
     cancel_unfinished,
@@ -25,7 +24,8 @@ from web.relay import (
     unfinished_error,
     wait_until_succeeded,
 )
-from web.watchers import Watch
+from web.http.watchers import Watch
+from web.openai.schema import CompletionRequest, openai_name
 
 
 class Completion:

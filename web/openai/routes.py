@@ -12,13 +12,15 @@ from flask import Blueprint, Response, current_app, jsonify
 from pydantic import ValidationError
 
 from jobs.schema import Job
-from web.auth import authenticate_api, current_owner
-from web.bodies import idempotency_key, read_json_object
-from web.chat import ChatTemplateError, render_chat
-from web.context import current_service
-from web.errors import ApiError, field_errors
-from web.openai_completion import Completion, chat_logprobs, completion_choices, finish_reason
-from web.openai_schema import (
+from web.http.auth import authenticate_api, current_owner
+from web.http.bodies import idempotency_key, read_json_object
+from web.http.context import current_service
+from web.http.errors import ApiError, field_errors
+from web.http.relay import (
+    watched_submission,
+)
+from web.openai.completion import Completion, chat_logprobs, completion_choices, finish_reason
+from web.openai.schema import (
     ChatRequest,
     CompletionRequest,
     check_completion,
@@ -26,9 +28,7 @@ from web.openai_schema import (
     job_requests,
     renamed,
 )
-from web.relay import (
-    watched_submission,
-)
+from web.services.chat import ChatTemplateError, render_chat
 
 openai_api = Blueprint("openai_api", __name__, url_prefix="/v1")
 openai_api.before_request(authenticate_api)

@@ -7,7 +7,7 @@ import importlib.metadata
 
 from flask import current_app
 
-from web.service import JobService
+from web.services.jobs import JobService
 
 JOB_ID_HEADER = "X-Bloomq-Job-Id"  # on OpenAI- and TGI-compatible answers: the bloomq job(s) behind them
 

@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
-from web.auth import authenticate_page, current_owner, is_operator
-from web.batch_service import BatchFileError, accept_upload, own_batch, start_batch, your_batches
-from web.context import current_service
-from web.errors import ApiError, field_errors
+from web.http.auth import authenticate_page, current_owner, is_operator
+from web.http.context import current_service
+from web.http.errors import ApiError, field_errors
+from web.services.batches import BatchFileError, accept_upload, own_batch, start_batch, your_batches
 
 views = Blueprint("views", __name__)
 views.before_request(authenticate_page)

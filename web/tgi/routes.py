@@ -17,12 +17,12 @@ from pydantic import ValidationError
 
 from config.models import ModelSpec
 from jobs.schema import MAX_STOP_SEQUENCES, FinishReason, Job, JobRequest, TokenDetail
-from web.auth import authenticate_api, current_owner
-from web.bodies import read_json_object
-from web.context import JOB_ID_HEADER, current_service, version
-from web.errors import ApiError, field_errors
-from web.feeds import JobFeeds
-from web.relay import (
+from web.http.auth import authenticate_api, current_owner
+from web.http.bodies import read_json_object
+from web.http.context import JOB_ID_HEADER, current_service, version
+from web.http.errors import ApiError, field_errors
+from web.http.feeds import JobFeeds
+from web.http.relay import (
     cancel_unfinished,
     failure_message,
     follow_jobs,
@@ -31,8 +31,8 @@ from web.relay import (
     wait_until_succeeded,
     watched_submission,
 )
-from web.tgi_schema import MAX_BEST_OF, TgiRequest
-from web.watchers import Watch
+from web.http.watchers import Watch
+from web.tgi.schema import MAX_BEST_OF, TgiRequest
 
 tgi_api = Blueprint("tgi_api", __name__, url_prefix="/models")
 tgi_api.before_request(authenticate_api)

@@ -17,7 +17,7 @@ from flask import current_app, g, request
 from flask_limiter import Limiter
 from limits import parse_many
 
-from web.errors import ApiError
+from web.http.errors import ApiError
 
 SCOPE = "jobs"  # the counters' name in the limiter's storage
 

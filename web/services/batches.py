@@ -1,6 +1,6 @@
 """Batches of OpenAI completion requests: keeping an uploaded file within its limits, validating a file whole
 and turning it into a batch of jobs, and a batch's progress (its final status written once). The OpenAI
-routes (``web.batches_api``) and the batch pages (``web.views``) both use it."""
+routes (``web.openai.batches``) and the batch pages (``web.pages.views``) both use it."""
 
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from jobs.batches import (
 )
 from jobs.intake import BatchIntake
 from jobs.schema import Job
-from web.auth import current_owner
-from web.context import current_service
-from web.errors import ApiError, field_errors
-from web.openai_schema import CompletionRequest, check_completion, completion_jobs, job_requests, renamed
-from web.service import BatchOrigin
+from web.http.auth import current_owner
+from web.http.context import current_service
+from web.http.errors import ApiError, field_errors
+from web.openai.schema import CompletionRequest, check_completion, completion_jobs, job_requests, renamed
+from web.services.jobs import BatchOrigin
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.schema import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS, JobRequest
-from web.errors import ApiError, field_errors
+from web.http.errors import ApiError, field_errors
 
 MAX_CHOICES = 8  # n, and prompts in one request, times each other
 

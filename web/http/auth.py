@@ -21,7 +21,7 @@ from flask import Flask, current_app, g, redirect, request, session, url_for
 from flask_wtf.csrf import CSRFProtect
 
 from config.settings import Settings
-from web.errors import ApiError
+from web.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 

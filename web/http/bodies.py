@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from web.errors import ApiError
+from web.http.errors import ApiError
 
 
 def read_json_object() -> dict[str, Any]:

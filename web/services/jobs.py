@@ -26,8 +26,8 @@ from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.store import JobStore
 from jobs.webhooks import WebhookURLError, check_url
 from jobs.workers import WorkerDirectory, WorkerInfo
-from web.errors import ApiError
-from web.tokens import PromptCounter
+from web.http.errors import ApiError
+from web.services.tokens import PromptCounter
 
 log = logging.getLogger(__name__)
 

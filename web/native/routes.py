@@ -20,14 +20,14 @@ from pydantic import ValidationError
 
 from jobs.schema import Job, JobRequest, JobStatus
 from jobs.store import CancelOutcome, OwnedPosition
-from web.auth import authenticate_api, current_owner, is_operator
-from web.bodies import idempotency_key, read_json_object
-from web.context import current_service, version
-from web.errors import ApiError, validation_error
-from web.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
-from web.metrics import render_metrics
-from web.openapi import WorkerSummary, build_openapi
-from web.watchers import watch
+from web.http.auth import authenticate_api, current_owner, is_operator
+from web.http.bodies import idempotency_key, read_json_object
+from web.http.context import current_service, version
+from web.http.errors import ApiError, validation_error
+from web.http.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
+from web.http.watchers import watch
+from web.native.openapi import WorkerSummary, build_openapi
+from web.ops.metrics import render_metrics
 
 log = logging.getLogger(__name__)
 

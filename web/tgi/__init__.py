@@ -1,0 +1,1 @@
+"""The Hugging Face Inference API / TGI-compatible surface under /models."""
