@@ -205,3 +205,30 @@ def test_a_job_delivered_to_a_worker_stopping_after_a_device_failure_goes_back_u
     back = store.get(job.id)
     assert back.status is JobStatus.QUEUED and back.device_faults == 0 and back.error is None
     assert store.to_send_now("tiny") == [job.id]  # a live worker's reaper sends it at once
+
+
+class WatchedStore(JobStore):
+    """Records each wait for replicas, with the job's status at that moment."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.waits = []
+
+    def replicated(self, job_ids, replicas, timeout_seconds):
+        self.waits.append((job_ids, replicas, timeout_seconds, [self.get(j).status for j in job_ids]))
+        return super().replicated(job_ids, replicas, timeout_seconds)
+
+
+def test_with_min_replicas_a_final_result_is_waited_on_before_the_run_returns(redis_client):
+    output = JobOutput(generated_text="ok", generated_tokens=2, finish_reason="length")
+    store = WatchedStore(redis_client, 100)
+    job = _queued(store)
+    # No replica here: the wait times out (0.05 s) and the run still returns, the result stored.
+    JobRunner(store, FakeEngine(GenerationResult(output, 1, 0.5)), "w", replicas=(1, 0.05)).run(job.id)
+    assert store.waits == [([job.id], 1, 0.05, [JobStatus.SUCCEEDED])]
+    assert store.get(job.id).status is JobStatus.SUCCEEDED
+
+    plain = WatchedStore(redis_client, 100)
+    other = _queued(plain)
+    JobRunner(plain, FakeEngine(GenerationResult(output, 1, 0.5)), "w").run(other.id)
+    assert plain.waits == []  # without BLOOMQ_REDIS_MIN_REPLICAS nothing waits
