@@ -19,7 +19,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config.settings import DEFAULT_SENTINEL_MASTER, Settings, SettingsError  # noqa: E402
+from config.sentinel import DEFAULT_SENTINEL_MASTER  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from config.values import SettingsError  # noqa: E402
 from jobs.store import connect  # noqa: E402
 
 

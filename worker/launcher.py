@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.models import ModelSpec, resolve_model
-from config.settings import QUANTIZATIONS, Settings
+from config.settings import Settings
+from config.values import QUANTIZATIONS
 from worker.planner import (
     Gpu,
     PlacementError,

@@ -1,6 +1,12 @@
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
-from config.settings import Settings, SettingsError
+from config.sentinel import parse_sentinel_url
+from config.settings import VARIABLES, Settings
+from config.values import SettingsError
 
 
 def test_defaults_match_the_documented_ones():
@@ -45,8 +51,6 @@ def test_default_model_is_listed_once_even_when_repeated():
 
 
 def test_sentinel_urls_are_parsed_as_celery_spells_them():
-    from config.settings import parse_sentinel_url
-
     s = Settings.from_env({"BLOOMQ_REDIS_URL": "sentinel://h1:26379;sentinel://h2:26380;sentinel://h3/2",
                            "BLOOMQ_REDIS_SENTINEL_MASTER": "bloomq", "BLOOMQ_REDIS_MIN_REPLICAS": "1"})
     target = s.redis_sentinel
@@ -72,3 +76,15 @@ def test_operator_keys_are_keys_or_their_hashes():
     assert s.operator_keys == ("ops-key", f"sha256:{digest}") and "ops-key" not in repr(s)
     with pytest.raises(SettingsError, match="BLOOMQ_OPERATOR_KEYS"):
         Settings.from_env({"BLOOMQ_OPERATOR_KEYS": "sha256:1234"})
+
+
+def test_every_variable_is_in_the_readme_configuration_table_and_every_documented_one_is_read():
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Security")]
+    documented = set(re.findall(r"`(BLOOMQ_[A-Z0-9_]+)", table))
+    read = {variable for _, variable, _ in VARIABLES}
+    assert read <= documented, f"undocumented: {sorted(read - documented)}"
+    gunicorn = (root / "config" / "gunicorn.conf.py").read_text()
+    assert all(f'"{variable}"' in gunicorn for variable in documented - read), sorted(documented - read)
+    assert {name for name, _, _ in VARIABLES} == {f.name for f in dataclasses.fields(Settings)}

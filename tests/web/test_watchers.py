@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.settings import Settings, SettingsError
+from config.settings import Settings
+from config.values import SettingsError
 from tests.support import free_port, wait_for
 from web import create_app
 from web.http.errors import ApiError
