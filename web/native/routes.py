@@ -26,7 +26,8 @@ from web.http.context import current_service, version
 from web.http.errors import ApiError, validation_error
 from web.http.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
 from web.http.watchers import watch
-from web.native.openapi import WorkerSummary, build_openapi
+from web.native.openapi import build_openapi
+from web.native.openapi_native import WorkerSummary
 from web.ops.metrics import render_metrics
 
 log = logging.getLogger(__name__)
