@@ -66,7 +66,8 @@ from bench.common import PROMPTS, machine, report, summarise  # noqa: E402
 from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from jobs.schema import GenerateParameters  # noqa: E402
-from worker.engine import Engine, EngineConfig  # noqa: E402
+from worker.capacity import EngineConfig  # noqa: E402
+from worker.engine import Engine  # noqa: E402
 from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
 from worker.paged import PagedKV  # noqa: E402
 from worker.sequence import Sequence  # noqa: E402

@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         return serve(argv[1:])
     from config.models import resolve_model
     from config.settings import Settings
-    from worker.launcher import Supervisor, plan_workers
+    from worker.launcher import plan_workers
+    from worker.supervisor import Supervisor
 
     parser = argparse.ArgumentParser(prog="python -m tests.faulty_worker")
     parser.add_argument("--model")

@@ -5,7 +5,8 @@ Rank 0 is the group's only Celery consumer, scheduler and sampler. Every forward
 sending the other ranks what to run (the pass's chunks: tokens, positions, block tables, which logits);
 they run the same pass over their heads, the partial sums meet in all-reduces, and the logits are
 gathered on rank 0. The block pool and the prefix index live on rank 0 only: the other ranks write their
-heads' keys and values to whatever slots rank 0's tables name.
+heads' keys and values to whatever slots rank 0's tables name. A rank whose part of a pass raises still
+meets the others in every collective (``PassGuard``), and at the end the group agrees on the outcome.
 
 Nothing waits forever: the group's collectives time out (``BLOOMQ_GROUP_TIMEOUT``), rank 0 pings the
 others while idle, and a lost rank or leader turns into ``GroupLost`` (a fatal device fault for rank 0,
@@ -17,9 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from worker.faults import GroupLost
 from worker.memory import free_device_memory
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PING_SECONDS = 2.0  # rank 0 sends an empty message this often while idle, so the others know it lives
 STOP = "stop"
@@ -146,6 +149,45 @@ class Group:
             dist.destroy_process_group()
         except Exception:  # already gone with a lost rank: nothing left to release
             pass
+
+
+class PassGuard:
+    """Runs the local parts of a pass. Alone, errors simply propagate. In a group, the first error is
+    kept and the rest of the pass runs on zeros (``fallback``), so this rank still meets the others in
+    every collective; ``agree`` then makes every rank raise if any rank failed."""
+
+    def __init__(self, parallel: bool) -> None:
+        self.parallel = parallel
+        self.failure: BaseException | None = None
+
+    def __call__(self, part: Callable[[], T], fallback: Callable[[], T]) -> T:
+        """``part()``; in a group, after a failure (this one's or an earlier part's): ``fallback()``."""
+        if not self.parallel:
+            return part()
+        if self.failure is None:
+            try:
+                return part()
+            except GroupLost:
+                raise
+            except Exception as exc:  # answered by agree(), on every rank
+                self.failure = exc
+        return fallback()
+
+    def agree(self, group: Group) -> None:
+        """Every rank raises if any rank's part of the pass failed (out of memory if that was the cause)."""
+        failure = self.failure
+        status = (PASS_OK if failure is None
+                  else PASS_OUT_OF_MEMORY if isinstance(failure, torch.OutOfMemoryError) else PASS_FAILED)
+        worst = group.worst(status)
+        if worst == PASS_OK:
+            return
+        said = group.share("" if failure is None else f"{type(failure).__name__}: {failure}")
+        detail = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text)
+        if failure is not None:
+            raise failure
+        if worst == PASS_OUT_OF_MEMORY:
+            raise torch.OutOfMemoryError(f"another rank of the group ran out of memory ({detail})")
+        raise RuntimeError(f"another rank of the group failed this pass ({detail})")
 
 
 def follow(paged: Any, group: Group) -> None:

@@ -1,4 +1,4 @@
-"""Device memory: what the KV cache may take, giving memory back."""
+"""Device memory: what the KV cache may take, what is in use, giving memory back."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def _mem_available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes of device memory allocated (GPU), or this process's resident memory (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def free_device_memory(device: torch.device) -> None:

@@ -17,10 +17,12 @@ Pure bookkeeping over ``BlockPool`` and ``Sequence``s: no tensors, no model.
 
 from __future__ import annotations
 
+import time
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 
 from worker.blocks import BlockPool, chain_hashes
-from worker.paged import ALL, LAST, NONE
+from worker.chunk import ALL, LAST, NONE
 from worker.sequence import Sequence
 
 DETAIL_CHUNK = 64  # prompt tokens per step for a row that wants prompt log-probabilities (full-vocabulary logits)
@@ -33,7 +35,7 @@ class Planned:
     seq: Sequence
     start: int
     count: int
-    logits: str  # ALL, LAST or NONE (see worker.paged)
+    logits: str  # ALL, LAST or NONE (see worker.chunk)
 
     @property
     def completes(self) -> bool:
@@ -67,6 +69,27 @@ class Scheduler:
         hashes = self._prompt_hashes(seq)
         cached = len(self.pool.match(hashes))
         return cached < len(hashes) and hashes[cached] in self._inflight
+
+    def admit_waiting(self, waiting: MutableSequence[Sequence], cap: int) -> None:
+        """Give waiting sequences rows, most urgent first (interactive before batch, then by priority, then
+        in order of arrival), while ``cap`` rows and the pool allow; the admitted leave ``waiting``. A
+        suspect (``isolated``) runs alone: it waits for an empty engine and nobody joins it."""
+        running = self.running
+        if any(s.isolated for s in running):
+            return
+        for seq in sorted(waiting, key=lambda s: s.rank):
+            if len(running) >= cap:
+                break
+            if seq.isolated and running:
+                break  # it waits for an empty engine
+            if self.awaits_prefix(seq):
+                continue  # its prefix is being computed: admitted once it is cached, sharing it
+            if not self.admit(seq):
+                break  # in order: later requests wait rather than overtake
+            waiting.remove(seq)
+            seq.started_at = seq.started_at or time.perf_counter()  # model time includes the prefill
+            if seq.isolated:
+                break
 
     def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
         """Chain hashes of ``seq``'s full blocks before its newest token (cached on the sequence)."""

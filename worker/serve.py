@@ -32,9 +32,9 @@ from jobs.store import JobStore, connect
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.feeder import BatchFeeder, batch_rows
-from worker.launcher import READY_FILE_ENV
 from worker.liveness import CancelListener, Heartbeat
 from worker.recovery import DeadlineExpiry, OrphanRecovery
+from worker.supervisor import READY_FILE_ENV
 
 log = logging.getLogger("bloomq.worker")
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_spec(settings, args.model or settings.model)
 
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
-    from worker.engine import Engine, EngineConfig, paged_model
+    from worker.capacity import EngineConfig, paged_model
+    from worker.engine import Engine
     from worker.faults import GroupLost
     from worker.group import Group, GroupEnv, follow
     from worker.loading import load_model, pick_device

@@ -8,14 +8,19 @@ character (a random or broken model can emit them for ever) are let through as U
 ``HOLD_LIMIT`` tokens, as the final decode shows them, so the work per token stays bounded. Stop sequences are looked
 for only in the part of the text a new token could have completed. The final text is decoded once from all
 the tokens, so it is exactly what ``tokenizer.decode`` gives.
+
+Why a sequence stops is decided here too: canceled or out of time (whatever the model says), its end-of-
+sequence token, a stop sequence in its text, or its length.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
+from jobs.schema import FinishReason
 from worker.sequence import Sequence
 
 # A UTF-8 character is at most 4 bytes and a byte-level token at least one: text held back longer than
@@ -54,6 +59,28 @@ class TextTracker:
         window = seq.text[max(0, before - longest + 1) :]
         return any(stop in window for stop in seq.stop)
 
+    def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Account for ``seq``'s newest token: why the sequence ends with it, or None while it goes on."""
+        stopped = stop_reason(seq)
+        if stopped is not None:
+            seq.unrecord()  # the token chosen in this step is not kept: the job ended before it
+            return stopped
+        hit_stop = self.add(seq, token)
+        if token in seq.eos_token_ids:
+            return FinishReason.EOS_TOKEN
+        if hit_stop:
+            return FinishReason.STOP_SEQUENCE
+        if seq.remaining <= 0:
+            return FinishReason.LENGTH
+        return None
+
+    def ending(self, seq: Sequence, reason: FinishReason | None) -> str:
+        """The text ``seq`` ends with for ``reason``: what was shown so far when it was canceled or ran out
+        of time, else its whole text (up to the stop sequence it ended on)."""
+        if reason in (FinishReason.CANCELED, FinishReason.TIMEOUT):
+            return TextTracker.partial(seq)
+        return self.final(seq, cut_at_stop=reason is FinishReason.STOP_SEQUENCE)
+
     def final(self, seq: Sequence, cut_at_stop: bool) -> str:
         """The sequence's whole text, decoded once from all its tokens; up to its first stop sequence when
         it ended on one."""
@@ -81,3 +108,12 @@ def first_stop(text: str, stops: list[str]) -> int | None:
     """The index where the earliest stop sequence begins in ``text``, if any."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def stop_reason(seq: Sequence) -> FinishReason | None:
+    """Canceled or out of time: stop whatever the model says."""
+    if seq.cancelled:
+        return FinishReason.CANCELED
+    if seq.deadline is not None and time.perf_counter() >= seq.deadline:
+        return FinishReason.TIMEOUT
+    return None

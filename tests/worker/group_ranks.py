@@ -13,11 +13,12 @@ import torch
 
 from config.models import resolve_model
 from jobs.schema import GenerateParameters
-from worker.engine import Engine, EngineConfig, paged_model
+from worker.capacity import EngineConfig, paged_model
+from worker.chunk import ALL, LAST, Chunk
+from worker.engine import Engine
 from worker.faults import GroupLost
 from worker.group import Group, GroupEnv, follow
 from worker.loading import load_model
-from worker.paged import ALL, LAST, Chunk
 from worker.quantize import quantize
 
 BLOCK = 4

@@ -8,7 +8,8 @@ import torch
 from config.models import resolve_model
 from jobs.schema import GenerateParameters
 from tests.support import wait_for
-from worker.engine import Engine, EngineConfig
+from worker.capacity import EngineConfig
+from worker.engine import Engine
 from worker.faults import OutOfMemory
 from worker.loading import load_model, pick_device
 

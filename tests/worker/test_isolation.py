@@ -12,8 +12,10 @@ import torch
 
 from jobs.schema import GenerateParameters
 from tests.worker.test_batching import PROMPTS, loaded, make_engine, params, reference  # noqa: F401
-from worker.engine import MAX_RESTARTS
+from worker.capacity import EngineConfig
+from worker.engine import Engine
 from worker.faults import DeviceFault, GenerationError
+from worker.triage import MAX_RESTARTS
 
 NEW_TOKENS = 30
 
@@ -204,8 +206,6 @@ def test_an_isolated_request_never_shares_a_step(loaded):
 def test_a_fatal_device_error_hands_over_and_stops_the_engine(loaded):
     faults = []
     spec, model = loaded
-    from worker.engine import Engine, EngineConfig
-
     eng = Engine(model, spec, EngineConfig(max_batch_size=8), on_fatal=faults.append)
 
     class DeviceAssert(Wrapped):

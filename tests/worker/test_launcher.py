@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from tests.support import ROOT
-from worker.launcher import PlanError, WorkerPlan, plan_workers
+from worker.launcher import PlanError, plan_workers
+from worker.supervisor import Supervisor, WorkerPlan
 
 
 def test_no_gpu_gives_one_cpu_worker():
@@ -72,8 +73,6 @@ while True:
 
 def _supervise(tmp_path, mode):
     """A supervisor over a stand-in child process that behaves as ``mode`` says."""
-    from worker.launcher import Supervisor, WorkerPlan
-
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     log = tmp_path / "child.log"
@@ -139,8 +138,6 @@ while True:
 def test_a_rank_that_dies_restarts_its_whole_group_and_a_drain_reaches_the_leader(tmp_path):
     import signal
     import threading
-
-    from worker.launcher import Supervisor
 
     script = tmp_path / "rank.py"
     script.write_text(GROUP_CHILD)

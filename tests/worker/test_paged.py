@@ -10,8 +10,10 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 from transformers.models.bloom import modeling_bloom
 
+from worker.attention import AttentionPlan, alibi_slopes
 from worker.blocks import BlockPool
-from worker.paged import ALL, LAST, NONE, Chunk, PagedBloom, PagedKV, _AttentionPlan, alibi_slopes
+from worker.chunk import ALL, LAST, NONE, Chunk
+from worker.paged import PagedBloom, PagedKV
 
 BLOCK = 4
 
@@ -144,7 +146,7 @@ def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone
                       + [Chunk(other[:-1], 0, other_table, NONE)])
         plan_rows = [Chunk(text[-1:], len(text) - 1, table, LAST) for text, table in zip(texts, tables, strict=True)]
         plan_rows.append(Chunk(other[-1:], len(other) - 1, other_table, LAST))
-        plan = _AttentionPlan(plan_rows, paged.kv.null_slot, torch.device("cpu"), BLOCK)
+        plan = AttentionPlan(plan_rows, paged.kv.null_slot, torch.device("cpu"), BLOCK)
         assert len(plan.groups) == 1 and plan.groups[0].shared.numel() == 12 and plan.decode_rows.numel() == 1
         logits = paged.forward(plan_rows)
     for text, got in zip([*texts, other], logits, strict=True):

@@ -12,7 +12,8 @@ import torch
 
 from config.models import resolve_model
 from jobs.schema import GenerateParameters
-from worker.engine import Engine, EngineConfig
+from worker.capacity import EngineConfig
+from worker.engine import Engine
 from worker.loading import load_model
 from worker.quantize import QuantizationError, quantize
 from worker.tiny import build_tiny_bloom

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from config.models import resolve_model
 from tests.support import ROOT
 from tests.worker import group_ranks
-from worker.engine import paged_model
+from worker.capacity import paged_model
 from worker.loading import load_model
 from worker.sharding import Shard, ShardingError, load_shard
 from worker.tiny import build_tiny_bloom
