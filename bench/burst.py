@@ -32,7 +32,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from bench.common import machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
-from jobs.store import job_stream_key  # noqa: E402
+from jobs.keys import job_stream_key  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-burst"

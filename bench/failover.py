@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from bench.common import chaos_model, fresh_logs, machine, web_up  # noqa: E402
-from jobs.store import connect  # noqa: E402
+from jobs.connection import connect  # noqa: E402
 from tests.failover import describe, run_failover  # noqa: E402
 from tests.support import SentinelCluster, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 

@@ -20,13 +20,8 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, Field
 
-from jobs.store import JOB_KEY_PREFIX, batch_key
+from jobs.keys import batch_key, batch_lines_key, file_key, owner_batches_key, owner_files_keys
 
-FILE_KEY_PREFIX = "bloomq:file:"
-BATCH_LINES_PREFIX = "bloomq:batch-lines:"
-OWNER_BATCHES_PREFIX = "bloomq:batches:"
-OWNER_FILES_PREFIX = "bloomq:files:"  # + owner: file id -> when it was uploaded
-OWNER_FILE_BYTES_PREFIX = "bloomq:file-bytes:"  # + owner: file id -> its size, for the per-key byte cap
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # as OpenAI bounds a batch's metadata
 MAX_CUSTOM_ID = 512  # characters of a batch line's custom_id
 TERMINAL_BATCH = ("failed", "completed", "expired", "cancelled")
@@ -169,11 +164,11 @@ class BatchStore:
                           filename=filename, purpose=purpose, expires_at=_now() + self.retention_seconds,
                           owner=owner)
         cap = -1 if max_owner_bytes is None else max_owner_bytes
-        index, sizes = self._owner_files(owner)
+        index, sizes = owner_files_keys(owner)
         now = time.time()  # (finer than created_at: two uploads in one second keep their order)
         if not self._reserve(keys=[index, sizes], args=[meta.id, len(content), cap, now, now - self.retention_seconds]):
             return None
-        key = FILE_KEY_PREFIX + meta.id
+        key = file_key(meta.id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"meta": meta.model_dump_json(), "owner": owner or "", "content": content})
         pipe.expire(key, self.retention_seconds)
@@ -184,13 +179,13 @@ class BatchStore:
 
     def stored_bytes(self, owner: str | None) -> int:
         """What the owner's kept files add up to."""
-        return sum(int(size) for size in self.redis.hvals(self._owner_files(owner)[1]))
+        return sum(int(size) for size in self.redis.hvals(owner_files_keys(owner)[1]))
 
     def files(self, owner: str | None, after: str | None, limit: int, newest_first: bool = True
               ) -> tuple[list[FileObject], bool]:
         """A page of the owner's uploaded files (those still kept) after file id ``after``, and whether
         more follow."""
-        index, _ = self._owner_files(owner)
+        index, _ = owner_files_keys(owner)
         ids = [raw.decode() for raw in (self.redis.zrevrange(index, 0, -1) if newest_first
                                         else self.redis.zrange(index, 0, -1))]
         start = ids.index(after) + 1 if after in ids else 0
@@ -205,30 +200,27 @@ class BatchStore:
             found.append(meta)
         return found, False
 
-    def _owner_files(self, owner: str | None) -> tuple[str, str]:
-        return OWNER_FILES_PREFIX + (owner or "-"), OWNER_FILE_BYTES_PREFIX + (owner or "-")
-
     def _forget_file(self, owner: str | None, file_id: str) -> None:
-        index, sizes = self._owner_files(owner)
+        index, sizes = owner_files_keys(owner)
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(index, file_id)
         pipe.hdel(sizes, file_id)
         pipe.execute()
 
     def file(self, file_id: str) -> FileObject | None:
-        raw, owner = self.redis.hmget(FILE_KEY_PREFIX + file_id, "meta", "owner")
+        raw, owner = self.redis.hmget(file_key(file_id), "meta", "owner")
         if raw is None:
             return None
         return FileObject.model_validate_json(raw).model_copy(update={"owner": owner.decode() or None})
 
     def file_content(self, file_id: str) -> bytes | None:
-        return self.redis.hget(FILE_KEY_PREFIX + file_id, "content")
+        return self.redis.hget(file_key(file_id), "content")
 
     def delete_file(self, file_id: str) -> bool:
         meta = self.file(file_id)
         if meta is not None:
             self._forget_file(meta.owner, file_id)
-        return bool(self.redis.delete(FILE_KEY_PREFIX + file_id))
+        return bool(self.redis.delete(file_key(file_id)))
 
     # -- batches -----------------------------------------------------------------------------------
 
@@ -236,7 +228,7 @@ class BatchStore:
         """Add the writes that store a new batch (listed for its owner, newest first) to a transaction."""
         pipe.hset(batch_key(batch.id), mapping={"doc": self._dump(batch), "completed": 0, "failed": 0, "expired": 0})
         pipe.expire(batch_key(batch.id), self._keep(batch))
-        index = OWNER_BATCHES_PREFIX + (batch.owner or "")
+        index = owner_batches_key(batch.owner)
         pipe.zadd(index, {batch.id: time.time()})
         # Nothing listed is older than the longest window plus the retention period: trim the rest.
         pipe.zremrangebyscore(index, "-inf", time.time() - self.retention_seconds - 2 * MAX_WINDOW_SECONDS)
@@ -271,7 +263,7 @@ class BatchStore:
 
     def stage_lines(self, pipe: Any, batch_id: str, lines: list[BatchLine]) -> None:
         """Add the writes that store a batch's lines to a transaction."""
-        key = BATCH_LINES_PREFIX + batch_id
+        key = batch_lines_key(batch_id)
         for start in range(0, len(lines), 500):
             pipe.rpush(key, *(line.model_dump_json() for line in lines[start : start + 500]))
         pipe.expire(key, self.retention_seconds + 2 * MAX_WINDOW_SECONDS)
@@ -282,7 +274,7 @@ class BatchStore:
 
     def line_chunks(self, batch_id: str, size: int = 500) -> Iterator[list[BatchLine]]:
         """The batch's lines, ``size`` at a time (one Redis read each)."""
-        key = BATCH_LINES_PREFIX + batch_id
+        key = batch_lines_key(batch_id)
         for start in range(0, self.redis.llen(key), size):
             yield [BatchLine.model_validate_json(raw) for raw in self.redis.lrange(key, start, start + size - 1)]
 
@@ -294,7 +286,7 @@ class BatchStore:
                 ) -> tuple[list[tuple[BatchObject, dict[str, int]]], bool]:
         """A page of the owner's batches (newest first) after batch id ``after``, and whether more follow.
         Batches gone past their retention are skipped and dropped from the owner's list."""
-        index = OWNER_BATCHES_PREFIX + (owner or "")
+        index = owner_batches_key(owner)
         ids = [raw.decode() for raw in self.redis.zrevrange(index, 0, -1)]
         start = ids.index(after) + 1 if after in ids else 0
         found: list[tuple[BatchObject, dict[str, int]]] = []
@@ -324,111 +316,3 @@ class BatchStore:
         """Seconds to keep a batch: its window, then the retention period."""
         window = max(0, (batch.expires_at or _now()) - _now())
         return window + self.retention_seconds
-
-
-BATCH_QUEUE_PREFIX = "bloomq:batch-queue:"  # + model + ":" + owner: one list of job ids per key
-BATCH_OWNERS_PREFIX = "bloomq:batch-owners:"  # + model: the keys with lines waiting
-BATCH_TURN_PREFIX = "bloomq:batch-turn:"  # + model: whose turn it is
-BATCH_TAKEN_PREFIX = "bloomq:batch-taken:"  # + worker instance: lines it took and has not finished
-
-# Take the next line in turn: each key with waiting lines gives one, round robin, so one key's huge batch
-# does not make another key's small one wait for it. Atomic, so keys leave the rotation exactly when empty.
-_TAKE = """
-local owners = redis.call('SMEMBERS', KEYS[1])
-if #owners == 0 then return nil end
-table.sort(owners)
-local turn = redis.call('INCR', KEYS[2])
-for i = 0, #owners - 1 do
-  local owner = owners[((turn + i) % #owners) + 1]
-  local id = redis.call('LPOP', ARGV[1] .. owner)
-  if id then
-    redis.call('RPUSH', KEYS[3], id)
-    return id
-  end
-  redis.call('SREM', KEYS[1], owner)
-end
-return nil
-"""
-
-# Put a dead worker's taken lines back (those still queued: never started), in their order, then forget
-# them, all at once. The job's model and owner are read from its record (JSON in the ``doc`` field).
-_RETURN = """
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local back = {}
-for i = #ids, 1, -1 do
-  local id = ids[i]
-  local fields = redis.call('HMGET', ARGV[1] .. id, 'status', 'doc')
-  if fields[1] == 'queued' and fields[2] then
-    local doc = cjson.decode(fields[2])
-    local owner = doc['owner']
-    if type(owner) ~= 'string' or owner == '' then owner = '-' end
-    redis.call('LPUSH', ARGV[2] .. doc['model'] .. ':' .. owner, id)
-    redis.call('SADD', ARGV[3] .. doc['model'], owner)
-    table.insert(back, id)
-  end
-end
-redis.call('DEL', KEYS[1])
-return back
-"""
-
-
-class BatchQueue:
-    """Batch lines waiting for a worker: per model, one list per API key, taken in turn.
-
-    Batch lines do not go through Celery: a worker's feeder takes them while its engine has rows to
-    spare, so they never fill the threads that bring interactive jobs in. A worker records the lines it
-    took until they end; those of a worker that died are put back by the reaper (``recover``)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._take = client.register_script(_TAKE)
-        self._return = client.register_script(_RETURN)
-
-    @staticmethod
-    def _list(model: str, owner: str | None) -> str:
-        return f"{BATCH_QUEUE_PREFIX}{model}:{owner or '-'}"
-
-    def push(self, model: str, owner: str | None, job_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        self.stage_push(pipe, model, owner, job_id)
-        pipe.execute()
-
-    def stage_push(self, pipe: Any, model: str, owner: str | None, job_id: str) -> None:
-        """Add the writes that queue a line to a transaction."""
-        pipe.rpush(self._list(model, owner), job_id)
-        pipe.sadd(BATCH_OWNERS_PREFIX + model, owner or "-")
-
-    def withdraw(self, model: str, owner: str | None, job_id: str) -> None:
-        """Take back a line that was queued (its submission was refused after all)."""
-        self.redis.lrem(self._list(model, owner), 1, job_id)
-
-    def take(self, model: str, instance: str) -> str | None:
-        """The next job id in turn (recorded as taken by ``instance``), or None when no line waits."""
-        raw = self._take(keys=[BATCH_OWNERS_PREFIX + model, BATCH_TURN_PREFIX + model, BATCH_TAKEN_PREFIX + instance],
-                         args=[f"{BATCH_QUEUE_PREFIX}{model}:"])
-        return raw.decode() if raw is not None else None
-
-    def done(self, instance: str, job_id: str) -> None:
-        """``instance`` has finished with a line it took."""
-        self.redis.lrem(BATCH_TAKEN_PREFIX + instance, 1, job_id)
-
-    def dead_takers(self, live_instances: set[str]) -> list[str]:
-        """Worker instances that are no longer live and still hold lines they took."""
-        found = []
-        for raw in self.redis.scan_iter(match=BATCH_TAKEN_PREFIX + "*", count=500):
-            instance = raw.decode().removeprefix(BATCH_TAKEN_PREFIX)
-            if instance not in live_instances:
-                found.append(instance)
-        return found
-
-    def return_taken(self, instance: str) -> list[str]:
-        """Put the lines ``instance`` took and never started back at the front of their lists, and forget
-        what it took; the ids put back. One script: however many reapers do this at once, each line comes
-        back exactly once (lines that started come back as orphaned running jobs instead)."""
-        raw = self._return(keys=[BATCH_TAKEN_PREFIX + instance],
-                           args=[JOB_KEY_PREFIX, BATCH_QUEUE_PREFIX, BATCH_OWNERS_PREFIX])
-        return [item.decode() for item in raw]
-
-    def depth(self, model: str) -> int:
-        owners = [raw.decode() for raw in self.redis.smembers(BATCH_OWNERS_PREFIX + model)]
-        return sum(self.redis.llen(f"{BATCH_QUEUE_PREFIX}{model}:{owner}") for owner in owners)

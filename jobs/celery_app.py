@@ -6,8 +6,6 @@ import redis
 from celery import Celery
 
 from config.settings import Settings
-from jobs.batches import BatchQueue
-from jobs.schema import Job
 
 TASK_GENERATE = "bloomq.generate"
 
@@ -66,11 +64,3 @@ def withdraw_message(client: redis.Redis, queue: str, job_id: str) -> bool:
             return bool(client.lrem(queue, 1, raw))
     return False
 
-
-def enqueue(app: Celery, batch_queue: BatchQueue, job: Job) -> None:
-    """Send ``job`` to where it waits for a worker: its model's Celery queue, or, for a batch line, its
-    key's batch list (taken by the workers' batch feeders)."""
-    if job.priority_class == "batch":
-        batch_queue.push(job.model, job.owner, job.id)
-    else:
-        send_generate(app, job.id, job.queue)

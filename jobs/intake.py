@@ -20,9 +20,11 @@ from typing import Any
 
 import redis
 
-from jobs.batches import BatchLine, BatchObject, BatchQueue, BatchStore
+from jobs.batches import BatchLine, BatchObject, BatchStore
+from jobs.keys import batch_key
+from jobs.queues import BatchQueue
 from jobs.schema import Job
-from jobs.store import JobStore, batch_key
+from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The webhook outbox: deliveries wait in Redis until a worker process gets them through (at least once).
 
-A delivery is written in the same transaction as the job change that calls for it (``JobStore._update``),
+A delivery is written in the same transaction as the job change that calls for it (``jobs/steps.py``),
 so a crash loses neither. It waits in a sorted set scored by when it is next due, with its data in a hash.
 A worker claims due deliveries atomically (a Lua script) by moving their score to the end of a lease and
 recording a claim token: two claimers never hold one delivery at once, and the deliveries of a claimer

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from config.sentinel import DEFAULT_SENTINEL_MASTER  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from config.values import SettingsError  # noqa: E402
-from jobs.store import connect  # noqa: E402
+from jobs.connection import connect  # noqa: E402
 
 
 def redis_answers(url: str, sentinel_master: str = DEFAULT_SENTINEL_MASTER) -> bool:

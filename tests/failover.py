@@ -14,7 +14,8 @@ from pathlib import Path
 
 import requests
 
-from jobs.store import JOB_KEY_PREFIX, connect, job_stream_key
+from jobs.connection import connect
+from jobs.keys import JOB_KEY_PREFIX, job_stream_key
 from tests.chaos import FINAL_LINE, TERMINAL, _get
 from tests.support import SentinelCluster
 

@@ -17,7 +17,8 @@ from config.models import ModelRegistry
 from config.settings import Settings
 from jobs.batches import BatchStore
 from jobs.celery_app import make_celery
-from jobs.store import JobStore, connect
+from jobs.connection import connect
+from jobs.store import JobStore
 from jobs.workers import WorkerDirectory
 from web.http.auth import csrf, init_auth
 from web.http.errors import register_error_handlers

@@ -12,7 +12,7 @@ import threading
 
 import redis
 
-from jobs.batches import BatchQueue
+from jobs.queues import BatchQueue
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import redis
 
-from jobs.store import CANCEL_CHANNEL
+from jobs.keys import CANCEL_CHANNEL
 from jobs.workers import WorkerDirectory, WorkerInfo
 
 log = logging.getLogger(__name__)

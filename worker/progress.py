@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import redis
 
+from jobs.progress import ProgressUpdate
 from jobs.schema import JobOutput
-from jobs.store import JobStore, ProgressUpdate
+from jobs.store import JobStore
 from worker.engine import Engine
 from worker.sequence import Sequence
 

@@ -10,8 +10,9 @@ from collections.abc import Callable
 import redis
 
 from config.models import queue_for
-from jobs.batches import BatchQueue, BatchStore
+from jobs.batches import BatchStore
 from jobs.intake import BatchIntake
+from jobs.queues import BatchQueue
 from jobs.schema import Job, JobStatus
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory

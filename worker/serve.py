@@ -23,12 +23,13 @@ from pathlib import Path
 from config.logs import configure_logging
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
-from jobs.batches import BatchQueue
-from jobs.celery_app import enqueue, make_celery
+from jobs.celery_app import make_celery
+from jobs.connection import connect
 from jobs.metrics import record_batch_sizes
 from jobs.outbox import Outbox
+from jobs.queues import BatchQueue, enqueue
 from jobs.schema import Job
-from jobs.store import JobStore, connect
+from jobs.store import JobStore
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.feeder import BatchFeeder, batch_rows

@@ -134,8 +134,9 @@ def test_a_prompt_too_long_for_max_length_is_refused_by_the_web_or_failed_by_the
     # ...and where it cannot (a hub model not on the web machine), the worker fails the job at once.
     from config.settings import Settings
     from jobs.celery_app import make_celery, send_generate
+    from jobs.connection import connect
     from jobs.schema import GenerateParameters, Job, new_job_id
-    from jobs.store import JobStore, connect
+    from jobs.store import JobStore
 
     settings = Settings(redis_url=stack.redis.url)
     job = Job(id=new_job_id(), model="tiny-bloom", inputs="Once upon a time there was",

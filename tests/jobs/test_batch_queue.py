@@ -1,6 +1,6 @@
 """The batch queue: lines taken in turn between API keys, recorded as taken until done (real Redis)."""
 
-from jobs.batches import BatchQueue
+from jobs.queues import BatchQueue
 from jobs.schema import GenerateParameters, Job, new_job_id
 from jobs.store import JobStore
 

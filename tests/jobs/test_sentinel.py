@@ -11,8 +11,10 @@ from limits.strategies import FixedWindowRateLimiter
 
 from config.settings import Settings
 from jobs.celery_app import make_celery, send_generate
+from jobs.connection import MajoritySentinel, connect
+from jobs.keys import job_key
 from jobs.schema import Job, JobRequest
-from jobs.store import JobStore, MajoritySentinel, connect, job_key
+from jobs.store import JobStore
 from tests.support import SentinelCluster
 from web import limiter_storage
 

@@ -1,7 +1,9 @@
 import json
 
+from jobs.keys import job_key
+from jobs.progress import ProgressReply, ProgressUpdate
 from jobs.schema import GenerateParameters, Job, JobError, JobOutput, JobStatus, new_job_id
-from jobs.store import JobStore, ProgressReply, ProgressUpdate, job_key
+from jobs.store import JobStore
 
 
 def _job() -> Job:
@@ -70,7 +72,7 @@ def test_finishing_renews_retention(redis_client):
 
 
 def test_cancel_queued_running_and_final(redis_client):
-    from jobs.store import CancelOutcome
+    from jobs.transitions import CancelOutcome
 
     store = JobStore(redis_client, 100)
     queued = _job()

@@ -172,12 +172,12 @@ def test_long_poll_returns_as_soon_as_the_job_is_final(client, app, redis_client
     import threading
     import time
 
-    from jobs import store as store_module
+    from jobs import events
+    from jobs.keys import job_events_channel
     from jobs.schema import JobOutput
-    from jobs.store import job_events_channel
 
     # Re-reads far apart: only the change's notice can end the wait early.
-    monkeypatch.setattr(store_module, "WAIT_RECHECK_SECONDS", 30.0)
+    monkeypatch.setattr(events, "WAIT_RECHECK_SECONDS", 30.0)
     job = _submit(client, {"inputs": "Hello"}).get_json()
     store = app.extensions["bloomq"].store
     channel = job_events_channel(job["id"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 
+from jobs.progress import ProgressUpdate
 from jobs.schema import GenerateParameters, Job, JobOutput, new_job_id
-from jobs.store import JobStore, ProgressUpdate
+from jobs.store import JobStore
 from tests.support import wait_for
 from web.http.feeds import JobFeeds
 

@@ -36,8 +36,9 @@ from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from config.settings import Settings
+from jobs.keys import queued_key
+from jobs.progress import ProgressUpdate
 from jobs.schema import FinishReason, GenerationDetails, Job, JobOutput, TokenDetail
-from jobs.store import ProgressUpdate, queued_key
 from jobs.workers import WorkerInfo
 from web import create_app
 from web.native.openapi import build_openapi

@@ -9,10 +9,10 @@ import pytest
 import requests
 
 import cli
-import jobs.store
+import jobs.listing
 from config.settings import Settings
+from jobs.keys import job_key, owner_jobs_key
 from jobs.schema import GenerateParameters, Job, JobStatus, new_job_id, utcnow
-from jobs.store import job_key, owner_jobs_key
 from web import create_app
 
 ALICE, BOB = "alice-list-key", "bob-list-key"
@@ -102,7 +102,7 @@ def test_a_filter_that_skips_many_jobs_pages_short_but_loses_none(keyed, monkeyp
     ids = [_submit(client, f"p{i}", ALICE) for i in range(12)]
     for job_id in ids[:10]:
         client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer(ALICE))
-    monkeypatch.setattr(jobs.store, "OWNED_SCAN_LIMIT", 4)  # each request examines at most 4 entries
+    monkeypatch.setattr(jobs.listing, "OWNED_SCAN_LIMIT", 4)  # each request examines at most 4 entries
     found, pages = _all_pages(client, ALICE, status="queued", limit=5)
     assert found == [ids[11], ids[10]] and pages > 1
 

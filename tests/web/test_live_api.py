@@ -6,8 +6,8 @@ import json
 import pytest
 
 from config.settings import Settings
+from jobs.progress import ProgressUpdate
 from jobs.schema import JobOutput
-from jobs.store import ProgressUpdate
 from web import create_app
 
 

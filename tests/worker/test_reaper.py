@@ -2,9 +2,10 @@
 
 from datetime import timedelta
 
+from jobs.keys import queued_key
+from jobs.queues import BatchQueue
 from jobs.schema import GenerateParameters, Job, JobStatus, new_job_id, utcnow
-from jobs.batches import BatchQueue
-from jobs.store import JobStore, queued_key
+from jobs.store import JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.recovery import OrphanRecovery
 

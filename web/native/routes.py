@@ -18,8 +18,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from jobs.listing import OwnedPosition
 from jobs.schema import Job, JobRequest, JobStatus
-from jobs.store import CancelOutcome, OwnedPosition
+from jobs.transitions import CancelOutcome
 from web.http.auth import authenticate_api, current_owner, is_operator
 from web.http.bodies import idempotency_key, read_json_object
 from web.http.context import current_service, version

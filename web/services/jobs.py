@@ -19,9 +19,9 @@ from kombu.exceptions import OperationalError
 from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
-from jobs.batches import BatchQueue
-from jobs.celery_app import enqueue, withdraw_message
+from jobs.celery_app import withdraw_message
 from jobs.lengths import LengthError, check_lengths
+from jobs.queues import BatchQueue, enqueue
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.store import JobStore
 from jobs.webhooks import WebhookURLError, check_url
