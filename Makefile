@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk clean
+.PHONY: install run test test-fast tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: install redis-server
 # is started once); PYTEST_ARGS='-n 0' runs them one by one.
 test: install redis-server chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
+
+# The edit-test loop: unit tests only (no end-to-end stacks, none of the tests marked slow), under a minute.
+test-fast: install redis-server
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto -m "not slow" --ignore=tests/e2e $(PYTEST_ARGS)
 
 # A tiny random BLOOM checkpoint to try the stack without downloading weights.
 tiny: install

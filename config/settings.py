@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import values as parse
+import config.values as parse
 from config.sentinel import DEFAULT_SENTINEL_MASTER, SentinelTarget, parse_sentinel_url
 
 

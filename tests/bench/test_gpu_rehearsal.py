@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a whole benchmark run: left out of make test-fast
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 

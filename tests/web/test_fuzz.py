@@ -43,6 +43,8 @@ from jobs.workers import WorkerInfo
 from web import create_app
 from web.native.openapi import build_openapi
 
+pytestmark = pytest.mark.slow  # every operation fuzzed from the OpenAPI document: left out of make test-fast
+
 SERVED = "tiny-bloom"  # the default model, served by the fake worker
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 WORKER = WorkerInfo(name=f"{SERVED}@h.cpu", instance=f"{SERVED}@h.cpu:1", model=SERVED, host="h", device="cpu",

@@ -45,6 +45,7 @@ def greedy_texts(whole):
     return texts
 
 
+@pytest.mark.slow  # quantizes a model and runs the engine twice: left out of make test-fast
 @pytest.mark.parametrize(("mode", "size_limit", "agreement_floor"), [("int8", 0.55, 0.8), ("int4", 0.35, 0.25)])
 def test_quantized_weights_are_smaller_and_mostly_pick_the_same_tokens(spec, whole, greedy_texts, mode, size_limit,
                                                                        agreement_floor):

@@ -23,6 +23,8 @@ from worker.loading import load_model
 from worker.sharding import Shard, ShardingError, load_shard
 from worker.tiny import build_tiny_bloom
 
+pytestmark = pytest.mark.slow  # groups of processes: left out of make test-fast
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
