@@ -195,12 +195,15 @@ def test_workers_on_separate_hosts_route_fail_over_and_fence_late_results(tiny_m
         try:
             wait_for(lambda: (_running_on(base, job_id) or cut) != cut, timeout=60, interval=0.5,
                      what="another host to take the job over")
-            time.sleep(5)
         finally:
             net.link(cut[-1], "up")
         done = wait_for_job(base, job_id, timeout=120)
         assert done["status"] == "succeeded" and not done["worker"].startswith(f"slow-bloom@{cut}")
-        time.sleep(8)  # the cut-off host reconnects and tries to report its own result
+        # The cut-off host reconnects and its own attempt ends: stopped as taken over, or its result refused.
+        cut_worker = c["workers"][(cut[-1], "slow-bloom")]
+        wait_for(lambda: any(line in cut_worker.log() for line in (f"job {job_id}: not stored",
+                                                                   f"job {job_id}: attempt 1 was stopped")),
+                 timeout=120, what="the cut-off host to give up its attempt")
         assert _job(base, job_id) == done
         logs = "".join(p.log() for p in c["procs"])
         assert logs.count(f"job {job_id}: succeeded") == 1
