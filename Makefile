@@ -33,10 +33,12 @@ wrk:
 run: install redis-server
 	$(PY) scripts/stack.py
 
-# Test files run in parallel, one process per core, each file whole in one process (its module-scoped stack
-# is started once); PYTEST_ARGS='-n 0' runs them one by one.
+# Test files run in parallel, each file whole in one process (its module-scoped stack is started once), one
+# process more than there are cores: the end-to-end tests spend much of their time waiting on the processes
+# they started (two cores: 10.5 min with three processes, 12.7 with two). PYTEST_ARGS='-n 0' runs them one by one.
+TEST_PROCESSES ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install redis-server chromium
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # The edit-test loop: unit tests only (no end-to-end stacks, none of the tests marked slow), under a minute.
 test-fast: install redis-server
