@@ -5,6 +5,7 @@
     bloomq cancel JOB_ID
     bloomq models
     bloomq jobs [--status STATUS] [--limit N]
+    bloomq keys create|list|update|revoke ...   (an operator key; see cli/keys.py)
 
 The server is ``$BLOOMQ_URL`` (default ``http://127.0.0.1:5000``) or ``--url``; the API key, when the
 server requires one, ``$BLOOMQ_API_KEY`` or ``--api-key``.
@@ -21,6 +22,8 @@ from typing import Any
 
 import requests
 from tqdm import tqdm
+
+from cli import keys
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -41,7 +44,7 @@ class Client:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         kwargs.setdefault("timeout", self.timeout)
         response = self.session.request(method, self.base + path, **kwargs)
         body = response.json() if response.headers.get("Content-Type", "").startswith("application/json") else {}
@@ -56,17 +59,17 @@ class Client:
         body: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
         if model:
             body["model"] = model
-        return self._call("POST", "/api/v1/jobs", json=body)
+        return self.call("POST", "/api/v1/jobs", json=body)
 
     def get(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         params = {"wait": wait} if wait else None
-        return self._call("GET", f"/api/v1/jobs/{job_id}", params=params, timeout=self.timeout + wait)
+        return self.call("GET", f"/api/v1/jobs/{job_id}", params=params, timeout=self.timeout + wait)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
+        return self.call("POST", f"/api/v1/jobs/{job_id}/cancel")
 
     def models(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/v1/models")["models"]
+        return self.call("GET", "/api/v1/models")["models"]
 
     def jobs(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` of this key's jobs, newest first (following the listing's pages)."""
@@ -74,7 +77,7 @@ class Client:
         cursor = None
         while len(found) < limit:
             params = {"limit": min(limit - len(found), 100), "status": status, "cursor": cursor}
-            page = self._call("GET", "/api/v1/jobs", params={k: v for k, v in params.items() if v is not None})
+            page = self.call("GET", "/api/v1/jobs", params={k: v for k, v in params.items() if v is not None})
             found += page["jobs"]
             cursor = page["next_cursor"]
             if cursor is None:
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = sub.add_parser("jobs", help="list your jobs, newest first")
     jobs.add_argument("--status", choices=TERMINAL_AND_OPEN, help="only jobs in this state")
     jobs.add_argument("--limit", type=_positive, default=20, help="how many to show (default 20)")
+    keys.add_commands(sub)
     args = parser.parse_args(argv)
 
     client = Client(args.url, api_key=args.api_key)
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "jobs":
             listed = client.jobs(args.limit, args.status)
             print(format_jobs(listed) if listed else "no jobs")
+        elif args.command == "keys":
+            keys.run(client, args)
     except ClientError as exc:
         print(f"bloomq: {exc}", file=sys.stderr)
         return 2

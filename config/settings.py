@@ -69,6 +69,8 @@ class Settings:
     # Keys (or sha256:<hex> of keys) that may also see operational details; each is an API key too.
     operator_keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str = ""
+    # Where users reach the web (behind a proxy, the proxy's URL): https makes the session cookie Secure.
+    public_url: str = ""
     secret_key: str = field(default="", repr=False)
     chat_templates: dict[str, str] = field(default_factory=dict, repr=False)
     max_batch_file_bytes: int = 16 * 1024 * 1024
@@ -160,6 +162,7 @@ VARIABLES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("api_keys_file", "BLOOMQ_API_KEYS_FILE", parse.existing_file),
     ("operator_keys", "BLOOMQ_OPERATOR_KEYS", parse.operator_keys),
     ("rate_limit", "BLOOMQ_RATE_LIMIT", parse.rate_limit),
+    ("public_url", "BLOOMQ_PUBLIC_URL", parse.public_url),
     ("secret_key", "BLOOMQ_SECRET_KEY", str),
     ("chat_templates", "BLOOMQ_CHAT_TEMPLATES", parse.chat_templates),
     ("max_batch_file_bytes", "BLOOMQ_MAX_BATCH_FILE_BYTES", parse.positive_int),

@@ -161,3 +161,10 @@ def quantization(raw: str) -> str:
     if value not in QUANTIZATIONS:
         raise ValueError(f"must be one of {', '.join(QUANTIZATIONS)}")
     return value
+
+
+def public_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return raw.rstrip("/")

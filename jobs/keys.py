@@ -89,3 +89,14 @@ def owner_files_keys(owner: str | None) -> tuple[str, str]:
 def batch_queue_key(model: str, owner: str | None) -> str:
     """The list of one API key's batch lines waiting for ``model``."""
     return f"{BATCH_QUEUE_PREFIX}{model}:{owner or '-'}"
+
+
+# -- API keys --------------------------------------------------------------------------------------
+
+API_KEY_PREFIX = "bloomq:api-key:"  # + the SHA-256 of the secret: a hash with the key's name, role, limits
+API_KEY_NAMES = "bloomq:api-key-names"  # name -> the SHA-256 of its secret
+
+
+def api_key_key(digest: str) -> str:
+    """The Redis key of an API key's record (by the hash of its secret; the secret is never stored)."""
+    return f"{API_KEY_PREFIX}{digest}"

@@ -270,11 +270,12 @@ def live_workers(base_url: str, headers: dict[str, str] | None = None) -> int:
     return sum(m["workers"] for m in models)
 
 
-def wait_for_job(base_url: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    """Poll the job until it is terminal; return the resource."""
+def wait_for_job(base_url: str, job_id: str, timeout: float = 60, headers: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """Poll the job until it is terminal (with ``headers``, e.g. an API key); return the resource."""
 
     def terminal() -> dict[str, Any] | None:
-        body = requests.get(f"{base_url}/api/v1/jobs/{job_id}", timeout=5).json()
+        body = requests.get(f"{base_url}/api/v1/jobs/{job_id}", headers=headers, timeout=5).json()
         return body if body["status"] in ("succeeded", "failed", "canceled") else None
 
     return wait_for(terminal, timeout=timeout, interval=0.1, what=f"job {job_id} to finish")

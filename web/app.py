@@ -15,6 +15,7 @@ from flask import Flask
 from config.logs import configure_logging
 from config.models import ModelRegistry
 from config.settings import Settings
+from jobs.accounts import KeyBook
 from jobs.batches import BatchStore
 from jobs.celery_app import make_celery
 from jobs.connection import connect
@@ -25,6 +26,7 @@ from web.http.errors import register_error_handlers
 from web.http.feeds import JobFeeds
 from web.http.limits import charge, limiter
 from web.http.watchers import WatcherSlots
+from web.native.keys import keys_api
 from web.native.routes import api
 from web.openai.batches import batches_api
 from web.openai.routes import openai_api
@@ -64,10 +66,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.extensions["bloomq.started"] = int(time.time())
 
-    init_auth(app, settings)
+    app.extensions["bloomq.key_book"] = book = KeyBook(client)
+    init_auth(app, settings, book)
     limiter.init_app(app)
     app.extensions["bloomq.batches"] = BatchStore(client, settings.job_retention_seconds)
-    for blueprint in (api, openai_api, batches_api, tgi_api):
+    for blueprint in (api, keys_api, openai_api, batches_api, tgi_api):
         csrf.exempt(blueprint)  # programs authenticate with Bearer keys; browser sessions are checked in auth
         app.register_blueprint(blueprint)
     app.register_blueprint(views)

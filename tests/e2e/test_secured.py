@@ -1,15 +1,20 @@
-"""The real stack with API keys on: isolation, metrics behind a key, JSON logs carrying the job id."""
+"""The real stack with API keys on: isolation, metrics for operators, JSON logs carrying the job id, and
+keys made and revoked at run time with the command-line client."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import requests
 
 from tests.e2e.conftest import running_stack
-from tests.support import wait_for
+from tests.support import ROOT, csrf_token, wait_for, wait_for_job
 
 KEYS = ("key-alpha-1", "key-beta-2")
+OPERATOR = "key-operator-3"
 
 
 def _auth(key):
@@ -17,7 +22,7 @@ def _auth(key):
 
 
 def test_keys_isolate_jobs_metrics_need_a_key_and_logs_follow_a_job(request, tmp_path_factory, tiny_model_dir):
-    env = {"BLOOMQ_API_KEYS": ",".join(KEYS), "BLOOMQ_RATE_LIMIT": "100/minute"}
+    env = {"BLOOMQ_API_KEYS": ",".join(KEYS), "BLOOMQ_OPERATOR_KEYS": OPERATOR, "BLOOMQ_RATE_LIMIT": "100/minute"}
     with running_stack(request, tmp_path_factory, tiny_model_dir, **env) as stack:
         base = f"{stack.url}/api/v1"
         assert requests.post(f"{base}/jobs", json={"inputs": "hi"}, timeout=5).status_code == 401
@@ -32,10 +37,11 @@ def test_keys_isolate_jobs_metrics_need_a_key_and_logs_follow_a_job(request, tmp
         assert final["output"]["generated_tokens"] == 6
         assert requests.get(f"{base}/jobs/{job['id']}", headers=_auth(KEYS[1]), timeout=5).status_code == 404
         assert requests.get(f"{stack.url}/metrics", timeout=5).status_code == 401
-        metrics = requests.get(f"{stack.url}/metrics", headers=_auth(KEYS[1]), timeout=5).text
+        assert requests.get(f"{stack.url}/metrics", headers=_auth(KEYS[1]), timeout=5).status_code == 403
+        metrics = requests.get(f"{stack.url}/metrics", headers=_auth(OPERATOR), timeout=5).text
         assert 'bloomq_jobs_finished_total{model="tiny-bloom",status="succeeded"} 1.0' in metrics
         assert 'bloomq_live_workers{model="tiny-bloom"} 1.0' in metrics
-        wait_for(lambda: "bloomq_batch_size_count" in requests.get(f"{stack.url}/metrics", headers=_auth(KEYS[1]),
+        wait_for(lambda: "bloomq_batch_size_count" in requests.get(f"{stack.url}/metrics", headers=_auth(OPERATOR),
                                                                     timeout=5).text,
                  timeout=15, what="the worker's batch sizes to reach the metrics")
         assert requests.get(f"{stack.url}/healthz", timeout=5).status_code == 200
@@ -43,3 +49,47 @@ def test_keys_isolate_jobs_metrics_need_a_key_and_logs_follow_a_job(request, tmp
         for proc in (stack.web, stack.workers[0]):
             records = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
             assert any(r.get("job_id") == job["id"] for r in records), proc.log_path
+
+        _keys_made_and_revoked_with_the_cli(stack)
+
+
+def _cli(stack, key: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BLOOMQ_URL": stack.url, "BLOOMQ_API_KEY": key}
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _keys_made_and_revoked_with_the_cli(stack) -> None:
+    made = _cli(stack, OPERATOR, "keys", "create", "team-a", "--tokens-per-day", "5000", "--max-active-jobs", "3")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.splitlines()[0]
+    listed = _cli(stack, OPERATOR, "keys", "list")
+    assert listed.returncode == 0 and secret not in listed.stdout
+    (row,) = [line.split() for line in listed.stdout.splitlines() if line.startswith("team-a")]
+    assert row[:5] == ["team-a", "user", "5000", "3", "-"]
+    refused = _cli(stack, KEYS[0], "keys", "list")  # a user key
+    assert refused.returncode == 2 and "403" in refused.stderr
+
+    # The new key works at once, over the API and signed in on the pages.
+    job = requests.post(f"{stack.url}/api/v1/jobs", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}},
+                        headers=_auth(secret), timeout=5)
+    assert job.status_code == 202
+    assert wait_for_job(stack.url, job.json()["id"], headers=_auth(secret))["status"] == "succeeded"
+    browser = requests.Session()
+    token = csrf_token(browser.get(f"{stack.url}/login", timeout=5).text)
+    signed_in = browser.post(f"{stack.url}/login", data={"api_key": secret, "csrf_token": token}, timeout=5,
+                             allow_redirects=False)
+    assert signed_in.status_code == 302
+    assert browser.get(f"{stack.url}/", timeout=5, allow_redirects=False).status_code == 200
+
+    updated = _cli(stack, OPERATOR, "keys", "update", "team-a", "--max-active-jobs", "none")
+    assert updated.returncode == 0 and updated.stdout.splitlines()[1].split()[:5] == ["team-a", "user", "5000", "-", "-"]
+
+    # Revoked: refused at the next request, by every web process (several requests, so several processes
+    # answer), and the browser session ends.
+    revoked = _cli(stack, OPERATOR, "keys", "revoke", "team-a")
+    assert revoked.returncode == 0, revoked.stderr
+    for _ in range(6):
+        assert requests.get(f"{stack.url}/api/v1/jobs", headers=_auth(secret), timeout=5).status_code == 401
+    page = browser.get(f"{stack.url}/", timeout=5, allow_redirects=False)
+    assert page.status_code == 302 and "/login" in page.headers["Location"]

@@ -36,7 +36,7 @@ def test_api_needs_a_valid_key_and_says_how(keyed):
     assert client.get("/healthz").status_code == 200  # health stays open
     assert client.get("/api/v1/openapi.json").status_code == 200
     assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers=bearer(ALICE)).status_code == 200
+    assert client.get("/metrics", headers=bearer(ALICE)).status_code == 403  # operators only
 
 
 def test_a_job_is_visible_only_to_the_key_that_made_it(keyed):
@@ -139,6 +139,8 @@ def test_only_operator_keys_see_where_workers_run(with_operators):
     assert job["owner"].startswith("key:")
     assert client.get(f"/api/v1/jobs/{job['id']}", headers=bearer(ALICE)).status_code == 404
     assert client.get("/api/v1/workers").status_code == 401
+    assert client.get("/metrics", headers=bearer(OPS)).status_code == 200
+    assert client.get("/metrics", headers=bearer(ALICE)).status_code == 403
 
 
 def test_an_operator_signed_in_on_the_pages_is_an_operator_through_the_session(with_operators):

@@ -1,52 +1,60 @@
-"""Optional API keys: Bearer tokens for programs, a session (with CSRF protection) for the web form.
+"""API keys: Bearer tokens for programs, a session (with CSRF protection) for the web form.
 
-Keys come from ``BLOOMQ_API_KEYS`` (comma-separated) and/or ``BLOOMQ_API_KEYS_FILE`` (one per line;
-``sha256:<hex>`` lines hold a key's hash instead of the key). Only SHA-256 hashes are kept in memory.
-A job belongs to the key that made it (its ``owner`` is a short id derived from the hash): another key
-gets ``404`` for it. With no keys configured, auth is off, and the log and the pages say so.
+Keys come from the environment and from Redis. ``BLOOMQ_API_KEYS`` (comma-separated) and
+``BLOOMQ_API_KEYS_FILE`` (one per line; ``sha256:<hex>`` lines hold a key's hash instead of the key) are
+user keys, ``BLOOMQ_OPERATOR_KEYS`` operator keys; any of them turns auth on. Operators make more keys
+at run time over ``/api/v1/keys`` (``jobs.accounts``): those live in Redis, are looked up on every
+request, and a revoked one is refused at its next request in every web process, browser sessions
+included (a session holds the hash of its key and is checked again each time). Only hashes are kept.
 
-``BLOOMQ_OPERATOR_KEYS`` (keys or ``sha256:<hex>``, comma-separated) names the operators: they are API
-keys too, and may also see operational details (hosts, pids, model paths). With auth off everyone is.
+A job belongs to the key that made it (its ``owner``): another key gets ``404`` for it. Operators may
+also see operational details (hosts, pids, model paths, metrics) and manage keys. With no keys
+configured, auth is off, and the log and the pages say so.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from flask import Flask, current_app, g, redirect, request, session, url_for
 from flask_wtf.csrf import CSRFProtect
 
 from config.settings import Settings
+from jobs.accounts import KeyBook, KeyInfo, key_hash, owner_id
 from web.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 OPEN_API_PATHS = ("/healthz", "/readyz", "/api/v1/openapi.json")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+SESSION_LIFETIME = timedelta(hours=12)
 
 
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for: the key's owner id, whether it is an operator's, and its record when it
+    was made over the API (None for a key from the environment)."""
 
-
-def owner_id(digest: str) -> str:
-    """The short, non-secret id of a key: what jobs record as their owner."""
-    return "key:" + digest[:12]
+    owner: str
+    digest: str
+    operator: bool
+    key: KeyInfo | None = None
 
 
 @dataclass(frozen=True)
 class ApiKeys:
-    """The SHA-256 hashes of the accepted keys, and the owner ids of the operators among them."""
+    """The keys from the environment (SHA-256 hashes; which are the operators'), over the keys in Redis."""
 
     hashes: frozenset[str]
-    operators: frozenset[str] = frozenset()
+    operators: frozenset[str]
+    book: KeyBook
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ApiKeys | None:
+    def from_settings(cls, settings: Settings, book: KeyBook) -> ApiKeys | None:
         """The configured keys, or None when auth is off."""
         hashes = {key_hash(key) for key in settings.api_keys}
         operators = {_entry_hash(key) for key in settings.operator_keys}
@@ -59,15 +67,22 @@ class ApiKeys:
                 hashes.add(_entry_hash(line))
         if not hashes:
             return None
-        return cls(frozenset(hashes), frozenset(owner_id(digest) for digest in operators))
+        return cls(frozenset(hashes), frozenset(operators), book)
 
-    def identify(self, key: str) -> str | None:
-        """The owner id of ``key``, or None when it is not a valid key."""
-        digest = key_hash(key)
+    def identify(self, secret: str) -> Caller | None:
+        """Who ``secret`` is, or None when it is not a valid key."""
+        return self.recognize(key_hash(secret)) if secret else None
+
+    def recognize(self, digest: str) -> Caller | None:
+        """Who the key with this hash is, or None (unknown, or revoked since)."""
         for known in self.hashes:
             if hmac.compare_digest(known, digest):
-                return owner_id(digest)
-        return None
+                return Caller(owner_id(digest), digest, digest in self.operators)
+        key = self.book.find(digest)  # a Redis outage: 503, from the app's error handler
+        if key is None:
+            return None
+        self.book.touch(digest)
+        return Caller(key.owner, digest, key.role == "operator", key)
 
 
 def _entry_hash(entry: str) -> str:
@@ -83,54 +98,88 @@ def current_owner() -> str | None:
     return g.get("owner")
 
 
+def current_caller() -> Caller | None:
+    """The key this request came with (None with auth off)."""
+    return g.get("caller")
+
+
+def auth_enabled() -> bool:
+    return api_keys() is not None
+
+
 def is_operator() -> bool:
     """Whether this request may see operational details: an operator key (or its signed-in session), or
     anyone while API keys are off (the single-user default)."""
-    keys = _keys()
-    return keys is None or (g.get("owner") is not None and g.owner in keys.operators)
+    caller = current_caller()
+    return not auth_enabled() or (caller is not None and caller.operator)
 
 
-def _keys() -> ApiKeys | None:
+def require_operator() -> None:
+    """A 403 unless the caller is an operator (with auth on, after authentication)."""
+    if not is_operator():
+        raise ApiError(403, "forbidden", "this needs an operator key")
+
+
+def api_keys() -> ApiKeys | None:
     return current_app.extensions["bloomq.keys"]
 
 
-def init_auth(app: Flask, settings: Settings) -> None:
+def init_auth(app: Flask, settings: Settings, book: KeyBook) -> None:
     """Wire API keys, sessions and CSRF protection into ``app``."""
-    keys = ApiKeys.from_settings(settings)
+    keys = ApiKeys.from_settings(settings, book)
     app.extensions["bloomq.keys"] = keys
     app.config["WTF_CSRF_TIME_LIMIT"] = None  # tokens live as long as the session
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+                      SESSION_COOKIE_SECURE=settings.public_url.startswith("https://"),
+                      PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME)
     csrf.init_app(app)
     if keys is None:
         log.warning("API keys are off: anyone who can reach this server can submit, read and cancel jobs "
-                    "(set BLOOMQ_API_KEYS or BLOOMQ_API_KEYS_FILE)")
+                    "(set BLOOMQ_API_KEYS, BLOOMQ_API_KEYS_FILE or BLOOMQ_OPERATOR_KEYS)")
 
     @app.context_processor
     def _auth_state() -> dict[str, object]:
-        return {"auth_enabled": _keys() is not None, "signed_in": bool(session.get("owner"))}
+        return {"auth_enabled": api_keys() is not None, "signed_in": bool(session.get("key"))}
+
+
+def sign_in(caller: Caller) -> None:
+    """Start a browser session for ``caller`` (it holds the key's hash, checked again on every request)."""
+    session.clear()
+    session.permanent = True  # a bounded lifetime (SESSION_LIFETIME), not "until the browser closes"
+    session["key"] = caller.digest
+
+
+def _session_caller(keys: ApiKeys) -> Caller | None:
+    digest = session.get("key")
+    caller = keys.recognize(digest) if isinstance(digest, str) else None
+    if caller is None and digest is not None:
+        session.clear()  # revoked (or from an older release): the session ends
+    return caller
 
 
 def authenticate_api() -> None:
     """``before_request`` of the API: a Bearer key, or the web session (with its CSRF token on writes)."""
-    keys = _keys()
+    keys = api_keys()
     if keys is None or request.path in OPEN_API_PATHS:
-        g.owner = None
+        g.owner = g.caller = None
         return
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        owner = keys.identify(header.removeprefix("Bearer ").strip())
+        caller = keys.identify(header.removeprefix("Bearer ").strip())
     else:
-        owner = session.get("owner")
-        if owner and request.method not in SAFE_METHODS:
+        caller = _session_caller(keys)
+        if caller is not None and request.method not in SAFE_METHODS:
             csrf.protect()  # a browser session writing through the API must prove it is our page
-    if not owner:
+    if caller is None:
         raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'")
-    g.owner = owner
+    g.caller, g.owner = caller, caller.owner
 
 
 def authenticate_page():  # noqa: ANN201 - a redirect or None
     """``before_request`` of the pages: with auth on, a session is needed (sign in with a key)."""
-    keys = _keys()
-    g.owner = session.get("owner") if keys is not None else None
-    if keys is not None and not g.owner and request.endpoint not in ("views.login", "static"):
+    keys = api_keys()
+    caller = _session_caller(keys) if keys is not None else None
+    g.caller, g.owner = caller, (caller.owner if caller else None)
+    if keys is not None and caller is None and request.endpoint not in ("views.login", "static"):
         return redirect(url_for("views.login", next=request.path))
     return None

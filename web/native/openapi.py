@@ -8,6 +8,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from web.native.openapi_fragments import REF
+from web.native.openapi_keys import KEYS_MODELS, keys_paths
 from web.native.openapi_native import NATIVE_MODELS, native_paths
 from web.native.openapi_openai import OPENAI_MODELS, batch_paths, openai_paths
 from web.native.openapi_tgi import TGI_MODELS, tgi_paths
@@ -15,10 +16,10 @@ from web.native.openapi_tgi import TGI_MODELS, tgi_paths
 
 def build_openapi(version: str) -> dict[str, Any]:
     """The whole document."""
-    _, top = models_json_schema([*NATIVE_MODELS, *OPENAI_MODELS, *TGI_MODELS], ref_template=REF)
+    _, top = models_json_schema([*NATIVE_MODELS, *KEYS_MODELS, *OPENAI_MODELS, *TGI_MODELS], ref_template=REF)
     return {
         "openapi": "3.1.0",
         "info": {"title": "bloomq", "version": version, "description": "BLOOM text generation as a job queue."},
-        "paths": {**native_paths(), **openai_paths(), **tgi_paths(), **batch_paths()},
+        "paths": {**native_paths(), **keys_paths(), **openai_paths(), **tgi_paths(), **batch_paths()},
         "components": {"schemas": top.get("$defs", {})},
     }

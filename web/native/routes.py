@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from jobs.listing import OwnedPosition
 from jobs.schema import Job, JobRequest, JobStatus
 from jobs.transitions import CancelOutcome
-from web.http.auth import authenticate_api, current_owner, is_operator
+from web.http.auth import authenticate_api, current_owner, is_operator, require_operator
 from web.http.bodies import idempotency_key, read_json_object
 from web.http.context import current_service, version
 from web.http.errors import ApiError, validation_error
@@ -279,7 +279,8 @@ def _not_ready(code: str, message: str) -> tuple[Response, int]:
 
 @api.get("/metrics")
 def metrics() -> Response:
-    """Prometheus metrics (shared by all web processes: the figures live in Redis)."""
+    """Prometheus metrics (shared by all web processes: the figures live in Redis); operators only."""
+    require_operator()
     return Response(render_metrics(current_service()), mimetype=CONTENT_TYPE_LATEST)
 
 

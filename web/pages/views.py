@@ -6,14 +6,15 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, redirect, render_template, request, session, url_for
 from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
-from web.http.auth import authenticate_page, current_owner, is_operator
+from web.http.auth import api_keys, authenticate_page, current_owner, is_operator, sign_in
 from web.http.context import current_service
 from web.http.errors import ApiError, field_errors
+from web.http.limits import limiter
 from web.services.batches import BatchFileError, accept_upload, own_batch, start_batch, your_batches
 
 views = Blueprint("views", __name__)
@@ -167,17 +168,21 @@ def _prompts_as_jsonl(content: bytes, body: dict[str, Any]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+LOGIN_ATTEMPTS = "10/minute"  # sign-in attempts per client address: no guessing keys through the form
+
+
 @views.route("/login", methods=["GET", "POST"])
+@limiter.limit(LOGIN_ATTEMPTS, key_func=lambda: request.remote_addr or "unknown", methods=["POST"])
 def login() -> Response | str | tuple[str, int]:
-    """Sign in with an API key (only when keys are on); the session then acts for that key."""
-    keys = current_app.extensions["bloomq.keys"]
+    """Sign in with an API key (only when keys are on); the session then acts for that key, which is
+    checked again on every request (a revoked key ends it)."""
+    keys = api_keys()
     if keys is None:
         return redirect(url_for("views.index"))
     if request.method == "POST":
-        owner = keys.identify(request.form.get("api_key", ""))
-        if owner:
-            session.clear()
-            session["owner"] = owner
+        caller = keys.identify(request.form.get("api_key", "").strip())
+        if caller is not None:
+            sign_in(caller)
             return redirect(_local_path(request.args.get("next", "")) or url_for("views.index"))
         return render_template("login.html", error="that is not a valid API key"), 401
     return render_template("login.html", error=None)
