@@ -100,3 +100,22 @@ API_KEY_NAMES = "bloomq:api-key-names"  # name -> the SHA-256 of its secret
 def api_key_key(digest: str) -> str:
     """The Redis key of an API key's record (by the hash of its secret; the secret is never stored)."""
     return f"{API_KEY_PREFIX}{digest}"
+
+
+# -- quotas and usage ------------------------------------------------------------------------------
+
+QUOTA_TOKENS_PREFIX = "bloomq:quota-tokens:"  # + owner + ":" + UTC day: tokens held and used that day
+QUOTA_ACTIVE_PREFIX = "bloomq:quota-active:"  # + owner: its jobs queued or running
+USAGE_PREFIX = "bloomq:usage:"  # + UTC day: a hash of "owner|model|hour|kind" -> tokens (or jobs)
+
+
+def quota_tokens_key(owner: str, day: str) -> str:
+    return f"{QUOTA_TOKENS_PREFIX}{owner}:{day}"
+
+
+def quota_active_key(owner: str) -> str:
+    return f"{QUOTA_ACTIVE_PREFIX}{owner}"
+
+
+def usage_key(day: str) -> str:
+    return f"{USAGE_PREFIX}{day}"

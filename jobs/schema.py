@@ -237,6 +237,9 @@ class Job(BaseModel):
     priority_class: PriorityClass = Field("interactive", description="interactive jobs run before batch jobs.")
     priority: int = Field(0, description="Lower runs first among waiting jobs of its class.")
     batch_id: str | None = Field(None, description="The batch this job is a line of.")
+    token_budget: int | None = Field(
+        None, description="The most tokens (prompt + new) the job can use: what it holds of a daily token quota.")
+    quota_day: str | None = Field(None, description="The UTC day whose token quota the job holds its budget on.")
 
     @property
     def queue(self) -> str:

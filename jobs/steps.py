@@ -1,6 +1,6 @@
 """What a job's change causes besides the record itself, as named steps staged on the change's own
 transaction: the running and queued indexes, the event stream, the batch's line counters, the deadline
-index, the metrics, the webhook outbox and the change's notice. Being in the same transaction, each
+index, the metrics, the key's quota and usage, the webhook outbox and the change's notice. Being in the same transaction, each
 happens exactly once per change, whichever process made it.
 
 Each transition step takes the pipeline (after MULTI) and the ``Change``; ``TRANSITION_STEPS`` is their
@@ -18,9 +18,11 @@ from jobs import metrics, outbox
 from jobs.events import stage_event, stage_notice
 from jobs.keys import DEADLINES_KEY, RUNNING_KEY, batch_key, job_key, job_stream_key, queued_key
 from jobs.listing import stage_owned
+from jobs.quotas import stage_release
 from jobs.records import progress_field
 from jobs.schema import Job, JobStatus
 from jobs.transitions import EXPIRED
+from jobs.usage import stage_usage, used_tokens
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,19 @@ def count_finished(pipe: Any, change: Change) -> None:
         metrics.record_finished(pipe, change.after)
 
 
+def settle_quota(pipe: Any, change: Change) -> None:
+    """A job that ends gives back the part of its token budget it did not use, and its active slot."""
+    before, after = change.before, change.after
+    if after.status.terminal and not before.status.terminal:
+        stage_release(pipe, after, sum(used_tokens(after)))
+
+
+def count_usage(pipe: Any, change: Change) -> None:
+    """A job that ends adds its tokens to its key's usage."""
+    if change.after.status.terminal and not change.before.status.terminal:
+        stage_usage(pipe, change.after)
+
+
 def queue_webhook(pipe: Any, change: Change) -> None:
     """The webhook this change calls for, if the job asked for it: ``completed`` when the job gets its
     final result, ``started`` when an attempt of it starts running."""
@@ -135,6 +150,8 @@ TRANSITION_STEPS: tuple[Callable[[Any, Change], None], ...] = (
     count_batch_line,
     drop_deadline,
     count_finished,
+    settle_quota,
+    count_usage,
     queue_webhook,
     announce,
 )
@@ -168,3 +185,4 @@ def stage_deleted(pipe: Any, job: Job) -> None:
     pipe.zrem(DEADLINES_KEY, job.id)
     pipe.zrem(queued_key(job.model), job.id)
     metrics.unrecord_submitted(pipe, job)
+    stage_release(pipe, job, used_tokens=0)

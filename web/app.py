@@ -24,10 +24,11 @@ from jobs.workers import WorkerDirectory
 from web.http.auth import csrf, init_auth
 from web.http.errors import register_error_handlers
 from web.http.feeds import JobFeeds
-from web.http.limits import charge, limiter
+from web.http.limits import charge, hold_quota, limiter
 from web.http.watchers import WatcherSlots
 from web.native.keys import keys_api
 from web.native.routes import api
+from web.native.usage import usage_api
 from web.openai.batches import batches_api
 from web.openai.routes import openai_api
 from web.pages.views import views
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         directory=WorkerDirectory(client),
         celery=make_celery(settings),
         charge=charge,
+        hold=hold_quota,
     )
     app.extensions["bloomq"] = service
     app.extensions["bloomq.watchers"] = WatcherSlots(client, settings.max_watchers_per_key, settings.max_watchers)
@@ -70,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_auth(app, settings, book)
     limiter.init_app(app)
     app.extensions["bloomq.batches"] = BatchStore(client, settings.job_retention_seconds)
-    for blueprint in (api, keys_api, openai_api, batches_api, tgi_api):
+    for blueprint in (api, keys_api, usage_api, openai_api, batches_api, tgi_api):
         csrf.exempt(blueprint)  # programs authenticate with Bearer keys; browser sessions are checked in auth
         app.register_blueprint(blueprint)
     app.register_blueprint(views)

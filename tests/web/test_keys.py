@@ -31,12 +31,12 @@ def _create(client, **body):
 
 def test_an_operator_makes_a_key_that_works_at_once_and_lists_it_without_its_secret(keyed, redis_client):
     client = keyed.test_client()
-    made = _create(client, name="team-a", tokens_per_day=60, max_active_jobs=2)
+    made = _create(client, name="team-a", tokens_per_day=600, max_active_jobs=2)
     assert made.status_code == 201 and made.headers["Location"].endswith("/api/v1/keys/team-a")
     key = made.get_json()
     assert key["secret"].startswith("bq_") and len(key["secret"]) > 40
     assert (key["name"], key["role"], key["tokens_per_day"], key["max_active_jobs"], key["file_bytes"]) == \
-        ("team-a", "user", 60, 2, None)
+        ("team-a", "user", 600, 2, None)
     job = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(key["secret"]))
     assert job.status_code == 202 and job.get_json()["owner"] == key["owner"]
     listed = client.get("/api/v1/keys", headers=bearer(OPS)).get_json()["keys"]

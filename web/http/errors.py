@@ -64,8 +64,11 @@ class ClientGone(Exception):
 # -- the error shape of each surface: one formatter each ----------------------------------------------
 
 def native_error(err: ApiError) -> tuple[dict[str, Any], int]:
-    """bloomq's own shape: ``{"error": {"type", "message", "fields"}}``."""
-    return err.to_dict(), err.status
+    """bloomq's own shape: ``{"error": {"type", "message", "fields", ...}}`` (with any further members, e.g.
+    the limit a quota error names)."""
+    body = err.to_dict()
+    body["error"].update(err.extra)
+    return body, err.status
 
 
 _OPENAI_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from web.native.openapi_accounts import KEYS_MODELS, accounts_paths
 from web.native.openapi_fragments import REF
-from web.native.openapi_keys import KEYS_MODELS, keys_paths
 from web.native.openapi_native import NATIVE_MODELS, native_paths
 from web.native.openapi_openai import OPENAI_MODELS, batch_paths, openai_paths
 from web.native.openapi_tgi import TGI_MODELS, tgi_paths
@@ -20,6 +20,6 @@ def build_openapi(version: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "bloomq", "version": version, "description": "BLOOM text generation as a job queue."},
-        "paths": {**native_paths(), **keys_paths(), **openai_paths(), **tgi_paths(), **batch_paths()},
+        "paths": {**native_paths(), **accounts_paths(), **openai_paths(), **tgi_paths(), **batch_paths()},
         "components": {"schemas": top.get("$defs", {})},
     }

@@ -4,6 +4,7 @@ routes (``web.openai.batches``) and the batch pages (``web.pages.views``) both u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -33,6 +34,7 @@ from jobs.schema import Job
 from web.http.auth import current_owner
 from web.http.context import current_service
 from web.http.errors import ApiError, field_errors
+from web.http.limits import file_bytes_limit
 from web.openai.schema import CompletionRequest, check_completion, completion_jobs, job_requests, renamed
 from web.services.jobs import BatchOrigin
 
@@ -91,12 +93,13 @@ def accept_upload(content: bytes, filename: str) -> FileObject:
     if lines > settings.max_batch_lines:
         raise invalid("file", f"the file has {lines} lines; at most {settings.max_batch_lines} are accepted")
     current_service().charge(1)
-    meta = batch_store().add_file(content, filename, "batch", current_owner(), settings.max_file_bytes_per_key)
+    limit = file_bytes_limit()
+    meta = batch_store().add_file(content, filename, "batch", current_owner(), limit)
     if meta is None:
         used = batch_store().stored_bytes(current_owner())
         raise ApiError(413, "storage_limit_reached",
                        f"this key's files already hold {used} bytes; with this one they would pass the limit of "
-                       f"{settings.max_file_bytes_per_key} (BLOOMQ_MAX_FILE_BYTES_PER_KEY): delete files you no "
+                       f"{limit} (the key's file_bytes, or BLOOMQ_MAX_FILE_BYTES_PER_KEY): delete files you no "
                        "longer need (DELETE /v1/files/<id>) or wait for them to expire",
                        [{"name": "file", "message": "over this key's storage limit"}])
     return meta
@@ -125,10 +128,17 @@ def start_batch(file_id: str, window: str, metadata: dict[str, str] | None) -> B
     lines, jobs, errors = _read(batch_store().file_content(file_id) or b"", BatchOrigin(batch.id, deadline))
     if errors:
         raise BatchFileError(errors)
-    current_service().charge(len(jobs))
+    svc = current_service()
+    svc.charge(len(jobs))
+    jobs = svc.hold(jobs)  # every line's budget, or a 429 and nothing held: a batch over the quota is refused whole
     batch = batch.model_copy(update={"request_counts": RequestCounts(total=len(jobs))})
     intake = batch_intake()
-    intake.begin(batch, lines, jobs)
+    try:
+        intake.begin(batch, lines, jobs)
+    except redis.RedisError:
+        with contextlib.suppress(redis.RedisError):
+            svc.quotas.release(jobs)
+        raise
     try:
         intake.run(batch.id)
     except redis.RedisError as exc:  # the batch is stored: a worker's recovery loop finishes queuing it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -22,11 +21,13 @@ from config.settings import Settings
 from jobs.celery_app import withdraw_message
 from jobs.lengths import LengthError, check_lengths
 from jobs.queues import BatchQueue, enqueue
+from jobs.quotas import Quotas, token_budget
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
 from jobs.store import JobStore
 from jobs.webhooks import WebhookURLError, check_url
 from jobs.workers import WorkerDirectory, WorkerInfo
 from web.http.errors import ApiError
+from web.services.idempotency import IdempotencyClaim
 from web.services.tokens import PromptCounter
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,16 @@ class JobService:
     prompt_counter: PromptCounter = field(default_factory=PromptCounter)
     # Counts jobs against the caller's rate limit (a 429 ApiError when they do not fit); the app sets it.
     charge: Callable[[int], None] = field(default=lambda jobs: None)
+    # Stamps jobs with the caller's quota hold (a 429 ApiError when they do not fit); the app sets it.
+    hold: Callable[[list[Job]], list[Job]] = field(default=lambda jobs: jobs)
     _live_models: set[str] = field(default_factory=set)
     _live_models_at: float = -1e9
     batch_queue: BatchQueue = field(init=False)
+    quotas: Quotas = field(init=False)
 
     def __post_init__(self) -> None:
         self.batch_queue = BatchQueue(self.store.redis)
+        self.quotas = Quotas(self.store.redis)
 
     def prepare(self, request: JobRequest, owner: str | None = None, batch: BatchOrigin | None = None) -> Job:
         """The job ``request`` makes, checked with every rule a job must meet (model known, lengths within
@@ -64,7 +69,7 @@ class JobService:
             counted = self.prompt_counter.count(spec, request.inputs)
             if counted is not None and params.truncate is not None:
                 counted = min(counted, params.truncate)
-            check_lengths(spec, params, counted)
+            max_new = check_lengths(spec, params, counted)
         except LengthError as exc:
             raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)
@@ -81,6 +86,7 @@ class JobService:
             webhook_events=list(request.webhook_events) if request.webhook else [],
             owner=owner,
             priority=request.priority,
+            token_budget=token_budget(spec, request.inputs, counted, max_new, params.max_length),
         )
         job = job.model_copy(update={"deadline": job.created_at + timedelta(seconds=timeout)})
         if batch is not None:
@@ -118,9 +124,10 @@ class JobService:
         claims = None
         if idempotency_key is not None:  # each owner has its own keys
             keys = [idempotency_key] if len(jobs) == 1 else [f"{idempotency_key}#{i}" for i in range(len(jobs))]
-            claims = [_IdempotencyClaim(f"{owner or ''}|{key}", request, job.id)
+            claims = [IdempotencyClaim(f"{owner or ''}|{key}", request, job.id)
                       for key, request, job in zip(keys, requests, jobs, strict=True)]
         self.charge(len(jobs))
+        jobs = self.hold(jobs)
         sent: list[Job] = []
         try:
             # The keys are bound in the same transaction that stores the jobs: a crash in between cannot
@@ -139,13 +146,16 @@ class JobService:
             # Nothing half-written: jobs that could not all be queued are not left behind as "queued" (nor
             # their messages), and their idempotency keys are free for the client's retry.
             if not isinstance(exc, ApiError) or exc.status >= 500:
-                self._withdraw(jobs, sent, claims)
+                self._withdraw(jobs, sent, claims)  # deleting the records gives their quota back
+            else:
+                self._release(jobs)  # refused before anything was written
             if isinstance(exc, OperationalError):  # Celery's wrapping of a broker connection error
                 raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly",
                                retry_after=UNAVAILABLE_RETRY_AFTER) from exc
             raise
         if earlier is not None:  # outside the clean-up above: the keys stay bound to the jobs they made
             assert claims is not None
+            self._release(jobs)  # the earlier jobs hold their own
             found = [self._earlier_job(claim, record) for claim, record in zip(claims, earlier, strict=True)]
             self._confirm_durable([job.id for job in found])
             return found, False
@@ -154,7 +164,7 @@ class JobService:
                 log.info("job %s: queued for %s", job.id, job.model)
         return jobs, True
 
-    def _withdraw(self, jobs: list[Job], sent: list[Job], claims: list[_IdempotencyClaim] | None) -> None:
+    def _withdraw(self, jobs: list[Job], sent: list[Job], claims: list[IdempotencyClaim] | None) -> None:
         """Undo a refused submission: its messages, records and idempotency keys."""
         with contextlib.suppress(redis.RedisError, OperationalError):
             for job in sent:
@@ -166,6 +176,10 @@ class JobService:
                 self.store.delete(job)
             for claim in claims or []:
                 self.store.redis.delete(claim.redis_key)
+
+    def _release(self, jobs: list[Job]) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.quotas.release(jobs)
 
     def _confirm_durable(self, job_ids: list[str]) -> None:
         """With ``BLOOMQ_REDIS_MIN_REPLICAS``, a 503 unless the jobs and their messages reached that many
@@ -183,7 +197,7 @@ class JobService:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired after retention)")
         return job, outcome
 
-    def _earlier_job(self, claim: _IdempotencyClaim, record: str) -> Job:
+    def _earlier_job(self, claim: IdempotencyClaim, record: str) -> Job:
         """The job an already-used idempotency key made, or a 409 when it was made for another body."""
         earlier = json.loads(record)
         if earlier["fingerprint"] != claim.fingerprint:
@@ -322,24 +336,3 @@ class BatchOrigin:
 
     batch_id: str
     deadline: datetime
-
-
-@dataclass(frozen=True)
-class _IdempotencyClaim:
-    """An Idempotency-Key (scoped to its owner) for one request body, about to make job ``job_id``."""
-
-    key: str
-    request: JobRequest
-    job_id: str
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.request.model_dump_json().encode()).hexdigest()
-
-    @property
-    def redis_key(self) -> str:
-        return "bloomq:idempotency:" + hashlib.sha256(self.key.encode()).hexdigest()
-
-    @property
-    def binding(self) -> tuple[str, str]:
-        return self.redis_key, json.dumps({"fingerprint": self.fingerprint, "job_id": self.job_id})

@@ -1,0 +1,61 @@
+"""Usage accounting: every finished job's prompt and completion tokens, by key, model, UTC day and hour,
+written in the job's own final transaction (so a job is counted once, whichever process finished it and
+whatever crashed), and read back summed over days."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import date, timedelta
+from typing import Any
+
+import redis
+
+from jobs.connection import as_text
+from jobs.keys import usage_key
+from jobs.schema import Job
+
+KEPT_SECONDS = 400 * 24 * 3600  # a day's figures are kept for 400 days
+ANONYMOUS = "-"  # the owner of jobs made with API keys off
+KINDS = ("prompt_tokens", "completion_tokens", "jobs")
+
+
+def used_tokens(job: Job) -> tuple[int, int]:
+    """The prompt and completion tokens a final job used (0, 0 when it never ran)."""
+    output = job.output
+    if output is None:
+        return 0, 0
+    return output.prompt_tokens or 0, output.generated_tokens
+
+
+def stage_usage(pipe: Any, job: Job) -> None:
+    """Count a final job on its finishing day's figures (on the job's final transaction)."""
+    finished = job.finished_at
+    if finished is None:
+        return
+    prompt, completion = used_tokens(job)
+    key = usage_key(finished.strftime("%Y-%m-%d"))
+    prefix = f"{job.owner or ANONYMOUS}|{job.model}|{finished.hour:02d}|"
+    for kind, amount in zip(KINDS, (prompt, completion, 1), strict=True):
+        if amount:
+            pipe.hincrby(key, prefix + kind, amount)
+    pipe.expire(key, KEPT_SECONDS)
+
+
+def read_usage(client: redis.Redis, start: date, end: date, owner: str | None, group_by: str
+               ) -> list[dict[str, Any]]:
+    """Figures from ``start`` to ``end`` (UTC days, both included) of ``owner`` (None: every key), one row
+    per model (``group_by="model"``), per day (``"day"``) or per key (``"key"``), each with the three
+    counts."""
+    days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+    pipe = client.pipeline(transaction=False)
+    for day in days:
+        pipe.hgetall(usage_key(day.isoformat()))
+    rows: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
+    for day, fields in zip(days, pipe.execute(), strict=True):
+        for field, value in fields.items():
+            who, model, _hour, kind = as_text(field).split("|")
+            if owner is not None and who != owner or kind not in KINDS:
+                continue
+            group = {"model": model, "day": day.isoformat(), "key": who}[group_by]
+            rows[group][kind] += int(value)
+    return [{group_by: group, **counts} for group, counts in sorted(rows.items())]
