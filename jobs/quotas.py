@@ -24,7 +24,8 @@ DAY_SECONDS = 24 * 3600
 TOKENS_KEPT_SECONDS = 3 * DAY_SECONDS  # a day's counter outlives the day and the jobs that end after it
 
 # KEYS: the day's token counter, the active counter. ARGV: tokens, jobs, the token limit and the active
-# limit (-1: none), the counter's lifetime. Returns 0, or {1, used} / {2, active} for the limit hit.
+# limit (-1: none), the counters' lifetime (longer than any job lives: a slot that could not be given back,
+# Redis being down just then, is forgotten once the key has made no job for that long). Returns 0, or {1, used} / {2, active} for the limit hit.
 _RESERVE = """
 local tokens, jobs = tonumber(ARGV[1]), tonumber(ARGV[2])
 local token_limit, active_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -35,6 +36,7 @@ if active_limit >= 0 and active + jobs > active_limit then return {2, active} en
 redis.call('incrby', KEYS[1], tokens)
 redis.call('expire', KEYS[1], ARGV[5])
 redis.call('incrby', KEYS[2], jobs)
+redis.call('expire', KEYS[2], ARGV[5])
 return 0
 """
 

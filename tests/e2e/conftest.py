@@ -41,7 +41,7 @@ class Stack:
     @property
     def headers(self) -> dict[str, str]:
         """Credentials for the API when the stack runs with API keys."""
-        keys = self.env.get("BLOOMQ_API_KEYS")
+        keys = self.env.get("BLOOMQ_API_KEYS") or self.env.get("BLOOMQ_OPERATOR_KEYS")
         return {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
 
     def start_web(self) -> None:
@@ -60,7 +60,8 @@ class Stack:
         return worker
 
     def submit(self, inputs: str, **body) -> dict:
-        response = requests.post(f"{self.url}/api/v1/jobs", json={"inputs": inputs, **body}, timeout=10)
+        response = requests.post(f"{self.url}/api/v1/jobs", json={"inputs": inputs, **body}, headers=self.headers,
+                                 timeout=10)
         assert response.status_code == 202, response.text
         return response.json()
 

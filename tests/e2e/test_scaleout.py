@@ -12,12 +12,12 @@ from tests.e2e.conftest import make_stack
 from tests.support import live_workers, wait_for, wait_for_job
 
 
-def _job(stack, job_id):
-    return requests.get(f"{stack.url}/api/v1/jobs/{job_id}", timeout=10).json()
+def _job(stack, job_id, headers=None):
+    return requests.get(f"{stack.url}/api/v1/jobs/{job_id}", headers=headers or stack.headers, timeout=10).json()
 
 
 def _workers(stack):
-    return requests.get(f"{stack.url}/api/v1/workers", timeout=10).json()["workers"]
+    return requests.get(f"{stack.url}/api/v1/workers", headers=stack.headers, timeout=10).json()["workers"]
 
 
 def test_jobs_route_to_their_models_workers(request, tmp_path_factory, tiny_model_dir, slow_model_dir):
@@ -54,24 +54,41 @@ def _start_long_job(stack, max_new_tokens):
     return launcher, job
 
 
-def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly(request, tmp_path_factory,
-                                                                          slow_model_dir):
+def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly_and_counted_once(
+        request, tmp_path_factory, slow_model_dir):
     # Celery's own redelivery would take the default visibility timeout (hours): recovery here is the
-    # launcher restarting the process and the reaper requeueing the orphaned job.
-    stack = make_stack(request, tmp_path_factory, slow_model_dir)
+    # launcher restarting the process and the reaper requeueing the orphaned jobs. The jobs are a quota'd
+    # key's: its two active slots are taken while they run, and each is counted once in its usage.
+    stack = make_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_OPERATOR_KEYS="operator-key-1")
     try:
-        launcher, job = _start_long_job(stack, 700)
+        stack.start_web()
+        launcher = stack.start_worker()
+        made = requests.post(f"{stack.url}/api/v1/keys", json={"name": "team", "max_active_jobs": 2},
+                             headers=stack.headers, timeout=10).json()
+        key = {"Authorization": f"Bearer {made['secret']}"}
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 700}}
+        jobs = [requests.post(f"{stack.url}/api/v1/jobs", json=body, headers=key, timeout=10).json()["id"]
+                for _ in range(2)]
+        third = requests.post(f"{stack.url}/api/v1/jobs", json=body, headers=key, timeout=10)
+        assert third.status_code == 429 and third.json()["error"]["limit"] == "max_active_jobs"
+        wait_for(lambda: all(_job(stack, job_id, key)["status"] == "running" for job_id in jobs), timeout=30,
+                 what="the jobs to start")
         (worker,) = _workers(stack)
         os.kill(worker["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: any(w["pid"] != worker["pid"] for w in _workers(stack)), timeout=60,
                  what="the launcher to restart the worker")
-        done = wait_for_job(stack.url, job["id"], timeout=90)
-        assert done["status"] == "succeeded" and done["attempts"] == 2
+        done = [wait_for_job(stack.url, job_id, timeout=90, headers=key) for job_id in jobs]
+        assert all(job["status"] == "succeeded" and job["attempts"] == 2 for job in done)
         assert time.monotonic() - killed_at < 60
         assert launcher.alive()
         log = launcher.log()
-        assert "restarting in" in log and log.count(f"job {job['id']}: succeeded") == 1
+        assert "restarting in" in log and all(log.count(f"job {job_id}: succeeded") == 1 for job_id in jobs)
+        usage = requests.get(f"{stack.url}/api/v1/usage", headers=key, timeout=10).json()["totals"]
+        assert usage == {"prompt_tokens": sum(job["output"]["prompt_tokens"] for job in done),
+                         "completion_tokens": 1400, "jobs": 2}
+        short = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+        assert requests.post(f"{stack.url}/api/v1/jobs", json=short, headers=key, timeout=10).status_code == 202
     finally:
         stack.stop()
 

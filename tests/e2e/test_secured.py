@@ -51,6 +51,7 @@ def test_keys_isolate_jobs_metrics_need_a_key_and_logs_follow_a_job(request, tmp
             assert any(r.get("job_id") == job["id"] for r in records), proc.log_path
 
         _keys_made_and_revoked_with_the_cli(stack)
+        _a_daily_token_quota_is_never_passed_and_usage_adds_up(stack)
 
 
 def _cli(stack, key: str, *args: str) -> subprocess.CompletedProcess:
@@ -83,7 +84,8 @@ def _keys_made_and_revoked_with_the_cli(stack) -> None:
     assert browser.get(f"{stack.url}/", timeout=5, allow_redirects=False).status_code == 200
 
     updated = _cli(stack, OPERATOR, "keys", "update", "team-a", "--max-active-jobs", "none")
-    assert updated.returncode == 0 and updated.stdout.splitlines()[1].split()[:5] == ["team-a", "user", "5000", "-", "-"]
+    assert updated.returncode == 0
+    assert updated.stdout.splitlines()[1].split()[:5] == ["team-a", "user", "5000", "-", "-"]
 
     # Revoked: refused at the next request, by every web process (several requests, so several processes
     # answer), and the browser session ends.
@@ -93,3 +95,29 @@ def _keys_made_and_revoked_with_the_cli(stack) -> None:
         assert requests.get(f"{stack.url}/api/v1/jobs", headers=_auth(secret), timeout=5).status_code == 401
     page = browser.get(f"{stack.url}/", timeout=5, allow_redirects=False)
     assert page.status_code == 302 and "/login" in page.headers["Location"]
+
+
+def _a_daily_token_quota_is_never_passed_and_usage_adds_up(stack) -> None:
+    made = requests.post(f"{stack.url}/api/v1/keys", json={"name": "small", "tokens_per_day": 60},
+                         headers=_auth(OPERATOR), timeout=5)
+    assert made.status_code == 201
+    secret = made.json()["secret"]
+    accepted, refused = [], None
+    for _ in range(20):
+        answer = requests.post(f"{stack.url}/api/v1/jobs", headers=_auth(secret), timeout=5,
+                               json={"inputs": "Hello", "parameters": {"max_new_tokens": 6}})
+        if answer.status_code != 202:
+            refused = answer
+            break
+        accepted.append(answer.json()["id"])
+    assert refused is not None and refused.status_code == 429 and accepted
+    assert refused.json()["error"]["type"] == "quota_exceeded" and refused.json()["error"]["limit"] == "tokens_per_day"
+    assert int(refused.headers["Retry-After"]) > 0
+    done = [wait_for_job(stack.url, job_id, headers=_auth(secret)) for job_id in accepted]
+    assert all(job["status"] == "succeeded" for job in done)
+    used = sum(job["output"]["prompt_tokens"] + job["output"]["generated_tokens"] for job in done)
+    assert used <= 60
+    usage = requests.get(f"{stack.url}/api/v1/usage", headers=_auth(secret), timeout=5).json()
+    assert usage["totals"] == {"prompt_tokens": sum(job["output"]["prompt_tokens"] for job in done),
+                               "completion_tokens": sum(job["output"]["generated_tokens"] for job in done),
+                               "jobs": len(done)}
