@@ -5,6 +5,7 @@ whatever crashed), and read back summed over days."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
@@ -41,21 +42,36 @@ def stage_usage(pipe: Any, job: Job) -> None:
     pipe.expire(key, KEPT_SECONDS)
 
 
+def _figures(client: redis.Redis, start: date, end: date, owner: str | None
+             ) -> Iterator[tuple[str, str, str, str, int]]:
+    """(day, owner, model, kind, amount) of every figure kept from ``start`` to ``end`` (UTC days, both
+    included), of ``owner`` (None: every key)."""
+    days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+    pipe = client.pipeline(transaction=False)
+    for day in days:
+        pipe.hgetall(usage_key(day.isoformat()))
+    for day, fields in zip(days, pipe.execute(), strict=True):
+        for field, value in fields.items():
+            who, model, _hour, kind = as_text(field).split("|")
+            if (owner is None or who == owner) and kind in KINDS:
+                yield day.isoformat(), who, model, kind, int(value)
+
+
 def read_usage(client: redis.Redis, start: date, end: date, owner: str | None, group_by: str
                ) -> list[dict[str, Any]]:
     """Figures from ``start`` to ``end`` (UTC days, both included) of ``owner`` (None: every key), one row
     per model (``group_by="model"``), per day (``"day"``) or per key (``"key"``), each with the three
     counts."""
-    days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-    pipe = client.pipeline(transaction=False)
-    for day in days:
-        pipe.hgetall(usage_key(day.isoformat()))
     rows: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
-    for day, fields in zip(days, pipe.execute(), strict=True):
-        for field, value in fields.items():
-            who, model, _hour, kind = as_text(field).split("|")
-            if owner is not None and who != owner or kind not in KINDS:
-                continue
-            group = {"model": model, "day": day.isoformat(), "key": who}[group_by]
-            rows[group][kind] += int(value)
+    for day, who, model, kind, amount in _figures(client, start, end, owner):
+        rows[{"model": model, "day": day, "key": who}[group_by]][kind] += amount
     return [{group_by: group, **counts} for group, counts in sorted(rows.items())]
+
+
+def daily_tokens(client: redis.Redis, start: date, end: date, owner: str | None) -> dict[str, dict[str, int]]:
+    """Tokens (prompt + completion) per model per day: ``{model: {day: tokens}}``."""
+    tokens: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for day, _who, model, kind, amount in _figures(client, start, end, owner):
+        if kind != "jobs":
+            tokens[model][day] += amount
+    return {model: dict(days) for model, days in sorted(tokens.items())}

@@ -9,7 +9,7 @@ import requests
 
 from tests.conftest import ARTIFACTS
 from tests.e2e.conftest import running_stack
-from tests.support import wait_for
+from tests.support import wait_for, wait_for_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
@@ -98,3 +98,23 @@ def test_story_preset_builds_the_prompt(ui_stack, page):
     page.wait_for_url("**/jobs/*")
     assert page.text_content("#inputs") == "This is a creative story about a lighthouse keeper.\n"
     wait_for(lambda: page.text_content("#status") == "succeeded", timeout=30, what="the story job")
+
+
+def test_the_usage_page_charts_the_tokens_of_finished_jobs(ui_stack, page):
+    job = ui_stack.submit("Usage, please", parameters={"max_new_tokens": 4})
+    done = wait_for_job(ui_stack.url, job["id"])
+    page.goto(ui_stack.url + "/usage")
+    bars = page.locator("#usage-chart rect.bar")
+    assert bars.count() >= 1
+    heights = [float(bars.nth(i).get_attribute("height")) for i in range(bars.count())]
+    assert all(h > 0 for h in heights)
+    box = page.locator("#usage-chart").bounding_box()
+    assert box is not None and box["width"] > 300 and box["height"] > 80  # drawn, at a readable size
+    model = done["model"]
+    assert model in page.text_content("figure.chart figcaption")
+    table = page.text_content("#usage-table")
+    assert model in table
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "usage-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 5_000

@@ -12,7 +12,9 @@ import pytest
 from config.settings import Settings
 from jobs.quotas import QuotaExceeded
 from jobs.schema import JobOutput
+from tests.support import csrf_token
 from web import create_app
+from web.pages.charts import nice_top, stacked_bars
 
 OPS = "operator-key-789"
 
@@ -153,3 +155,29 @@ def test_a_batch_over_the_quota_is_refused_whole_and_file_bytes_cap_the_keys_fil
 def _upload_two(client, secret: str, old_file: str) -> str:
     assert client.delete(f"/v1/files/{old_file}", headers=bearer(secret)).status_code == 200
     return _upload(client, secret, 2)
+
+
+def test_the_usage_page_draws_each_days_tokens_per_model_and_the_keys_limits(app):
+    client = app.test_client()
+    secret = _key(client, tokens_per_day=10_000, max_active_jobs=5)
+    job_id = _submit(client, secret).get_json()["id"]
+    _finish(app, job_id, prompt_tokens=2, generated=7)
+    browser = app.test_client()
+    token = csrf_token(browser.get("/login").get_data(as_text=True))
+    assert browser.post("/login", data={"api_key": secret, "csrf_token": token}).status_code == 302
+    page = browser.get("/usage").get_data(as_text=True)
+    today = datetime.now(UTC).date().isoformat()
+    assert page.count('class="bar"') == 1 and f"<title>{today} tiny-bloom: 9 tokens</title>" in page
+    assert "<td>tiny-bloom</td><td>2</td><td>7</td><td>1</td>" in page
+    assert "of 10000" in page and "of 5" in page
+
+
+def test_stacked_bars_scale_to_a_round_top_and_stack_series_in_order():
+    series = {"a": {"2026-01-01": 30, "2026-01-02": 10}, "b": {"2026-01-01": 50}}
+    chart = stacked_bars(["2026-01-01", "2026-01-02"], series, width=156, height=132)
+    assert chart.top == 100 and nice_top(0) == 1 and nice_top(101) == 200
+    first_a, first_b, second_a = chart.bars
+    plot = 132 - 24 - 8
+    assert (first_a.height, first_b.height, second_a.height) == (plot * 0.3, plot * 0.5, plot * 0.1)
+    assert first_b.y + first_b.height == first_a.y  # b sits on a
+    assert first_a.x < second_a.x and [name for name, _ in chart.legend] == ["a", "b"]

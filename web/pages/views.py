@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -11,10 +12,12 @@ from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from jobs.schema import JobRequest
-from web.http.auth import api_keys, authenticate_page, current_owner, is_operator, sign_in
+from jobs.usage import ANONYMOUS, daily_tokens, read_usage
+from web.http.auth import api_keys, authenticate_page, current_caller, current_owner, is_operator, sign_in
 from web.http.context import current_service
 from web.http.errors import ApiError, field_errors
 from web.http.limits import limiter
+from web.pages.charts import stacked_bars
 from web.services.batches import BatchFileError, accept_upload, own_batch, start_batch, your_batches
 
 views = Blueprint("views", __name__)
@@ -166,6 +169,26 @@ def _prompts_as_jsonl(content: bytes, body: dict[str, Any]) -> bytes:
             lines.append(json.dumps({"custom_id": f"line-{number}", "method": "POST", "url": "/v1/completions",
                                      "body": {**request_body, "prompt": prompt}}, ensure_ascii=False))
     return ("\n".join(lines) + "\n").encode()
+
+
+USAGE_DAYS = 30
+
+
+@views.get("/usage")
+def usage_page() -> str:
+    """Your tokens of the last 30 UTC days, per model per day, and where your key's quotas stand."""
+    owner = current_owner() or ANONYMOUS
+    end = datetime.now(UTC).date()
+    start = end - timedelta(days=USAGE_DAYS - 1)
+    days = [(start + timedelta(days=i)).isoformat() for i in range(USAGE_DAYS)]
+    redis_client = current_service().store.redis
+    chart = stacked_bars(days, daily_tokens(redis_client, start, end, owner))
+    models = read_usage(redis_client, start, end, owner, "model")
+    caller = current_caller()
+    quota = None
+    if caller is not None and caller.key is not None:
+        quota = {"key": caller.key, **current_service().quotas.in_use(caller.owner)}
+    return render_template("usage.html", chart=chart, models=models, quota=quota, start=days[0], end=days[-1])
 
 
 LOGIN_ATTEMPTS = "10/minute"  # sign-in attempts per client address: no guessing keys through the form
