@@ -71,6 +71,8 @@ class Settings:
     rate_limit: str = ""
     # Where users reach the web (behind a proxy, the proxy's URL): https makes the session cookie Secure.
     public_url: str = ""
+    # Per-key token and job counters in /metrics (a series per key: off by default, for cardinality).
+    metrics_per_key: bool = False
     secret_key: str = field(default="", repr=False)
     chat_templates: dict[str, str] = field(default_factory=dict, repr=False)
     max_batch_file_bytes: int = 16 * 1024 * 1024
@@ -163,6 +165,7 @@ VARIABLES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("operator_keys", "BLOOMQ_OPERATOR_KEYS", parse.operator_keys),
     ("rate_limit", "BLOOMQ_RATE_LIMIT", parse.rate_limit),
     ("public_url", "BLOOMQ_PUBLIC_URL", parse.public_url),
+    ("metrics_per_key", "BLOOMQ_METRICS_PER_KEY", parse.switch),
     ("secret_key", "BLOOMQ_SECRET_KEY", str),
     ("chat_templates", "BLOOMQ_CHAT_TEMPLATES", parse.chat_templates),
     ("max_batch_file_bytes", "BLOOMQ_MAX_BATCH_FILE_BYTES", parse.positive_int),

@@ -107,6 +107,7 @@ def api_key_key(digest: str) -> str:
 QUOTA_TOKENS_PREFIX = "bloomq:quota-tokens:"  # + owner + ":" + UTC day: tokens held and used that day
 QUOTA_ACTIVE_PREFIX = "bloomq:quota-active:"  # + owner: its jobs queued or running
 USAGE_PREFIX = "bloomq:usage:"  # + UTC day: a hash of "owner|model|hour|kind" -> tokens (or jobs)
+USAGE_TOTALS_KEY = "bloomq:usage-totals"  # "owner|model|kind" -> since the start (the per-key metrics)
 
 
 def quota_tokens_key(owner: str, day: str) -> str:

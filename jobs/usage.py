@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from jobs.connection import as_text
-from jobs.keys import usage_key
+from jobs.keys import USAGE_TOTALS_KEY, usage_key
 from jobs.schema import Job
 
 KEPT_SECONDS = 400 * 24 * 3600  # a day's figures are kept for 400 days
@@ -36,9 +36,11 @@ def stage_usage(pipe: Any, job: Job) -> None:
     prompt, completion = used_tokens(job)
     key = usage_key(finished.strftime("%Y-%m-%d"))
     prefix = f"{job.owner or ANONYMOUS}|{job.model}|{finished.hour:02d}|"
+    total = f"{job.owner or ANONYMOUS}|{job.model}|"
     for kind, amount in zip(KINDS, (prompt, completion, 1), strict=True):
         if amount:
             pipe.hincrby(key, prefix + kind, amount)
+            pipe.hincrby(USAGE_TOTALS_KEY, total + kind, amount)
     pipe.expire(key, KEPT_SECONDS)
 
 
@@ -75,3 +77,12 @@ def daily_tokens(client: redis.Redis, start: date, end: date, owner: str | None)
         if kind != "jobs":
             tokens[model][day] += amount
     return {model: dict(days) for model, days in sorted(tokens.items())}
+
+
+def read_totals(client: redis.Redis) -> dict[tuple[str, str, str], int]:
+    """Every key's counts since the start: ``{(owner, model, kind): amount}``."""
+    totals = {}
+    for field, value in client.hgetall(USAGE_TOTALS_KEY).items():
+        owner, model, kind = as_text(field).split("|")
+        totals[(owner, model, kind)] = int(value)
+    return totals

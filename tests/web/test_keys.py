@@ -128,3 +128,17 @@ def test_sign_in_attempts_are_rate_limited_per_address(keyed):
 def test_with_auth_off_the_keys_api_says_how_to_turn_it_on(client):
     response = client.post("/api/v1/keys", json={"name": "x"})
     assert response.status_code == 409 and "BLOOMQ_OPERATOR_KEYS" in response.get_json()["error"]["message"]
+
+
+def test_operators_list_any_keys_jobs_and_users_only_their_own(keyed):
+    client = keyed.test_client()
+    made = _create(client, name="team-c").get_json()
+    job = client.post("/api/v1/jobs", json={"inputs": "hi"}, headers=bearer(made["secret"])).get_json()
+    for key in ("team-c", made["owner"]):
+        listed = client.get(f"/api/v1/jobs?key={key}", headers=bearer(OPS)).get_json()["jobs"]
+        assert [j["id"] for j in listed] == [job["id"]]
+    assert client.get("/api/v1/jobs", headers=bearer(OPS)).get_json()["jobs"] == []  # the operator's own
+    refused = client.get("/api/v1/jobs?key=team-c", headers=bearer(ALICE))
+    assert refused.status_code == 403 and refused.get_json()["error"]["fields"][0]["name"] == "key"
+    assert client.get("/api/v1/jobs?key=nobody", headers=bearer(OPS)).status_code == 404
+    assert client.get("/api/v1/usage?key=team-c", headers=bearer(OPS)).get_json()["key"] == made["owner"]

@@ -181,3 +181,19 @@ def test_stacked_bars_scale_to_a_round_top_and_stack_series_in_order():
     assert (first_a.height, first_b.height, second_a.height) == (plot * 0.3, plot * 0.5, plot * 0.1)
     assert first_b.y + first_b.height == first_a.y  # b sits on a
     assert first_a.x < second_a.x and [name for name, _ in chart.legend] == ["a", "b"]
+
+
+def test_per_key_counters_reach_the_metrics_only_when_turned_on(redis_server, redis_client):
+    for on in (False, True):
+        redis_client.flushdb()
+        settings = Settings(redis_url=redis_server.url, model="/models/tiny-bloom", operator_keys=(OPS,),
+                            metrics_per_key=on)
+        app = create_app(settings)
+        client = app.test_client()
+        made = client.post("/api/v1/keys", json={"name": "metered"}, headers=bearer(OPS)).get_json()
+        job_id = _submit(client, made["secret"]).get_json()["id"]
+        _finish(app, job_id, prompt_tokens=2, generated=7)
+        text = client.get("/metrics", headers=bearer(OPS)).get_data(as_text=True)
+        line = f'bloomq_key_tokens_total{{key="{made["owner"]}",kind="completion",model="tiny-bloom"}} 7.0'
+        assert (line in text) is on
+        assert (f'bloomq_key_jobs_total{{key="{made["owner"]}",model="tiny-bloom"}} 1.0' in text) is on

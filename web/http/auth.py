@@ -25,6 +25,7 @@ from flask_wtf.csrf import CSRFProtect
 
 from config.settings import Settings
 from jobs.accounts import KeyBook, KeyInfo, key_hash, owner_id
+from jobs.usage import ANONYMOUS
 from web.http.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,21 @@ def require_operator() -> None:
     """A 403 unless the caller is an operator (with auth on, after authentication)."""
     if not is_operator():
         raise ApiError(403, "forbidden", "this needs an operator key")
+
+
+def owner_of(wanted: str, field: str = "key") -> str:
+    """The owner id an operator names, by a key's name or its owner id (``key:…``; ``-``: the jobs made
+    with keys off); a 403 for other callers, a 404 naming ``field`` for an unknown key."""
+    if not is_operator():
+        raise ApiError(403, "forbidden", "only operator keys may read other keys' jobs and usage",
+                       [{"name": field, "message": "needs an operator key"}])
+    if wanted.startswith("key:") or wanted == ANONYMOUS:
+        return wanted
+    book: KeyBook = current_app.extensions["bloomq.key_book"]
+    found = book.named(wanted)
+    if found is None:
+        raise ApiError(404, "not_found", f"no key named {wanted!r}", [{"name": field, "message": "unknown key"}])
+    return found.owner
 
 
 def api_keys() -> ApiKeys | None:

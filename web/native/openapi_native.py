@@ -102,7 +102,7 @@ NATIVE_MODELS: list[tuple[type[BaseModel], str]] = [
     (Readiness, "serialization"),
 ]
 
-_ERRORS = {400: "Malformed request", 404: "Unknown or expired job", 405: "Wrong method", 409: "Idempotency conflict",
+_ERRORS = {400: "Malformed request", 403: "Needs an operator key", 404: "Unknown or expired job (or key)", 405: "Wrong method", 409: "Idempotency conflict",
            413: "Body too large", 415: "Body is not JSON", 422: "Invalid fields (each named)",
            429: "Too many queued jobs or requests", 503: "Redis unavailable"}
 
@@ -140,9 +140,11 @@ def native_paths() -> dict[str, Any]:
                      "description": "a job id of the listing (or a cursor): the page starts after it"},
                     {"name": "status", "in": "query", "required": False,
                      "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
+                    {"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
+                     "description": "Operators: another key's jobs (its name or owner id)"},
                 ],
                 "responses": {"200": {"description": "A page of jobs", **json_content("JobList")},
-                              **_errors(422, 503)},
+                              **_errors(403, 404, 422, 503)},
             },
             "post": {
                 "operationId": "submitJob",

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from jobs.listing import OwnedPosition
 from jobs.schema import Job, JobRequest, JobStatus
 from jobs.transitions import CancelOutcome
-from web.http.auth import authenticate_api, current_owner, is_operator, require_operator
+from web.http.auth import authenticate_api, current_owner, is_operator, owner_of, require_operator
 from web.http.bodies import idempotency_key, read_json_object
 from web.http.context import current_service, version
 from web.http.errors import ApiError, validation_error
@@ -77,13 +77,15 @@ DEFAULT_LIST_LIMIT = 20
 @api.get(f"{PREFIX}/jobs")
 def list_jobs() -> Response:
     """The caller's jobs, newest first. ``limit`` (1-100), ``cursor`` (or ``after``: the ``next_cursor`` of
-    the previous page, or a job id) and ``status`` (one of the job statuses)."""
+    the previous page, or a job id), ``status`` (one of the job statuses) and, for operators, ``key`` (a
+    key's name or owner id: that key's jobs)."""
     limit = _list_limit(request.args.get("limit"))
     status = _list_status(request.args.get("status"))
     name = "cursor" if request.args.get("cursor") else "after"
     after = _list_position(name, request.args.get(name) or None)
     try:
-        jobs, following = current_service().store.list_owned(current_owner(), limit, after, status)
+        owner = owner_of(request.args["key"]) if request.args.get("key") else current_owner()
+        jobs, following = current_service().store.list_owned(owner, limit, after, status)
     except LookupError:
         raise _invalid(name, "not a job in your listing (unknown, another key's, or expired)") from None
     return jsonify({"jobs": [job_resource(job) for job in jobs],

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from jobs import metrics as job_metrics
+from jobs.usage import read_totals
 from web.services.jobs import JobService
 
 HELP = {
@@ -76,6 +77,21 @@ class RedisCollector:
             reused.add_metric(who, worker.prompt_tokens_reused)
             computed.add_metric(who, worker.prompt_tokens_computed)
         yield from (memory, running, blocks, in_use, cached, reused, computed)
+        if self.service.settings.metrics_per_key:
+            yield from _per_key(client)
+
+
+def _per_key(client) -> Iterator[Metric]:  # noqa: ANN001 - a Redis client
+    """Tokens and jobs per API key (owner id) and model: a series per key, so only behind a setting."""
+    tokens = CounterMetricFamily("bloomq_key_tokens", "Tokens of a key's finished jobs",
+                                 labels=["key", "model", "kind"])
+    jobs = CounterMetricFamily("bloomq_key_jobs", "A key's finished jobs", labels=["key", "model"])
+    for (owner, model, kind), amount in sorted(read_totals(client).items()):
+        if kind == "jobs":
+            jobs.add_metric([owner, model], amount)
+        else:
+            tokens.add_metric([owner, model, kind.removesuffix("_tokens")], amount)
+    yield from (tokens, jobs)
 
 
 def render_metrics(service: JobService) -> bytes:
