@@ -6,6 +6,7 @@
     bloomq models
     bloomq jobs [--status STATUS] [--limit N]
     bloomq keys create|list|update|revoke ...   (an operator key; see cli/keys.py)
+    bloomq usage [--start DAY] [--end DAY] [--group-by model|day|key] [--key NAME|all]
 
 The server is ``$BLOOMQ_URL`` (default ``http://127.0.0.1:5000``) or ``--url``; the API key, when the
 server requires one, ``$BLOOMQ_API_KEY`` or ``--api-key``.
@@ -23,7 +24,7 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
-from cli import keys
+from cli import keys, usage
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--status", choices=TERMINAL_AND_OPEN, help="only jobs in this state")
     jobs.add_argument("--limit", type=_positive, default=20, help="how many to show (default 20)")
     keys.add_commands(sub)
+    usage.add_command(sub)
     args = parser.parse_args(argv)
 
     client = Client(args.url, api_key=args.api_key)
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_jobs(listed) if listed else "no jobs")
         elif args.command == "keys":
             keys.run(client, args)
+        elif args.command == "usage":
+            usage.run(client, args)
     except ClientError as exc:
         print(f"bloomq: {exc}", file=sys.stderr)
         return 2

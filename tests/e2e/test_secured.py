@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import redis
 import requests
 
 from tests.e2e.conftest import running_stack
@@ -118,6 +119,27 @@ def _a_daily_token_quota_is_never_passed_and_usage_adds_up(stack) -> None:
     used = sum(job["output"]["prompt_tokens"] + job["output"]["generated_tokens"] for job in done)
     assert used <= 60
     usage = requests.get(f"{stack.url}/api/v1/usage", headers=_auth(secret), timeout=5).json()
-    assert usage["totals"] == {"prompt_tokens": sum(job["output"]["prompt_tokens"] for job in done),
-                               "completion_tokens": sum(job["output"]["generated_tokens"] for job in done),
-                               "jobs": len(done)}
+    totals = {"prompt_tokens": sum(job["output"]["prompt_tokens"] for job in done),
+              "completion_tokens": sum(job["output"]["generated_tokens"] for job in done), "jobs": len(done)}
+    assert usage["totals"] == totals
+    report = _cli(stack, OPERATOR, "usage", "--key", "small")  # an operator reads another key's figures
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.splitlines()[-1].split() == ["total", *(str(totals[k]) for k in totals)]
+    _no_secret_in_redis(stack, secret)
+
+
+def _no_secret_in_redis(stack, secret: str) -> None:
+    """Every key and every value in Redis, whatever its type, is free of the secret."""
+    client = redis.Redis.from_url(stack.redis.url)
+    needle = secret.encode()
+    readers = {b"string": lambda k: [client.get(k)], b"list": lambda k: client.lrange(k, 0, -1),
+               b"set": client.smembers, b"zset": lambda k: client.zrange(k, 0, -1),
+               b"hash": lambda k: [x for pair in client.hgetall(k).items() for x in pair],
+               b"stream": lambda k: [x for _, fields in client.xrange(k) for pair in fields.items() for x in pair]}
+    scanned = 0
+    for key in client.scan_iter(count=1000):
+        assert needle not in key
+        values = readers[client.type(key)](key)
+        assert all(needle not in (value or b"") for value in values), key
+        scanned += 1
+    assert scanned > 20  # jobs, streams, keys, usage: the scan saw the stack's data
