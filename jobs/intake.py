@@ -23,6 +23,7 @@ import redis
 from jobs.batches import BatchLine, BatchObject, BatchStore
 from jobs.keys import batch_key
 from jobs.queues import BatchQueue
+from jobs.quotas import stage_release
 from jobs.schema import Job
 from jobs.store import JobStore
 
@@ -82,9 +83,12 @@ class BatchIntake:
                         return queued
                     cursor, total = int(cursor), pipe.llen(jobs_key)
                     if cursor >= total or cancelled == b"1":
+                        unqueued = pipe.lrange(jobs_key, cursor, -1) if cursor < total else []
                         pipe.multi()
                         if cursor < total:  # never queued: they end as failed lines of the cancelled batch
                             pipe.hincrby(batch_key(batch_id), "failed", total - cursor)
+                            for raw in unqueued:  # and give back the quota they held
+                                stage_release(pipe, Job.from_json(raw), used_tokens=0)
                         pipe.delete(state, jobs_key)
                         pipe.zrem(INTAKES_KEY, batch_id)
                         pipe.execute()

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from config.settings import Settings
+from jobs.intake import BatchIntake
 from jobs.quotas import QuotaExceeded
 from jobs.schema import JobOutput
 from tests.support import csrf_token
@@ -197,3 +198,21 @@ def test_per_key_counters_reach_the_metrics_only_when_turned_on(redis_server, re
         line = f'bloomq_key_tokens_total{{key="{made["owner"]}",kind="completion",model="tiny-bloom"}} 7.0'
         assert (line in text) is on
         assert (f'bloomq_key_jobs_total{{key="{made["owner"]}",model="tiny-bloom"}} 1.0' in text) is on
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+def test_a_cancelled_batch_gives_back_what_its_lines_held_queued_or_not_yet(app, monkeypatch, stalled):
+    client = app.test_client()
+    secret = _key(client, max_active_jobs=4, tokens_per_day=10_000)
+    owner = client.get("/api/v1/keys", headers=bearer(OPS)).get_json()["keys"][0]["owner"]
+    file_id = _upload(client, secret, 3)
+    if stalled:  # stored whole, its queuing never ran (a web process died): the lines are no jobs yet
+        monkeypatch.setattr(BatchIntake, "run", lambda self, batch_id: 0)
+    body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    batch = client.post("/v1/batches", json=body, headers=bearer(secret)).get_json()
+    monkeypatch.undo()
+    quotas = app.extensions["bloomq"].quotas
+    assert quotas.in_use(owner)["active_jobs"] == 3 and quotas.in_use(owner)["tokens_today"] > 0
+    cancelled = client.post(f"/v1/batches/{batch['id']}/cancel", headers=bearer(secret)).get_json()
+    assert cancelled["status"] in ("cancelling", "cancelled")
+    assert quotas.in_use(owner) == {"tokens_today": 0, "active_jobs": 0}
