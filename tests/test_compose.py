@@ -82,7 +82,7 @@ def test_dockerfile_builds_the_targets_compose_uses(compose):
 def test_ha_profile_has_a_replica_and_three_sentinels_watching_the_master(compose):
     services = compose["services"]
     assert "--replicaof redis 6379" in " ".join(services["redis-replica"]["command"])
-    sentinels = [name for name, service in services.items() if "--sentinel" in " ".join(service["command"])]
+    sentinels = [name for name, service in services.items() if "--sentinel" in " ".join(service.get("command", []))]
     assert sorted(sentinels) == ["sentinel-1", "sentinel-2", "sentinel-3"]
     for name in ["redis-replica", *sentinels]:
         assert services[name]["profiles"] == ["ha"]

@@ -78,9 +78,11 @@ def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly_and_c
         killed_at = time.monotonic()
         wait_for(lambda: any(w["pid"] != worker["pid"] for w in _workers(stack)), timeout=60,
                  what="the launcher to restart the worker")
-        done = [wait_for_job(stack.url, job_id, timeout=90, headers=key) for job_id in jobs]
+        wait_for(lambda: all(_job(stack, job_id, key)["attempts"] == 2 for job_id in jobs), timeout=60,
+                 what="both jobs to start again")
+        assert time.monotonic() - killed_at < 60  # requeued and started again within a minute
+        done = [wait_for_job(stack.url, job_id, timeout=120, headers=key) for job_id in jobs]
         assert all(job["status"] == "succeeded" and job["attempts"] == 2 for job in done)
-        assert time.monotonic() - killed_at < 60
         assert launcher.alive()
         log = launcher.log()
         assert "restarting in" in log and all(log.count(f"job {job_id}: succeeded") == 1 for job_id in jobs)
