@@ -46,6 +46,10 @@ def test_keys_isolate_jobs_metrics_need_a_key_and_logs_follow_a_job(request, tmp
                                                                     timeout=5).text,
                  timeout=15, what="the worker's batch sizes to reach the metrics")
         assert requests.get(f"{stack.url}/healthz", timeout=5).status_code == 200
+        (summary,) = requests.get(f"{base}/workers", headers=_auth(KEYS[0]), timeout=5).json()["workers"]
+        assert set(summary) == {"model", "batch_capacity", "jobs_running", "last_seen"}  # a user's trimmed view
+        (full,) = requests.get(f"{base}/workers", headers=_auth(OPERATOR), timeout=5).json()["workers"]
+        assert {"host", "pid", "instance", "source"} <= set(full)
         # One job, followed by its id through the JSON logs of the web and of the worker.
         for proc in (stack.web, stack.workers[0]):
             records = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
