@@ -120,3 +120,12 @@ def quota_active_key(owner: str) -> str:
 
 def usage_key(day: str) -> str:
     return f"{USAGE_PREFIX}{day}"
+
+
+# -- recent activity (the live dashboard) ----------------------------------------------------------
+
+ACTIVITY_PREFIX = "bloomq:activity:"  # + minute since the epoch: a hash of "model|figure" -> amount
+
+
+def activity_key(minute: int) -> str:
+    return f"{ACTIVITY_PREFIX}{minute}"

@@ -24,8 +24,9 @@ DAY_SECONDS = 24 * 3600
 TOKENS_KEPT_SECONDS = 3 * DAY_SECONDS  # a day's counter outlives the day and the jobs that end after it
 
 # KEYS: the day's token counter, the active counter. ARGV: tokens, jobs, the token limit and the active
-# limit (-1: none), the counters' lifetime (longer than any job lives: a slot that could not be given back,
-# Redis being down just then, is forgotten once the key has made no job for that long). Returns 0, or {1, used} / {2, active} for the limit hit.
+# limit (-1: none), the counters' lifetime (longer than any job lives: a slot that could not be given
+# back, Redis being down just then, is forgotten once the key has made no job for that long).
+# Returns 0, or {1, used} / {2, active} for the limit hit.
 _RESERVE = """
 local tokens, jobs = tonumber(ARGV[1]), tonumber(ARGV[2])
 local token_limit, active_limit = tonumber(ARGV[3]), tonumber(ARGV[4])

@@ -1,7 +1,7 @@
 """What a job's change causes besides the record itself, as named steps staged on the change's own
 transaction: the running and queued indexes, the event stream, the batch's line counters, the deadline
-index, the metrics, the key's quota and usage, the webhook outbox and the change's notice. Being in the same transaction, each
-happens exactly once per change, whichever process made it.
+index, the metrics, the key's quota and usage, the minute's activity, the webhook outbox and the change's
+notice. Being in the same transaction, each happens exactly once per change, whichever process made it.
 
 Each transition step takes the pipeline (after MULTI) and the ``Change``; ``TRANSITION_STEPS`` is their
 order, which is the order of the writes in the transaction (a job's ``status`` event before its ``done``).
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs import metrics, outbox
+from jobs.activity import stage_activity
 from jobs.events import stage_event, stage_notice
 from jobs.keys import DEADLINES_KEY, RUNNING_KEY, batch_key, job_key, job_stream_key, queued_key
 from jobs.listing import stage_owned
@@ -116,9 +117,10 @@ def settle_quota(pipe: Any, change: Change) -> None:
 
 
 def count_usage(pipe: Any, change: Change) -> None:
-    """A job that ends adds its tokens to its key's usage."""
+    """A job that ends adds its tokens to its key's usage, and to the minute's activity."""
     if change.after.status.terminal and not change.before.status.terminal:
         stage_usage(pipe, change.after)
+        stage_activity(pipe, change.after)
 
 
 def queue_webhook(pipe: Any, change: Change) -> None:

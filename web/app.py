@@ -31,7 +31,9 @@ from web.native.routes import api
 from web.native.usage import usage_api
 from web.openai.batches import batches_api
 from web.openai.routes import openai_api
+from web.ops.dashboard import dashboard_api
 from web.pages.views import views
+from web.services.dashboard import Dashboard
 from web.services.jobs import JobService
 from web.tgi.routes import tgi_api
 
@@ -65,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["bloomq"] = service
     app.extensions["bloomq.watchers"] = WatcherSlots(client, settings.max_watchers_per_key, settings.max_watchers)
     app.extensions["bloomq.feeds"] = JobFeeds(service.store)
+    app.extensions["bloomq.dashboard"] = Dashboard(service)
 
     app.extensions["bloomq.started"] = int(time.time())
 
@@ -72,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_auth(app, settings, book)
     limiter.init_app(app)
     app.extensions["bloomq.batches"] = BatchStore(client, settings.job_retention_seconds)
-    for blueprint in (api, keys_api, usage_api, openai_api, batches_api, tgi_api):
+    for blueprint in (api, keys_api, usage_api, dashboard_api, openai_api, batches_api, tgi_api):
         csrf.exempt(blueprint)  # programs authenticate with Bearer keys; browser sessions are checked in auth
         app.register_blueprint(blueprint)
     app.register_blueprint(views)

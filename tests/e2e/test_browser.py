@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 
 @pytest.fixture(scope="module")
 def ui_stack(request, tmp_path_factory, slow_model_dir):
-    with running_stack(request, tmp_path_factory, slow_model_dir) as s:
+    # A neutral host name: the dashboard's screenshot goes into the README.
+    with running_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_WORKER_HOST="gpu-box-1") as s:
         yield s
 
 
@@ -116,5 +117,28 @@ def test_the_usage_page_charts_the_tokens_of_finished_jobs(ui_stack, page):
     assert model in table
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "usage-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 5_000
+
+
+def test_the_dashboard_shows_the_fleet_and_updates_itself(ui_stack, page):
+    wait_for_job(ui_stack.url, ui_stack.submit("Before the dashboard", parameters={"max_new_tokens": 4})["id"])
+    page.goto(ui_stack.url + "/dashboard")
+    card = page.locator(".model-card").first
+    model = card.get_attribute("data-model")
+    assert model and model in page.text_content("#models")
+    finished = card.locator('[data-figure="finished_last_5m"]')
+    before = int(finished.text_content())
+    assert before >= 1
+    assert page.locator("#workers tbody tr").count() >= 1 and "No live worker" not in page.text_content("#workers")
+    points = card.locator('svg[data-series="tokens_per_minute"] polyline').get_attribute("points")
+    assert len(points.split()) == 15 and any(float(p.split(",")[1]) < 58 for p in points.split())  # drawn, not flat
+    # Live: another job finishes and the number changes on the open page, without a reload.
+    wait_for_job(ui_stack.url, ui_stack.submit("While it is open", parameters={"max_new_tokens": 4})["id"])
+    page.wait_for_function(
+        f"Number(document.querySelector('.model-card [data-figure=\"finished_last_5m\"]').textContent) > {before}",
+        timeout=20_000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 5_000

@@ -102,7 +102,8 @@ NATIVE_MODELS: list[tuple[type[BaseModel], str]] = [
     (Readiness, "serialization"),
 ]
 
-_ERRORS = {400: "Malformed request", 403: "Needs an operator key", 404: "Unknown or expired job (or key)", 405: "Wrong method", 409: "Idempotency conflict",
+_ERRORS = {400: "Malformed request", 403: "Needs an operator key",
+           404: "Unknown or expired job (or key)", 405: "Wrong method", 409: "Idempotency conflict",
            413: "Body too large", 415: "Body is not JSON", 422: "Invalid fields (each named)",
            429: "Too many queued jobs or requests", 503: "Redis unavailable"}
 
@@ -197,6 +198,14 @@ def native_paths() -> dict[str, Any]:
         "/api/v1/workers": {"get": {"operationId": "listWorkers", "summary": "Live workers",
                                     "responses": {"200": {"description": "Workers", **json_content("WorkerList")},
                                                   **_errors(503)}}},
+        "/api/v1/dashboard": {"get": {
+            "operationId": "dashboard", "summary": "The live dashboard's figures (operators): per model and worker",
+            "responses": {"200": {"description": "Figures", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["generated_at", "minutes", "models", "workers"],
+                "properties": {"generated_at": {"type": "number"}, "minutes": {"type": "array"},
+                               "models": {"type": "array", "items": {"type": "object"}},
+                               "workers": {"type": "array", "items": {"type": "object"}}}}}}},
+                          **_errors(403, 503)}}},
         "/healthz": {"get": {"operationId": "health", "summary": "The process is up",
                              "responses": {"200": {"description": "Up", **json_content("Health")}}}},
         "/readyz": {"get": {"operationId": "ready", "summary": "Ready to serve, or why not",

@@ -68,7 +68,8 @@ def stacked_bars(columns: list[str], series: dict[str, dict[str, int]], width: i
                 continue
             h = plot_h * value / top
             base -= h
-            bars.append(Bar(LEFT + i * slot + slot * 0.15, base, slot * 0.7, h, color, f"{column} {name}: {value} {unit}"))
+            title = f"{column} {name}: {value} {unit}"
+            bars.append(Bar(LEFT + i * slot + slot * 0.15, base, slot * 0.7, h, color, title))
     every = max(1, len(columns) // 6)
     x_ticks = [Tick(LEFT + (i + 0.5) * slot, column[5:]) for i, column in enumerate(columns) if i % every == 0]
     y_ticks = [Tick(height - BOTTOM - plot_h * f, f"{round(top * f):,}") for f in (0, 0.5, 1)]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, current_app, redirect, render_template, request, session, url_for
 from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
@@ -169,6 +169,15 @@ def _prompts_as_jsonl(content: bytes, body: dict[str, Any]) -> bytes:
             lines.append(json.dumps({"custom_id": f"line-{number}", "method": "POST", "url": "/v1/completions",
                                      "body": {**request_body, "prompt": prompt}}, ensure_ascii=False))
     return ("\n".join(lines) + "\n").encode()
+
+
+@views.get("/dashboard")
+def dashboard_page() -> str | tuple[str, int]:
+    """The fleet, live (operators): it polls /api/v1/dashboard."""
+    if not is_operator():
+        return render_template("error.html", code=403, message="the dashboard is for operator keys"), 403
+    return render_template("dashboard.html", figures=current_app.extensions["bloomq.dashboard"].figures(),
+                           figures_url=url_for("dashboard.dashboard_figures"))
 
 
 USAGE_DAYS = 30
