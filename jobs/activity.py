@@ -1,6 +1,6 @@
 """What happened in the last minutes, per model and minute, for the live dashboard: jobs finished (and
-why the failed ones failed), tokens generated, and how long jobs waited in the queue (bucket counts, so
-quantiles over any few minutes can be read back). Written in each job's final transaction; a minute's
+why the failed ones failed), tokens generated, how long jobs waited in the queue and for their first token
+(bucket counts, so quantiles over any few minutes can be read back). Written in each job's final transaction; a minute's
 figures expire after 20 minutes."""
 
 from __future__ import annotations
@@ -35,16 +35,18 @@ def stage_activity(pipe: Any, job: Job) -> None:
         pipe.hincrby(key, f"{model}|failed:{job.error.type if job.error else 'unknown'}", 1)
     if job.output is not None and job.output.generated_tokens:
         pipe.hincrby(key, f"{model}|tokens", job.output.generated_tokens)
-    if job.metrics.queue_seconds is not None:
-        bucket = next(i for i, bound in enumerate(WAIT_BOUNDS) if job.metrics.queue_seconds <= bound)
-        pipe.hincrby(key, f"{model}|wait:{bucket}", 1)
+    for figure, seconds in (("wait", job.metrics.queue_seconds), ("ttft", job.metrics.time_to_first_token)):
+        if seconds is not None:
+            bucket = next(i for i, bound in enumerate(WAIT_BOUNDS) if seconds <= bound)
+            pipe.hincrby(key, f"{model}|{figure}:{bucket}", 1)
     pipe.expire(key, KEPT_SECONDS)
 
 
 def read_activity(client: redis.Redis, minutes: int = 15, now: float | None = None
                   ) -> tuple[list[int], dict[str, list[dict[str, int]]]]:
     """The last ``minutes`` minutes (oldest first, the current one last) and, per model, each minute's
-    figures: ``finished``, ``tokens``, ``failed:<type>`` and ``wait:<bucket>`` counts."""
+    figures: ``finished``, ``tokens``, ``failed:<type>``, and ``wait:<bucket>`` / ``ttft:<bucket>`` counts
+    (queue wait, time to first token)."""
     current = minute_of(time.time() if now is None else now)
     span = list(range(current - minutes + 1, current + 1))
     pipe = client.pipeline(transaction=False)
@@ -58,10 +60,10 @@ def read_activity(client: redis.Redis, minutes: int = 15, now: float | None = No
     return span, dict(per_model)
 
 
-def wait_quantile(minutes: list[dict[str, int]], q: float) -> float | None:
-    """The ``q`` quantile of queue waits over these minutes, as the upper bound of its bucket (None: no
-    job finished; the open-ended last bucket reads as its lower bound, 1800 s)."""
-    counts = [sum(m.get(f"wait:{i}", 0) for m in minutes) for i in range(len(WAIT_BOUNDS))]
+def quantile(minutes: list[dict[str, int]], figure: str, q: float) -> float | None:
+    """The ``q`` quantile of ``figure`` (``wait`` or ``ttft``) over these minutes, as the upper bound of
+    its bucket (None: no job finished; the open-ended last bucket reads as its lower bound, 1800 s)."""
+    counts = [sum(m.get(f"{figure}:{i}", 0) for m in minutes) for i in range(len(WAIT_BOUNDS))]
     total = sum(counts)
     if not total:
         return None

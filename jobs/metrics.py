@@ -27,6 +27,8 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "end_to_end_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, INF),
     "generated_tokens": (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, INF),
     "batch_size": (1, 2, 4, 8, 16, 32, 64, 128, INF),
+    "time_to_first_token_seconds": (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, INF),
+    "seconds_per_token": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, INF),
 }
 
 
@@ -64,6 +66,10 @@ def record_finished(pipe: Any, job: Job) -> None:
         observe(pipe, "end_to_end_seconds", job.model, (job.finished_at - job.created_at).total_seconds())
     if job.output is not None:
         observe(pipe, "generated_tokens", job.model, job.output.generated_tokens)
+    if job.metrics.time_to_first_token is not None:
+        observe(pipe, "time_to_first_token_seconds", job.model, job.metrics.time_to_first_token)
+    if job.metrics.seconds_per_token is not None:
+        observe(pipe, "seconds_per_token", job.model, job.metrics.seconds_per_token)
 
 
 def record_batch_sizes(client: redis.Redis, model: str, counts: dict[int, int]) -> None:

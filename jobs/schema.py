@@ -207,6 +207,7 @@ class JobMetrics(BaseModel):
     queue_seconds: float | None = None
     inference_seconds: float | None = None
     seconds_per_token: float | None = None
+    time_to_first_token: float | None = Field(None, description="From submission to the first token.")
 
 
 class Job(BaseModel):

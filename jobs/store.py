@@ -152,10 +152,12 @@ class JobStore:
         return progress.publish_progress(self.redis, updates, self.retention_seconds)
 
     def succeed(
-        self, job_id: str, output: JobOutput, inference_seconds: float, attempt: int | None = None
+        self, job_id: str, output: JobOutput, inference_seconds: float, attempt: int | None = None,
+        first_token_seconds: float | None = None,
     ) -> Job | None:
-        """Record the final output; None when it is not accepted (see ``transitions.finished``)."""
-        metrics = transitions.model_metrics(output, inference_seconds)
+        """Record the final output; None when it is not accepted (see ``transitions.finished``).
+        ``first_token_seconds``: from the attempt's start to its first token."""
+        metrics = transitions.model_metrics(output, inference_seconds, first_token_seconds)
         return self._finish(job_id, JobStatus.SUCCEEDED, output=output, metrics=metrics, attempt=attempt)
 
     def fail(

@@ -87,7 +87,7 @@ def finished(
             "finished_at": now,
             "output": output,
             "error": error,
-            "metrics": JobMetrics(**{**job.metrics.model_dump(), **metrics}),
+            "metrics": JobMetrics(**{**job.metrics.model_dump(), **_with_time_to_first_token(job, metrics)}),
         }
     )
 
@@ -144,11 +144,28 @@ def stuck_failed(job: Job, grace_seconds: float, now: datetime) -> Job | None:
     return job.model_copy(update={"status": JobStatus.FAILED, "finished_at": now, "error": STUCK})
 
 
-def model_metrics(output: JobOutput | None, inference_seconds: float | None) -> dict[str, float | None]:
-    """The metrics a worker's result adds: inference time, and time per generated token."""
+def model_metrics(output: JobOutput | None, inference_seconds: float | None,
+                  first_token_seconds: float | None = None) -> dict[str, float | None]:
+    """The metrics a worker's result adds: inference time, time per generated token, and (kept apart
+    until the job's times are known, see ``finished``) the attempt's time to its first token."""
     tokens = output.generated_tokens if output else 0
     per_token = round(inference_seconds / tokens, 9) if inference_seconds is not None and tokens else None
-    return {"inference_seconds": inference_seconds, "seconds_per_token": per_token}
+    metrics: dict[str, float | None] = {"inference_seconds": inference_seconds, "seconds_per_token": per_token}
+    if first_token_seconds is not None:
+        metrics[FIRST_TOKEN] = first_token_seconds
+    return metrics
+
+
+FIRST_TOKEN = "first_token_seconds"  # from an attempt's start to its first token
+
+
+def _with_time_to_first_token(job: Job, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with the attempt's first-token time turned into the job's: from submission."""
+    metrics = dict(metrics)
+    first = metrics.pop(FIRST_TOKEN, None)
+    if first is not None and job.started_at is not None:
+        metrics["time_to_first_token"] = round(_seconds(job.created_at, job.started_at) + first, 6)
+    return metrics
 
 
 def _seconds(start: datetime, end: datetime) -> float:

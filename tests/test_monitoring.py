@@ -41,7 +41,8 @@ def _exported_metrics(redis_server) -> set[str]:
     client = app.test_client()
     job_id = client.post("/api/v1/jobs", json={"inputs": "hi"}).get_json()["id"]
     service.store.start(job_id, "tiny-bloom@box.gpu0", "tiny-bloom@box.gpu0:1")
-    service.store.succeed(job_id, JobOutput(generated_text="x", generated_tokens=1, prompt_tokens=1), 0.1, attempt=1)
+    service.store.succeed(job_id, JobOutput(generated_text="x", generated_tokens=1, prompt_tokens=1), 0.1, attempt=1,
+                          first_token_seconds=0.05)
     record_batch_sizes(service.store.redis, "tiny-bloom", {1: 1})  # a worker's decode step
     text = client.get("/metrics").get_data(as_text=True)
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}

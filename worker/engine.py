@@ -56,6 +56,7 @@ class GenerationResult:
     output: JobOutput
     prompt_tokens: int
     seconds: float
+    first_token_seconds: float | None = None  # from its submission here to its first token
 
 
 class Engine:
@@ -193,7 +194,8 @@ class Engine:
             details=self.details.of(seq) if seq.params.details else None,
         )
         seconds = (seq.finished_at or time.perf_counter()) - (seq.started_at or seq.submitted_at)
-        return GenerationResult(output, seq.prompt_len, seconds)
+        first = seq.first_token_at - seq.submitted_at if seq.first_token_at is not None else None
+        return GenerationResult(output, seq.prompt_len, seconds, first)
 
     def token_detail(self, token: int, logprob: float | None) -> TokenDetail:
         """A token as the details show it: its own text (special tokens included) and log-probability."""

@@ -154,7 +154,8 @@ class JobRunner:
             error = JobError(type=error_type, message=f"{type(exc).__name__}: {exc}")
             self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
             return
-        self._finish(job_id, attempt, result.output.finish_reason, result.output, round(result.seconds, 6))
+        first = round(result.first_token_seconds, 6) if result.first_token_seconds is not None else None
+        self._finish(job_id, attempt, result.output.finish_reason, result.output, round(result.seconds, 6), first)
 
     def cancel(self, job_id: str) -> bool:
         """Stop a job this process is running; False when it is not running here."""
@@ -205,7 +206,8 @@ class JobRunner:
                 log.error("job %s: failed as a poison job", job_id)
 
     def _finish(
-        self, job_id: str, attempt: int, reason: FinishReason | None, output: JobOutput, seconds: float
+        self, job_id: str, attempt: int, reason: FinishReason | None, output: JobOutput, seconds: float,
+        first_token_seconds: float | None = None,
     ) -> None:
         if reason is FinishReason.CANCELED:
             self._store_final(job_id, lambda: self.store.finish_canceled(job_id, output, seconds, attempt=attempt))
@@ -213,7 +215,8 @@ class JobRunner:
             error = JobError(type="timeout", message="the job reached its deadline while running")
             self._store_final(job_id, lambda: self.store.fail(job_id, error, seconds, output=output, attempt=attempt))
         else:
-            self._store_final(job_id, lambda: self.store.succeed(job_id, output, seconds, attempt=attempt))
+            self._store_final(job_id, lambda: self.store.succeed(job_id, output, seconds, attempt=attempt,
+                                                                 first_token_seconds=first_token_seconds))
 
     def _store_final(self, job_id: str, write: Callable[[], Job | None]) -> None:
         job = store_patiently(write, f"job {job_id}: storing the result", self.result_patience)

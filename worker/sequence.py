@@ -55,6 +55,7 @@ class Sequence:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
+    first_token_at: float | None = None  # when its first token was chosen (the time to first token)
     done: threading.Event = field(default_factory=threading.Event)
     # -- the engine's bookkeeping ------------------------------------------------------------------
     ids: list[int] = field(default_factory=list)
@@ -93,6 +94,8 @@ class Sequence:
         """Append the token chosen in a step, with its details when the request asked for them."""
         self.tokens.append(token)
         self.ids.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         if detail is not None:
             self.logprobs.append(detail.logprob)
             if self.params.top_n_tokens:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+from datetime import datetime
 
 import requests
 
@@ -30,6 +31,8 @@ def test_jobs_succeed_with_text_equal_to_direct_generate(stack, reference):
         assert done["started_at"] >= done["created_at"] and done["finished_at"] >= done["started_at"]
         metrics = done["metrics"]
         assert metrics["queue_seconds"] >= 0 and metrics["inference_seconds"] > 0 and metrics["seconds_per_token"] > 0
+        end_to_end = (datetime.fromisoformat(done["finished_at"]) - datetime.fromisoformat(done["created_at"]))
+        assert metrics["queue_seconds"] < metrics["time_to_first_token"] <= end_to_end.total_seconds() + 1e-3
 
 
 def test_tutorial_parameters_give_greedy_with_repetition_penalty(stack, reference):

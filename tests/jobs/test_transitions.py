@@ -123,3 +123,12 @@ def test_model_metrics_per_token_needs_tokens_and_a_time():
     assert model_metrics(OUTPUT, 1.0) == {"inference_seconds": 1.0, "seconds_per_token": 0.25}
     assert model_metrics(None, 1.0) == {"inference_seconds": 1.0, "seconds_per_token": None}
     assert model_metrics(OUTPUT, None) == {"inference_seconds": None, "seconds_per_token": None}
+
+
+def test_the_time_to_first_token_counts_from_submission():
+    created = NOW - timedelta(seconds=3)
+    job = _running(created_at=created, started_at=created + timedelta(seconds=1.25))
+    done = finished(job, JobStatus.SUCCEEDED, NOW, output=OUTPUT, metrics=model_metrics(OUTPUT, 1.5, 0.25), attempt=1)
+    assert done.metrics.time_to_first_token == 1.5  # 1.25 s waiting, then 0.25 s to its first token
+    without = finished(job, JobStatus.SUCCEEDED, NOW, output=OUTPUT, metrics=model_metrics(OUTPUT, 1.5), attempt=1)
+    assert without.metrics.time_to_first_token is None and "first_token_seconds" not in without.metrics.model_dump()

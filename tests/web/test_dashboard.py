@@ -37,7 +37,8 @@ def test_the_figures_match_the_job_store(app):
            for _ in range(5)]
     for job_id, tokens in zip(ids[:3], (7, 11, 13), strict=True):
         store.start(job_id, "tiny-bloom@box.gpu0", "tiny-bloom@box.gpu0:7")
-        store.succeed(job_id, JobOutput(generated_text="x", generated_tokens=tokens, prompt_tokens=1), 0.1, attempt=1)
+        store.succeed(job_id, JobOutput(generated_text="x", generated_tokens=tokens, prompt_tokens=1), 0.1, attempt=1,
+                      first_token_seconds=0.02)
     store.start(ids[3], "tiny-bloom@box.gpu0", "tiny-bloom@box.gpu0:7")
     store.fail(ids[3], JobError(type="generation_error", message="bad row"), attempt=1)
     figures = client.get("/api/v1/dashboard", headers=bearer(OPS)).get_json()
@@ -48,6 +49,7 @@ def test_the_figures_match_the_job_store(app):
     assert model["series"]["tokens_per_minute"][-1] == 31 and len(model["series"]["tokens_per_minute"]) == 15
     assert model["tokens_per_second"] == round(31 / 300, 3)
     assert model["queue_wait_p50"] is not None and model["queue_wait_p50"] <= model["queue_wait_p95"]
+    assert 0.02 <= model["first_token_p50"] <= model["first_token_p95"]  # at least the attempt's own 0.02 s
     assert (model["workers"], model["jobs_running"], model["rows_capacity"]) == (1, 2, 8)
     (worker,) = figures["workers"]
     assert (worker["host"], worker["kv_blocks_in_use"], worker["kv_blocks"], worker["prefills"]) == ("box", 30, 100, 4)

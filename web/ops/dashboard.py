@@ -19,8 +19,8 @@ def current_dashboard() -> Dashboard:
 
 @dashboard_api.get(DASHBOARD_PATH)
 def dashboard_figures() -> Response:
-    """Per model: queues (interactive, batch), rows in use and capacity, tokens per second, queue wait
-    p50/p95 and failures by reason over 5 minutes, per-minute series over 15; per worker: where it runs,
+    """Per model: queues (interactive, batch), rows in use and capacity, tokens per second, queue wait and
+    time to first token p50/p95 and failures by reason over 5 minutes, per-minute series over 15; per worker: where it runs,
     rows, KV blocks, prefills, memory, last heartbeat."""
     require_operator()
     return jsonify(current_dashboard().figures())

@@ -17,6 +17,8 @@ HELP = {
     "end_to_end_seconds": "Seconds from submission to the final result",
     "generated_tokens": "Tokens generated per job",
     "batch_size": "Rows in the batch, per decode step",
+    "time_to_first_token_seconds": "Seconds from submission to the first token",
+    "seconds_per_token": "Seconds of model time per generated token, per job",
 }
 
 

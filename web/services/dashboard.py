@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from jobs.activity import read_activity, wait_quantile
+from jobs.activity import quantile, read_activity
 from web.services.jobs import JobService
 
 FRESH_SECONDS = 2.0  # how long one gathering serves every viewer
@@ -63,8 +63,10 @@ class Dashboard:
                 "rows_capacity": sum(w.batch_capacity for w in mine),
                 "tokens_per_second": round(recent_tokens / (RECENT_MINUTES * 60), 3),
                 "finished_last_5m": sum(m.get("finished", 0) for m in recent),
-                "queue_wait_p50": wait_quantile(recent, 0.5),
-                "queue_wait_p95": wait_quantile(recent, 0.95),
+                "queue_wait_p50": quantile(recent, "wait", 0.5),
+                "queue_wait_p95": quantile(recent, "wait", 0.95),
+                "first_token_p50": quantile(recent, "ttft", 0.5),
+                "first_token_p95": quantile(recent, "ttft", 0.95),
                 "failures_last_5m": dict(sorted(failures.items())),
                 "series": {
                     "tokens_per_minute": [m.get("tokens", 0) for m in series],
