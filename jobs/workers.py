@@ -37,6 +37,7 @@ class WorkerInfo(BaseModel):
                                                    "(sharded loading reads only the rank's slices).")
     batch_capacity: int = Field(1, description="How many jobs this worker runs at once.")
     jobs_running: int = Field(0, description="Jobs in its batch or waiting in its engine, at the last heartbeat.")
+    restarts: int = Field(0, description="Times its launcher restarted this worker after it died.")
     prefills: int = Field(0, description="Passes that read prompt tokens (prompt chunks) since it started.")
     kv_blocks: int = Field(0, description="Blocks in its paged KV pool (0: not announced).")
     kv_block_tokens: int = Field(0, description="Token slots per KV block.")

@@ -35,7 +35,7 @@ from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.feeder import BatchFeeder, batch_rows
 from worker.liveness import CancelListener, Heartbeat
 from worker.recovery import DeadlineExpiry, OrphanRecovery
-from worker.supervisor import READY_FILE_ENV
+from worker.supervisor import READY_FILE_ENV, RESTARTS_ENV
 
 log = logging.getLogger("bloomq.worker")
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         quantization=loaded.quantization,
         weights_bytes=weights,
         load_peak_bytes=peaks,
+        restarts=int(os.environ.get(RESTARTS_ENV, "0") or 0),
     )
 
     def current_info() -> WorkerInfo:

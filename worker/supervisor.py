@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_FILE_ENV = "BLOOMQ_READY_FILE"  # set by the launcher: the child touches it once it consumes its queue
+RESTARTS_ENV = "BLOOMQ_WORKER_RESTARTS"  # set for each process: how often its launcher restarted it
 MAX_BACKOFF = 60.0
 STABLE_AFTER = 60.0  # a child that ran this long has its restart backoff reset
 GROUP_GRACE = 15.0  # after one rank of a group dies, the others get this long to notice and exit on their own
@@ -53,7 +54,8 @@ class Child:
     ready_file: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started_at: float = 0.0
-    restarts: int = 0
+    restarts: int = 0  # restarts in a row (the backoff's exponent; reset once it ran stably)
+    starts: int = 0  # times it was started in all
     restart_at: float | None = None
     ever_ready: bool = False
     failed_at: float | None = None  # when a member was first seen dead (the group is going down)
@@ -101,6 +103,8 @@ class Supervisor:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = child.plan.cuda_visible_devices or ""
         env[READY_FILE_ENV] = str(child.ready_file)
+        env[RESTARTS_ENV] = str(child.starts)  # how often it was started before: the worker announces it
+        child.starts += 1
         child.ready_file.unlink(missing_ok=True)
         ranks = child.plan.ranks
         if ranks > 1:

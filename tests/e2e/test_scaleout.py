@@ -78,6 +78,8 @@ def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly_and_c
         killed_at = time.monotonic()
         wait_for(lambda: any(w["pid"] != worker["pid"] for w in _workers(stack)), timeout=60,
                  what="the launcher to restart the worker")
+        (restarted,) = _workers(stack)
+        assert (worker["restarts"], restarted["restarts"]) == (0, 1)  # as the dashboard shows it
         wait_for(lambda: all(_job(stack, job_id, key)["attempts"] == 2 for job_id in jobs), timeout=60,
                  what="both jobs to start again")
         assert time.monotonic() - killed_at < 60  # requeued and started again within a minute

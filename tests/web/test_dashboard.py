@@ -26,7 +26,7 @@ def app(redis_server, redis_client):
     app.extensions["bloomq"].directory.announce(WorkerInfo(
         name="tiny-bloom@box.gpu0", instance="tiny-bloom@box.gpu0:7", model="tiny-bloom", host="box",
         device="cuda:0", devices=["0"], dtype="bfloat16", pid=7, batch_capacity=8, jobs_running=2, kv_blocks=100,
-        kv_blocks_in_use=30, prefills=4), ttl_seconds=30)
+        kv_blocks_in_use=30, prefills=4, restarts=2), ttl_seconds=30)
     return app
 
 
@@ -53,6 +53,7 @@ def test_the_figures_match_the_job_store(app):
     assert (model["workers"], model["jobs_running"], model["rows_capacity"]) == (1, 2, 8)
     (worker,) = figures["workers"]
     assert (worker["host"], worker["kv_blocks_in_use"], worker["kv_blocks"], worker["prefills"]) == ("box", 30, 100, 4)
+    assert worker["restarts"] == 2
     # Gathered once for every viewer for a couple of seconds: a second look reads nothing new.
     again = client.get("/api/v1/dashboard", headers=bearer(OPS)).get_json()
     assert again["generated_at"] == figures["generated_at"]

@@ -80,7 +80,7 @@ class Dashboard:
             "workers": [{
                 "instance": w.instance, "model": w.model, "host": w.host, "device": w.device,
                 "devices": w.devices, "rows_in_use": w.jobs_running, "rows_capacity": w.batch_capacity,
-                "kv_blocks": w.kv_blocks, "kv_blocks_in_use": w.kv_blocks_in_use, "prefills": w.prefills,
+                "kv_blocks": w.kv_blocks, "kv_blocks_in_use": w.kv_blocks_in_use, "prefills": w.prefills, "restarts": w.restarts,
                 "memory_bytes": w.memory_bytes, "started_at": w.started_at.isoformat(),
                 "last_seen": w.last_seen.isoformat(),
             } for w in sorted(workers, key=lambda w: (w.model, w.instance))],
