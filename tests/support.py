@@ -120,7 +120,17 @@ class SentinelCluster:
             node.start()
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed (make test installs it)"
-        for port in self.sentinel_ports:
+        for i in range(len(self.sentinel_ports)):
+            self.sentinels.append(self._start_sentinel(binary, i))
+        # Ready when every sentinel knows every replica and the two other sentinels, and replicas are in sync.
+        wait_for(self._ready, timeout=30, interval=0.2, what="the sentinels to see the replicas and each other")
+        return self
+
+    def _start_sentinel(self, binary: str, i: int) -> subprocess.Popen[bytes]:
+        """Sentinel ``i``, answering; on another free port when its port was taken meanwhile (another test
+        process can bind it between choosing and starting)."""
+        for _ in range(5):
+            port = self.sentinel_ports[i]
             conf = self.workdir / f"sentinel-{port}.conf"  # Sentinel rewrites its config: one file each
             conf.write_text("\n".join([
                 f"port {port}", "bind 127.0.0.1", f"dir {self.workdir}",
@@ -128,10 +138,22 @@ class SentinelCluster:
                 f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                 f"sentinel failover-timeout {self.master_name} 2000", "",
             ]))
-            self.sentinels.append(subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL))
-        # Ready when every sentinel knows every replica and the two other sentinels, and replicas are in sync.
-        wait_for(self._ready, timeout=30, interval=0.2, what="the sentinels to see the replicas and each other")
-        return self
+            proc = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+            def up(proc: subprocess.Popen[bytes] = proc, port: int = port) -> bool:
+                return proc.poll() is not None or self._sentinel_answers(port)
+
+            wait_for(up, timeout=10, interval=0.05, what=f"sentinel {port} to answer")
+            if proc.poll() is None:
+                return proc
+            self.sentinel_ports[i] = free_port()
+        raise AssertionError("no sentinel could start: every port tried was taken")
+
+    def _sentinel_answers(self, port: int) -> bool:
+        """A sentinel watching our master answers on ``port`` (not some other server that took it)."""
+        try:
+            return bool(redis.Redis(port=port, socket_timeout=0.5).sentinel_master(self.master_name))
+        except redis.RedisError:
+            return False
 
     def _ready(self) -> bool:
         try:
@@ -328,3 +350,4 @@ class WebhookReceiver:
         """The ``X-Bloomq-Event-Id`` of each call so far (only those answered ``answered``, if given)."""
         return [c["headers"]["X-Bloomq-Event-Id"] for c in list(self.calls)
                 if answered is None or c["answered"] == answered]
+
