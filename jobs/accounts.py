@@ -22,7 +22,8 @@ from jobs.connection import as_text
 from jobs.keys import API_KEY_NAMES, API_KEY_PREFIX, api_key_key
 
 Role = Literal["user", "operator"]
-KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+KeyName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=2**53)]
 SECRET_PREFIX = "bq_"
 LIMIT_FIELDS = ("tokens_per_day", "max_active_jobs", "file_bytes")

@@ -8,13 +8,13 @@ import re
 from flask import Blueprint, Response, current_app, jsonify, url_for
 from pydantic import ValidationError
 
-from jobs.accounts import KeyBook, KeyCreate, KeyUpdate
+from jobs.accounts import NAME_PATTERN, KeyBook, KeyCreate, KeyUpdate
 from web.http.auth import api_keys, authenticate_api, require_operator
 from web.http.bodies import read_json_object
 from web.http.errors import ApiError, validation_error
 
 KEYS_PATH = "/api/v1/keys"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(NAME_PATTERN)
 
 keys_api = Blueprint("keys", __name__)
 keys_api.before_request(authenticate_api)
@@ -32,9 +32,13 @@ def _book() -> KeyBook:
     return current_app.extensions["bloomq.key_book"]
 
 
+def _no_such_key(name: str) -> ApiError:
+    return ApiError(404, "not_found", f"no key named {name!r}")
+
+
 def _known_name(name: str) -> str:
     if not _NAME.match(name):
-        raise ApiError(404, "not_found", f"no key named {name!r}")
+        raise _no_such_key(name)
     return name
 
 
@@ -66,7 +70,7 @@ def get_key(name: str) -> Response:
     name = _known_name(name)
     found = _book().named(name)
     if found is None:
-        raise ApiError(404, "not_found", f"no key named {name!r}")
+        raise _no_such_key(name)
     return jsonify(found.model_dump(mode="json"))
 
 
@@ -80,7 +84,7 @@ def update_key(name: str) -> Response:
         raise validation_error(exc) from None
     updated = _book().update(name, changes)
     if updated is None:
-        raise ApiError(404, "not_found", f"no key named {name!r}")
+        raise _no_such_key(name)
     return jsonify(updated.model_dump(mode="json"))
 
 
@@ -89,6 +93,6 @@ def revoke_key(name: str) -> Response:
     """Revoke a key: its next request, and its browser sessions', are refused."""
     name = _known_name(name)
     if not _book().revoke(name):
-        raise ApiError(404, "not_found", f"no key named {name!r}")
+        raise _no_such_key(name)
     return jsonify({"name": name, "revoked": True})
 

@@ -4,7 +4,6 @@ routes (``web.openai.batches``) and the batch pages (``web.pages.views``) both u
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
@@ -136,8 +135,7 @@ def start_batch(file_id: str, window: str, metadata: dict[str, str] | None) -> B
     try:
         intake.begin(batch, lines, jobs)
     except redis.RedisError:
-        with contextlib.suppress(redis.RedisError):
-            svc.quotas.release(jobs)
+        svc.release_holds(jobs)
         raise
     try:
         intake.run(batch.id)

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from config.models import queue_for
 from jobs.activity import quantile, read_activity
 from web.services.jobs import JobService
 
@@ -39,7 +40,7 @@ class Dashboard:
         minutes, activity = read_activity(svc.store.redis, SERIES_MINUTES)
         pipe = svc.store.redis.pipeline(transaction=False)
         for model in models:
-            pipe.llen(f"{model['queue']}.batch")
+            pipe.llen(queue_for(model["name"], "batch"))
         batch_messages = pipe.execute()
         rows = []
         for model, batch_depth in zip(models, batch_messages, strict=True):

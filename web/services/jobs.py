@@ -148,14 +148,14 @@ class JobService:
             if not isinstance(exc, ApiError) or exc.status >= 500:
                 self._withdraw(jobs, sent, claims)  # deleting the records gives their quota back
             else:
-                self._release(jobs)  # refused before anything was written
+                self.release_holds(jobs)  # refused before anything was written
             if isinstance(exc, OperationalError):  # Celery's wrapping of a broker connection error
                 raise ApiError(503, "unavailable", "the queue (Redis) is unavailable; try again shortly",
                                retry_after=UNAVAILABLE_RETRY_AFTER) from exc
             raise
         if earlier is not None:  # outside the clean-up above: the keys stay bound to the jobs they made
             assert claims is not None
-            self._release(jobs)  # the earlier jobs hold their own
+            self.release_holds(jobs)  # the earlier jobs hold their own
             found = [self._earlier_job(claim, record) for claim, record in zip(claims, earlier, strict=True)]
             self._confirm_durable([job.id for job in found])
             return found, False
@@ -177,7 +177,8 @@ class JobService:
             for claim in claims or []:
                 self.store.redis.delete(claim.redis_key)
 
-    def _release(self, jobs: list[Job]) -> None:
+    def release_holds(self, jobs: list[Job]) -> None:
+        """Give back the quota held by jobs that were never made (best effort: Redis may be down)."""
         with contextlib.suppress(redis.RedisError):
             self.quotas.release(jobs)
 
