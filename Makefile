@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test test-fast tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk clean
+.PHONY: install run test test-fast tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk test-system clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,15 +30,23 @@ chromium:
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk"; $(APT_INSTALL) wrk >/dev/null; }
 
+# Both system packages of the tests in one apt-get run (make test runs it beside the Python install).
+test-system:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -z "$$missing" ] || { echo "installing$$missing"; $(APT_INSTALL) $$missing >/dev/null; }
+
 run: install redis-server
 	$(PY) scripts/stack.py
 
-# Test files run in parallel, one process per core, each file whole in one process (its module-scoped stack
-# is started once). One process more than there are cores is faster (two cores: 10.5 min instead of 12.7)
-# but loads the timing-sensitive fault tests (a Sentinel failover under load) past their deadlines, so it is
-# a choice (TEST_PROCESSES=3), not the default. PYTEST_ARGS='-n 0' runs them one by one.
+# Tests run in parallel, one process per core, in the units and order of tests/scheduling.py (each file
+# whole in one process, the tests sharing a stack together, the fault tests one by one, costliest first).
+# More processes than cores load the timing-sensitive fault tests (a Sentinel failover under load) past
+# their deadlines, so TEST_PROCESSES=3 is a choice, not the default. PYTEST_ARGS='-n 0' runs them one by one.
 TEST_PROCESSES ?= auto
-test: install redis-server chromium
+test:
+	@$(MAKE) --no-print-directory -j2 install test-system
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # The edit-test loop: unit tests only (no end-to-end stacks, none of the tests marked slow), under a minute.

@@ -17,6 +17,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` (as ``make test`` runs) with the units and order of tests/scheduling.py."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from tests.scheduling import CostScheduling
+
+    return CostScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
@@ -33,9 +42,26 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, **shape: int) -> Path:
+    """A random BLOOM checkpoint (``worker.tiny``) built once for the whole run: the test processes of
+    ``pytest -n`` share the parent of their temporary directories, and the first to get here builds it."""
+    from filelock import FileLock
+
+    from worker.tiny import build_tiny_bloom
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "checkpoints" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not (out / ".built").exists():
+            build_tiny_bloom(out, **shape)
+            (out / ".built").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BLOOM with a trained tokenizer, saved with save_pretrained."""
-    from worker.tiny import build_tiny_bloom
-
-    return build_tiny_bloom(tmp_path_factory.mktemp("models") / "tiny-bloom")
+    return built_once(tmp_path_factory, "tiny-bloom")

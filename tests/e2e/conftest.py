@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, built_once
 from tests.support import (
     WORKER_COMMAND,
     Proc,
@@ -54,10 +54,15 @@ class Stack:
         worker = start_worker(self.redis.url, model or self.model, log, command, **self.env)
         self.workers.append(worker)
         if wait:
-            expected = sum(1 for w in self.workers if w.alive())
-            wait_for(lambda: live_workers(self.url, self.headers) >= expected, timeout=90,
-                     what="the worker to announce itself")
+            self.wait_for_workers()
         return worker
+
+    def wait_for_workers(self) -> None:
+        """Until every live launcher's worker has announced itself (start several with ``wait=False``
+        first, and they load side by side)."""
+        expected = sum(1 for w in self.workers if w.alive())
+        wait_for(lambda: live_workers(self.url, self.headers) >= expected, timeout=90,
+                 what="the workers to announce themselves")
 
     def submit(self, inputs: str, **body) -> dict:
         response = requests.post(f"{self.url}/api/v1/jobs", json={"inputs": inputs, **body}, headers=self.headers,
@@ -80,10 +85,11 @@ def _up(url: str) -> bool:
         return False
 
 
-def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, appendonly: bool = False,
+def make_stack(request: pytest.FixtureRequest | str, tmp_path_factory, model: Path, appendonly: bool = False,
                replicas: int = 0, **env: str) -> Stack:
-    """A stack on a private redis-server, or with ``replicas``, on a master, replicas and three sentinels."""
-    name = request.node.name
+    """A stack on a private redis-server, or with ``replicas``, on a master, replicas and three sentinels;
+    its logs are named after the test (or the name given instead of the request)."""
+    name = request if isinstance(request, str) else request.node.name
     logs = ARTIFACTS / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
@@ -97,7 +103,8 @@ def make_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, ap
 
 
 @contextlib.contextmanager
-def running_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path, **env: str) -> Iterator[Stack]:
+def running_stack(request: pytest.FixtureRequest | str, tmp_path_factory, model: Path, **env: str
+                  ) -> Iterator[Stack]:
     """Redis, the web and one worker, started; everything stopped afterwards."""
     s = make_stack(request, tmp_path_factory, model, **env)
     try:
@@ -108,19 +115,43 @@ def running_stack(request: pytest.FixtureRequest, tmp_path_factory, model: Path,
         s.stop()
 
 
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
-    """One running stack (a worker and the web) shared by a test module."""
-    with running_stack(request, tmp_path_factory, tiny_model_dir) as s:
+# The shared stacks: one per checkpoint, started once per test process by the first test that asks for it
+# (tests/scheduling.py sends every test that shares one to the same process) and used by every test that
+# neither kills nor reconfigures anything. Their settings are the union of what those tests need.
+WEBHOOK_SECRET = "test-webhook-secret"
+SHARED_TINY_ENV = {
+    # Small KV blocks and a small step budget: the engine tests' prompts span many blocks and chunks.
+    "BLOOMQ_KV_BLOCK_TOKENS": "8", "BLOOMQ_STEP_TOKENS": "24",
+    # The batch tests send a message that is never delivered: it is sent again after 2 s.
+    "BLOOMQ_LOST_DELIVERY_SECONDS": "2",
+}
+SHARED_SLOW_ENV = {
+    "BLOOMQ_WEBHOOK_SECRET": WEBHOOK_SECRET, "BLOOMQ_WEBHOOK_ALLOW": "127.0.0.1/32",
+    # Every watcher of the watchers test comes from one address: the per-key cap is not what it tests.
+    "BLOOMQ_MAX_WATCHERS_PER_KEY": "1000",
+    # A neutral host name: the browser test's dashboard screenshot goes into the README.
+    "BLOOMQ_WORKER_HOST": "gpu-box-1",
+}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
+    """The shared stack on the tiny checkpoint: a worker and the web."""
+    with running_stack("shared-tiny", tmp_path_factory, tiny_model_dir, **SHARED_TINY_ENV) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def slow_stack(tmp_path_factory, slow_model_dir) -> Iterator[Stack]:
+    """The shared stack on the slower checkpoint, for jobs still running when a test acts on them."""
+    with running_stack("shared-slow", tmp_path_factory, slow_model_dir, **SHARED_SLOW_ENV) as s:
         yield s
 
 
 @pytest.fixture(scope="session")
 def slow_model_dir(tmp_path_factory) -> Path:
     """A bigger random BLOOM (~10 ms a token here), so a long job is still running when we act on it."""
-    from worker.tiny import build_tiny_bloom
-
-    return build_tiny_bloom(tmp_path_factory.mktemp("models") / "slow-bloom", hidden_size=512, n_layer=8, n_head=8)
+    return built_once(tmp_path_factory, "slow-bloom", hidden_size=512, n_layer=8, n_head=8)
 
 
 @pytest.fixture(scope="module")

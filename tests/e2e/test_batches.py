@@ -15,13 +15,6 @@ from tests.support import wait_for, wait_for_job
 PROMPTS = ["Once upon a time", "从前有一座山", "def fibonacci(n):", "Il était une fois", "كان يا ما كان", "x"]
 
 
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory, tiny_model_dir):
-    # A lost delivery is re-sent after 2 s here (30 s by default), so a test can wait for it.
-    with running_stack(request, tmp_path_factory, tiny_model_dir, BLOOMQ_LOST_DELIVERY_SECONDS="2") as s:
-        yield s
-
-
 @pytest.fixture()
 def oai(stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -133,10 +126,10 @@ def test_a_lost_interactive_message_behind_a_big_batch_is_sent_again(stack, oai)
 
 
 def test_a_message_delivered_twice_to_one_worker_runs_once(stack):
+    from config.settings import Settings
     from jobs.celery_app import make_celery, send_generate
     from jobs.schema import GenerateParameters, Job, new_job_id
     from jobs.store import JobStore
-    from config.settings import Settings
 
     client = redis.Redis.from_url(stack.redis.url)
     job = Job(id=new_job_id(), model="tiny-bloom", inputs="Il était une fois",
@@ -180,7 +173,7 @@ def test_two_keys_batches_share_the_worker_fairly(request, tmp_path_factory, tin
         clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key=k, max_retries=0, timeout=60) for k in keys]
 
         def start(client, n):
-            lines = [_line(f"r{i}", PROMPTS[i % 6], 300) for i in range(n)]
+            lines = [_line(f"r{i}", PROMPTS[i % 6], 100) for i in range(n)]
             upload = client.files.create(file=("b.jsonl", _jsonl(lines)), purpose="batch")
             return client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
                                          completion_window="24h")

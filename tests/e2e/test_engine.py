@@ -1,34 +1,25 @@
 """The paged engine through the whole stack: prompts read in chunks, shared prefixes computed once.
 
-The worker runs with small blocks and a small step budget (8-token blocks, 24 tokens a pass), so the
+The shared stack's worker runs with small blocks and a small step budget (8-token blocks, 24 tokens a pass), so the
 prompts here span many blocks and many chunks on the tiny checkpoint.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
-import pytest
 import requests
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import Stack, running_stack
+from tests.e2e.conftest import SHARED_TINY_ENV, Stack
 from tests.support import wait_for, wait_for_job
 
-BLOCK, STEP = 8, 24
+BLOCK, STEP = int(SHARED_TINY_ENV["BLOOMQ_KV_BLOCK_TOKENS"]), int(SHARED_TINY_ENV["BLOOMQ_STEP_TOKENS"])
 # About 120 tokens of the tiny tokenizer: several blocks, five or more chunks of STEP.
 SHARED = ("You are a careful assistant. Answer in one short sentence, in the language of the question. "
           "Here are the rules of the house: be kind, be brief, be exact, and never invent a fact. ") * 3
 QUESTIONS = ["What is the capital of France?", "¿Cuál es la capital de España?", "ما هي عاصمة مصر؟",
              "日本の首都はどこですか？"]
-
-
-@pytest.fixture(scope="module")
-def engine_stack(request, tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
-    with running_stack(request, tmp_path_factory, tiny_model_dir, BLOOMQ_KV_BLOCK_TOKENS=str(BLOCK),
-                       BLOOMQ_STEP_TOKENS=str(STEP)) as s:
-        yield s
 
 
 def _worker(stack: Stack) -> dict:
@@ -40,9 +31,8 @@ def _prompt_tokens(job: dict) -> int:
     return job["output"]["prompt_tokens"]
 
 
-def test_prompts_sharing_a_prefix_reuse_its_blocks_and_give_the_text_of_a_whole_prefill(engine_stack, reference,
+def test_prompts_sharing_a_prefix_reuse_its_blocks_and_give_the_text_of_a_whole_prefill(stack, reference,
                                                                                           tiny_model_dir):
-    stack = engine_stack
     first = wait_for_job(stack.url, stack.submit(SHARED + QUESTIONS[0], parameters={"max_new_tokens": 12})["id"])
     assert first["status"] == "succeeded", first
     assert _prompt_tokens(first) > 4 * STEP  # read over several passes
@@ -84,8 +74,7 @@ def test_prompts_sharing_a_prefix_reuse_its_blocks_and_give_the_text_of_a_whole_
     assert re.search(r"^bloomq_worker_kv_blocks\{.*\} [1-9]", metrics, re.M)
 
 
-def test_a_long_prompt_joins_running_jobs_in_chunks_and_nobody_s_text_changes(engine_stack, reference):
-    stack = engine_stack
+def test_a_long_prompt_joins_running_jobs_in_chunks_and_nobody_s_text_changes(stack, reference):
     short = ["Once upon a time", "def fibonacci(n):"]
     running = [stack.submit(p, parameters={"max_new_tokens": 60})["id"] for p in short]
     long_prompt = " ".join(f"item {i}: the {i}th line of a long list of things to read;" for i in range(10))

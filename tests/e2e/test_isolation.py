@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.e2e.conftest import make_reference, make_stack, running_stack
+from tests.e2e.conftest import make_reference, make_stack
 from tests.faulty_worker import POISON
 from tests.support import wait_for, wait_for_job
 
@@ -60,40 +60,42 @@ def _running(stack, job_ids):
     return all(j["status"] == "running" and (j["output"] or {}).get("generated_tokens", 0) > 0 for j in jobs)
 
 
-def test_hostile_requests_fail_alone_while_ordinary_jobs_finish_unchanged(request, tmp_path_factory,
-                                                                           slow_model_dir):
+def test_hostile_requests_fail_alone_while_ordinary_jobs_finish_unchanged(slow_stack, slow_model_dir):
     reference = make_reference(slow_model_dir)
-    with running_stack(request, tmp_path_factory, slow_model_dir) as stack:
-        ordinary = [stack.submit(p, parameters={"max_new_tokens": ORDINARY_TOKENS, "details": True})["id"]
-                    for p in ORDINARY]
-        wait_for(lambda: _running(stack, ordinary), timeout=60, what="the ordinary jobs to run")
-        accepted = []
-        for name, body, expected in HOSTILE:
-            response = requests.post(f"{stack.url}/api/v1/jobs", data=body,
-                                     headers={"Content-Type": "application/json"}, timeout=10)
-            if expected == "runs":
-                assert response.status_code == 202, (name, response.text)
-                accepted.append((name, response.json()["id"]))
-            elif expected == "400":
-                assert response.status_code == 400, (name, response.text)
-                assert response.json()["error"]["message"], name
-            else:
-                assert response.status_code == 422, (name, response.text)
-                assert expected in [f["name"] for f in response.json()["error"]["fields"]], (name, response.text)
-        assert _running(stack, ordinary)  # the hostile requests really arrived while the ordinary jobs ran
-        for name, job_id in accepted:
-            done = wait_for_job(stack.url, job_id, timeout=120)
-            assert done["status"] in ("succeeded", "failed"), name
-            if done["status"] == "failed":
-                assert done["error"]["type"] and done["error"]["message"], name
-        for prompt, job_id in zip(ORDINARY, ordinary, strict=True):
-            done = wait_for_job(stack.url, job_id, timeout=120)
-            assert done["status"] == "succeeded", done
-            assert done["attempts"] == 1
-            assert done["output"]["generated_tokens"] == ORDINARY_TOKENS
-            reference.check_greedy(prompt, done["output"])
-        after = wait_for_job(stack.url, stack.submit("still serving", parameters={"max_new_tokens": 5})["id"])
-        assert after["status"] == "succeeded"
+    stack = slow_stack
+    ordinary = [stack.submit(p, parameters={"max_new_tokens": ORDINARY_TOKENS, "details": True})["id"]
+                for p in ORDINARY]
+    wait_for(lambda: _running(stack, ordinary), timeout=60, what="the ordinary jobs to run")
+    accepted = []
+    for name, body, expected in HOSTILE:
+        response = requests.post(f"{stack.url}/api/v1/jobs", data=body,
+                                 headers={"Content-Type": "application/json"}, timeout=10)
+        if expected == "runs":
+            assert response.status_code == 202, (name, response.text)
+            accepted.append((name, response.json()["id"]))
+        elif expected == "400":
+            assert response.status_code == 400, (name, response.text)
+            assert response.json()["error"]["message"], name
+        else:
+            assert response.status_code == 422, (name, response.text)
+            assert expected in [f["name"] for f in response.json()["error"]["fields"]], (name, response.text)
+    assert _running(stack, ordinary)  # the hostile requests really arrived while the ordinary jobs ran
+    for name, job_id in accepted:
+        done = wait_for_job(stack.url, job_id, timeout=120)
+        assert done["status"] in ("succeeded", "failed"), name
+        if done["status"] == "failed":
+            assert done["error"]["type"] and done["error"]["message"], name
+    for prompt, job_id in zip(ORDINARY, ordinary, strict=True):
+        done = wait_for_job(stack.url, job_id, timeout=120)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 1
+        assert done["output"]["generated_tokens"] == ORDINARY_TOKENS
+        reference.check_greedy(prompt, done["output"])
+    after = wait_for_job(stack.url, stack.submit("still serving", parameters={"max_new_tokens": 5})["id"])
+    assert after["status"] == "succeeded"
+
+
+TOKENS_OVER_THE_PAUSE = 250
 
 
 def test_a_redis_pause_longer_than_the_heartbeat_lifetime_costs_no_work(request, tmp_path_factory, slow_model_dir):
@@ -101,9 +103,11 @@ def test_a_redis_pause_longer_than_the_heartbeat_lifetime_costs_no_work(request,
     stack = make_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_MAX_BATCH_SIZE="2")
     try:
         stack.start_web()
-        stack.start_worker()
-        stack.start_worker()
-        jobs = [stack.submit(p, parameters={"max_new_tokens": 500})["id"] for p in ORDINARY]
+        stack.start_worker(wait=False)
+        stack.start_worker(wait=False)
+        stack.wait_for_workers()
+        # Long enough to be running when Redis stops; whether they end during the pause or after, they end once.
+        jobs = [stack.submit(p, parameters={"max_new_tokens": TOKENS_OVER_THE_PAUSE})["id"] for p in ORDINARY]
         wait_for(lambda: _running(stack, jobs), timeout=60, what="all four jobs to run")
         heartbeat_lifetime = 3 * 1.0  # the tests run workers with BLOOMQ_HEARTBEAT_SECONDS=1
         os.kill(stack.redis.proc.pid, signal.SIGSTOP)
@@ -115,7 +119,7 @@ def test_a_redis_pause_longer_than_the_heartbeat_lifetime_costs_no_work(request,
             done = wait_for_job(stack.url, job_id, timeout=180)
             assert done["status"] == "succeeded", done
             assert done["attempts"] == 1, done  # never requeued: nobody mistook a live worker for dead
-            assert done["output"]["generated_tokens"] == 500
+            assert done["output"]["generated_tokens"] == TOKENS_OVER_THE_PAUSE
         logs = "".join(w.log() for w in stack.workers)
         assert "requeueing" not in logs and "was dropped" not in logs
     finally:

@@ -6,21 +6,11 @@ import json
 import subprocess
 import sys
 
-import pytest
 import requests
 
 from jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from tests.e2e.conftest import make_stack, running_stack
+from tests.e2e.conftest import WEBHOOK_SECRET, make_stack
 from tests.support import ROOT, WebhookReceiver, wait_for, wait_for_job
-
-SECRET = "test-webhook-secret"
-
-
-@pytest.fixture(scope="module")
-def live(request, tmp_path_factory, slow_model_dir):
-    env = {"BLOOMQ_WEBHOOK_SECRET": SECRET, "BLOOMQ_WEBHOOK_ALLOW": "127.0.0.1/32"}
-    with running_stack(request, tmp_path_factory, slow_model_dir, **env) as s:
-        yield s
 
 
 def _get(stack, job_id, **params):
@@ -34,16 +24,16 @@ def _wait_running(stack, job_id, tokens=1):
     wait_for(ready, timeout=60, interval=0.05, what="the job to be running with progress")
 
 
-def test_poll_shows_progress_while_running(live):
-    job = live.submit("Once upon a time", parameters={"max_new_tokens": 400})
-    _wait_running(live, job["id"])
-    first = _get(live, job["id"])
-    second = wait_for(lambda: (j := _get(live, job["id"]))["output"]["generated_tokens"]
+def test_poll_shows_progress_while_running(slow_stack):
+    job = slow_stack.submit("Once upon a time", parameters={"max_new_tokens": 400})
+    _wait_running(slow_stack, job["id"])
+    first = _get(slow_stack, job["id"])
+    second = wait_for(lambda: (j := _get(slow_stack, job["id"]))["output"]["generated_tokens"]
                       > first["output"]["generated_tokens"] and j, timeout=30, what="more progress")
     assert first["status"] == "running" and first["output"]["generated_text"]
     assert second["output"]["generated_tokens"] > first["output"]["generated_tokens"]
     assert second["output"]["generated_text"].startswith(first["output"]["generated_text"])
-    done = wait_for_job(live.url, job["id"])
+    done = wait_for_job(slow_stack.url, job["id"])
     assert done["output"]["generated_text"].startswith(second["output"]["generated_text"])
 
 
@@ -65,9 +55,9 @@ def _read_sse(url, headers=None, stop_after=None):
     return events
 
 
-def test_stream_delivers_tokens_then_done_and_resumes_without_gaps(live):
-    job = live.submit("Il était une fois", parameters={"max_new_tokens": 150})
-    url = f"{live.url}/api/v1/jobs/{job['id']}/events"
+def test_stream_delivers_tokens_then_done_and_resumes_without_gaps(slow_stack):
+    job = slow_stack.submit("Il était une fois", parameters={"max_new_tokens": 150})
+    url = f"{slow_stack.url}/api/v1/jobs/{job['id']}/events"
     head = _read_sse(url, stop_after=6)  # connect, read a few events, drop the connection
     rest = _read_sse(url, headers={"Last-Event-ID": head[-1]["id"]})
     events = head + rest
@@ -82,37 +72,37 @@ def test_stream_delivers_tokens_then_done_and_resumes_without_gaps(live):
     assert [e["id"] for e in replay] == ids
 
 
-def test_cancel_a_running_job_keeps_its_text_and_spares_the_rest(live):
-    victim = live.submit("Once upon a time", parameters={"max_new_tokens": 1500})
-    mate = live.submit("从前有一座山", parameters={"max_new_tokens": 100})
-    _wait_running(live, victim["id"], tokens=5)
-    response = requests.post(f"{live.url}/api/v1/jobs/{victim['id']}/cancel", timeout=10)
+def test_cancel_a_running_job_keeps_its_text_and_spares_the_rest(slow_stack):
+    victim = slow_stack.submit("Once upon a time", parameters={"max_new_tokens": 1500})
+    mate = slow_stack.submit("从前有一座山", parameters={"max_new_tokens": 100})
+    _wait_running(slow_stack, victim["id"], tokens=5)
+    response = requests.post(f"{slow_stack.url}/api/v1/jobs/{victim['id']}/cancel", timeout=10)
     assert response.status_code == 202
-    done = wait_for_job(live.url, victim["id"], timeout=30)
+    done = wait_for_job(slow_stack.url, victim["id"], timeout=30)
     assert done["status"] == "canceled" and done["output"]["finish_reason"] == "canceled"
     assert 0 < done["output"]["generated_tokens"] < 1500
-    assert wait_for_job(live.url, mate["id"])["status"] == "succeeded"
-    again = requests.post(f"{live.url}/api/v1/jobs/{victim['id']}/cancel", timeout=10).json()
+    assert wait_for_job(slow_stack.url, mate["id"])["status"] == "succeeded"
+    again = requests.post(f"{slow_stack.url}/api/v1/jobs/{victim['id']}/cancel", timeout=10).json()
     assert again["outcome"] == "already_final"
 
 
-def test_a_running_job_past_its_timeout_fails_with_its_partial_text(live):
-    job = live.submit("Once upon a time", parameters={"max_new_tokens": 1900}, timeout=1.5)
-    done = wait_for_job(live.url, job["id"], timeout=30)
+def test_a_running_job_past_its_timeout_fails_with_its_partial_text(slow_stack):
+    job = slow_stack.submit("Once upon a time", parameters={"max_new_tokens": 1900}, timeout=1.5)
+    done = wait_for_job(slow_stack.url, job["id"], timeout=30)
     assert done["status"] == "failed" and done["error"]["type"] == "timeout"
     assert done["output"]["generated_tokens"] > 0 and done["output"]["generated_text"]
 
 
-def test_webhook_is_signed_and_retried_until_it_gets_through(live):
+def test_webhook_is_signed_and_retried_until_it_gets_through(slow_stack):
     with WebhookReceiver(status=500) as hook:
-        job = live.submit("Hello", parameters={"max_new_tokens": 5}, webhook=hook.url, webhook_events=["completed"])
-        assert wait_for_job(live.url, job["id"])["status"] == "succeeded"
+        job = slow_stack.submit("Hello", parameters={"max_new_tokens": 5}, webhook=hook.url, webhook_events=["completed"])
+        assert wait_for_job(slow_stack.url, job["id"])["status"] == "succeeded"
         wait_for(lambda: len(hook.calls) >= 2, timeout=60, what="two failed webhook attempts")
         hook.status = 204
         wait_for(lambda: hook.event_ids(answered=204), timeout=60, what="the webhook to get through")
         calls = list(hook.calls)
         headers, body = calls[-1]["headers"], calls[-1]["body"]
-        assert verify(SECRET, int(headers[TIMESTAMP_HEADER]), body, headers[SIGNATURE_HEADER])
+        assert verify(WEBHOOK_SECRET, int(headers[TIMESTAMP_HEADER]), body, headers[SIGNATURE_HEADER])
         assert not verify("wrong", int(headers[TIMESTAMP_HEADER]), body, headers[SIGNATURE_HEADER])
         delivered = json.loads(body)
         assert delivered["id"] == job["id"] and delivered["status"] == "succeeded"
@@ -121,42 +111,42 @@ def test_webhook_is_signed_and_retried_until_it_gets_through(live):
         assert gaps[1] > gaps[0] * 1.5  # backoff grows (2 s, then 4 s)
 
 
-def test_idempotent_submit_over_http(live):
+def test_idempotent_submit_over_http(slow_stack):
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3}}
     headers = {"Idempotency-Key": "e2e-1"}
-    a = requests.post(f"{live.url}/api/v1/jobs", json=body, headers=headers, timeout=10)
-    b = requests.post(f"{live.url}/api/v1/jobs", json=body, headers=headers, timeout=10)
+    a = requests.post(f"{slow_stack.url}/api/v1/jobs", json=body, headers=headers, timeout=10)
+    b = requests.post(f"{slow_stack.url}/api/v1/jobs", json=body, headers=headers, timeout=10)
     assert (a.status_code, b.status_code) == (202, 200) and a.json()["id"] == b.json()["id"]
 
 
-def _cli(live, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cli", "--url", live.url, *args], cwd=ROOT, capture_output=True,
+def _cli(slow_stack, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cli", "--url", slow_stack.url, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_cli_submit_wait_stream_status_cancel_models(live):
-    waited = _cli(live, "submit", "Hello", "--param", "max_new_tokens=20", "--wait")
+def test_cli_submit_wait_stream_status_cancel_models(slow_stack):
+    waited = _cli(slow_stack, "submit", "Hello", "--param", "max_new_tokens=20", "--wait")
     assert waited.returncode == 0, waited.stderr
     job = json.loads(waited.stdout)
     assert job["status"] == "succeeded" and job["output"]["generated_tokens"] == 20
 
-    streamed = _cli(live, "submit", "Hello", "-p", "max_new_tokens=20", "--stream")
+    streamed = _cli(slow_stack, "submit", "Hello", "-p", "max_new_tokens=20", "--stream")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout.rstrip("\n") == job["output"]["generated_text"]  # greedy: the same text
 
-    status = _cli(live, "status", job["id"])
+    status = _cli(slow_stack, "status", job["id"])
     assert json.loads(status.stdout)["id"] == job["id"]
 
-    job_id = _cli(live, "submit", "Once upon a time", "-p", "max_new_tokens=1500").stdout.strip()
-    _wait_running(live, job_id)
-    cancelled = _cli(live, "cancel", job_id)
+    job_id = _cli(slow_stack, "submit", "Once upon a time", "-p", "max_new_tokens=1500").stdout.strip()
+    _wait_running(slow_stack, job_id)
+    cancelled = _cli(slow_stack, "cancel", job_id)
     assert cancelled.returncode == 0 and "stops it" in cancelled.stdout
-    assert wait_for_job(live.url, job_id)["status"] == "canceled"
+    assert wait_for_job(slow_stack.url, job_id)["status"] == "canceled"
 
-    models = _cli(live, "models")
+    models = _cli(slow_stack, "models")
     assert "slow-bloom" in models.stdout and "workers=1" in models.stdout
 
-    bad = _cli(live, "submit", "Hello", "-p", "top_p=7")
+    bad = _cli(slow_stack, "submit", "Hello", "-p", "top_p=7")
     assert bad.returncode == 2 and "parameters.top_p" in bad.stderr
 
 

@@ -94,7 +94,8 @@ def cluster(tiny_model_dir: Path, slow_model_dir: Path) -> Iterator[tuple[Networ
     logs = ARTIFACTS / "logs" / "netns"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[Proc] = []
-    state: dict = {"procs": procs, "logs": logs, "workers": {}}
+    launchers: dict[tuple[str, str], Proc] = {}  # by (host, model)
+    state: dict = {"procs": procs, "logs": logs, "launchers": launchers}
     try:
         net.up()
         redis_url = f"redis://{net.ip('redis')}:6379/0"
@@ -108,20 +109,22 @@ def cluster(tiny_model_dir: Path, slow_model_dir: Path) -> Iterator[tuple[Networ
         base = f"http://{net.ip('web')}:5000"
         wait_for(lambda: _ok(f"{base}/healthz"), timeout=30, what="the web host")
 
-        def worker(host: str, model: Path) -> Proc:
-            """Start a worker machine's launcher for ``model`` on ``host``; wait until it announces itself."""
+        def workers(*placements: tuple[str, Path]) -> None:
+            """Start a worker machine's launcher for each (host, model), side by side; wait until each one
+            announces itself."""
             before = {w["instance"] for w in _workers(base)}
-            wenv = service_env(redis_url, str(model), BLOOMQ_WORKER_HOST=f"host-{host}")
-            cmd = ["ip", "netns", "exec", net.ns[host], sys.executable, "-m", "worker", "--gpus", "none"]
-            proc = Proc(cmd, wenv, logs / f"worker-{host}-{model.name}-{len(procs)}.log").start()
-            procs.append(proc)
-            state["workers"][(host, model.name)] = proc
-            wait_for(lambda: any(w["instance"] not in before and w["host"] == f"host-{host}"
-                                 and w["model"] == model.name for w in _workers(base)),
-                     timeout=90, what=f"a {model.name} worker on host {host}")
-            return proc
+            for host, model in placements:
+                wenv = service_env(redis_url, str(model), BLOOMQ_WORKER_HOST=f"host-{host}")
+                cmd = ["ip", "netns", "exec", net.ns[host], sys.executable, "-m", "worker", "--gpus", "none"]
+                proc = Proc(cmd, wenv, logs / f"worker-{host}-{model.name}-{len(procs)}.log").start()
+                procs.append(proc)
+                launchers[(host, model.name)] = proc
+            for host, model in placements:
+                wait_for(lambda h=host, m=model: any(w["instance"] not in before and w["host"] == f"host-{h}"
+                                                     and w["model"] == m.name for w in _workers(base)),
+                         timeout=90, what=f"a {model.name} worker on host {host}")
 
-        state.update(base=base, worker=worker)
+        state.update(base=base, workers=workers)
         yield net, state
     finally:
         for proc in reversed(procs):
@@ -164,8 +167,7 @@ def _running_on(base: str, job_id: str) -> str | None:
 def test_workers_on_separate_hosts_route_fail_over_and_fence_late_results(tiny_model_dir, slow_model_dir):
     with cluster(tiny_model_dir, slow_model_dir) as (net, c):
         base = c["base"]
-        c["worker"]("a", slow_model_dir)
-        c["worker"]("b", tiny_model_dir)
+        c["workers"](("a", slow_model_dir), ("b", tiny_model_dir))
 
         # 1. Routing: each model's jobs go to the host serving it.
         ids = [(_submit(base, m, 5), m) for m in ("slow-bloom", "tiny-bloom") * 2]
@@ -175,10 +177,10 @@ def test_workers_on_separate_hosts_route_fail_over_and_fence_late_results(tiny_m
             assert done["worker"] == f"{model}@host-{'a' if model == 'slow-bloom' else 'b'}.cpu"
 
         # 2. The worker machine A dies (SIGKILL) mid-job: B takes the job over within a minute.
-        c["worker"]("b", slow_model_dir)
-        job_id = _submit(base, "slow-bloom", 900)
+        c["workers"](("b", slow_model_dir))
+        job_id = _submit(base, "slow-bloom", 300)
         host = wait_for(lambda: _running_on(base, job_id), timeout=30, what="the job to start")
-        c["workers"][(host[-1], "slow-bloom")].kill()  # the launcher and its worker: the machine is gone
+        c["launchers"][(host[-1], "slow-bloom")].kill()  # the launcher and its worker: the machine is gone
         killed_at = time.monotonic()
         done = wait_for_job(base, job_id, timeout=90)
         assert time.monotonic() - killed_at < 60
@@ -188,8 +190,8 @@ def test_workers_on_separate_hosts_route_fail_over_and_fence_late_results(tiny_m
         # 3. A slow-bloom worker runs on both hosts again. The link of the host running the next job goes
         #    down mid-job; the other host takes over; when the link comes back, the cut-off host's late
         #    result is refused: one final result.
-        c["worker"](host[-1], slow_model_dir)
-        job_id = _submit(base, "slow-bloom", 1200)
+        c["workers"]((host[-1], slow_model_dir))
+        job_id = _submit(base, "slow-bloom", 400)
         cut = wait_for(lambda: _running_on(base, job_id), timeout=30, what="the job to start")
         net.link(cut[-1], "down")
         try:
@@ -200,7 +202,7 @@ def test_workers_on_separate_hosts_route_fail_over_and_fence_late_results(tiny_m
         done = wait_for_job(base, job_id, timeout=120)
         assert done["status"] == "succeeded" and not done["worker"].startswith(f"slow-bloom@{cut}")
         # The cut-off host reconnects and its own attempt ends: stopped as taken over, or its result refused.
-        cut_worker = c["workers"][(cut[-1], "slow-bloom")]
+        cut_worker = c["launchers"][(cut[-1], "slow-bloom")]
         wait_for(lambda: any(line in cut_worker.log() for line in (f"job {job_id}: not stored",
                                                                    f"job {job_id}: attempt 1 was stopped")),
                  timeout=120, what="the cut-off host to give up its attempt")

@@ -14,6 +14,7 @@ from tests.e2e.conftest import make_reference, make_stack
 from tests.support import wait_for, wait_for_job
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog and", "def fibonacci(n):"]
+LONG = 100  # tokens: the jobs still running when a rank is killed
 
 
 def _ranks(launcher_pid: int) -> dict[int, int]:
@@ -56,7 +57,7 @@ def test_a_group_of_two_serves_the_whole_models_text_and_survives_a_lost_rank(re
             assert done["output"]["generated_text"] == reference(prompt, max_new_tokens=24,
                                                                   min_new_tokens=done["output"]["generated_tokens"])
 
-        long_jobs = [stack.submit(p, parameters={"max_new_tokens": 160, "details": True})["id"] for p in PROMPTS]
+        long_jobs = [stack.submit(p, parameters={"max_new_tokens": LONG, "details": True})["id"] for p in PROMPTS]
         wait_for(lambda: all(requests.get(f"{stack.url}/api/v1/jobs/{j}", timeout=5).json()["status"] == "running"
                              for j in long_jobs), timeout=60, what="the long jobs to run")
         ranks = _ranks(launcher.pid)
@@ -66,7 +67,7 @@ def test_a_group_of_two_serves_the_whole_models_text_and_survives_a_lost_rank(re
         for prompt, job_id in zip(PROMPTS, long_jobs, strict=True):
             done = wait_for_job(stack.url, job_id, timeout=240)
             assert done["status"] == "succeeded", done
-            assert done["attempts"] == 2 and done["output"]["generated_tokens"] == 160
+            assert done["attempts"] == 2 and done["output"]["generated_tokens"] == LONG
             reference.check_greedy(prompt, done["output"])
         assert "a rank of the group died" in launcher.log()
         restarted = _ranks(launcher.pid)

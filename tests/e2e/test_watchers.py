@@ -11,36 +11,29 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from tests.e2e.conftest import make_stack, running_stack
+from tests.e2e.conftest import make_stack
 from tests.support import wait_for, wait_for_job
 from tests.watchers import TERMINAL, Crowd
 
 JOBS, STREAMS_PER_JOB, POLLS_PER_JOB = 10, 20, 5
 
 
-@pytest.fixture(scope="module")
-def crowded(request, tmp_path_factory, slow_model_dir):
-    # Every watcher comes from one address, so the per-key cap must not be what is tested here.
-    with running_stack(request, tmp_path_factory, slow_model_dir, BLOOMQ_MAX_WATCHERS_PER_KEY="1000") as s:
-        yield s
-
-
-def test_hundreds_of_streams_and_long_polls_all_complete_while_jobs_are_served(crowded):
-    jobs = [crowded.submit(f"Story {i}: once upon a time", parameters={"max_new_tokens": 300})["id"]
+def test_hundreds_of_streams_and_long_polls_all_complete_while_jobs_are_served(slow_stack):
+    jobs = [slow_stack.submit(f"Story {i}: once upon a time", parameters={"max_new_tokens": 300})["id"]
             for i in range(JOBS)]
-    wait_for(lambda: _status(crowded, jobs[0]) != "queued", timeout=60, what="the jobs to start")
-    with Crowd(crowded.url, streams=jobs * STREAMS_PER_JOB, polls=jobs * POLLS_PER_JOB, timeout=240) as crowd:
+    wait_for(lambda: _status(slow_stack, jobs[0]) != "queued", timeout=60, what="the jobs to start")
+    with Crowd(slow_stack.url, streams=jobs * STREAMS_PER_JOB, polls=jobs * POLLS_PER_JOB, timeout=240) as crowd:
         wait_for(lambda: crowd.answered == len(crowd.streams), timeout=60, what="every stream to be answered")
         # The web still takes and serves new jobs while it holds every stream and long poll.
-        extra = [crowded.submit("Hello", parameters={"max_new_tokens": 5})["id"] for _ in range(5)]
-        assert requests.get(f"{crowded.url}/healthz", timeout=10).status_code == 200
+        extra = [slow_stack.submit("Hello", parameters={"max_new_tokens": 5})["id"] for _ in range(5)]
+        assert requests.get(f"{slow_stack.url}/healthz", timeout=10).status_code == 200
         for job_id in extra:
-            assert wait_for_job(crowded.url, job_id, timeout=180)["status"] == "succeeded"
+            assert wait_for_job(slow_stack.url, job_id, timeout=180)["status"] == "succeeded"
         outcomes = crowd.results(timeout=240)
     problems = Counter(o.error for o in outcomes if o.error)
     assert not problems, problems.most_common(5)
     assert Counter(o.kind for o in outcomes) == {"stream": JOBS * STREAMS_PER_JOB, "poll": JOBS * POLLS_PER_JOB}
-    assert all(_status(crowded, job_id) in TERMINAL for job_id in jobs)
+    assert all(_status(slow_stack, job_id) in TERMINAL for job_id in jobs)
 
 
 def _status(stack, job_id: str) -> str:
