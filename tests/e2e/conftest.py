@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,22 @@ class Stack:
         expected = sum(1 for w in self.workers if w.alive())
         wait_for(lambda: live_workers(self.url, self.headers) >= expected, timeout=90,
                  what="the workers to announce themselves")
+
+    def wait_until_idle(self, timeout: float = 120) -> None:
+        """Until no job is queued or running, at two heartbeats in a row (a shared stack may still be
+        finishing an earlier test's jobs; a test that reads a worker's counters waits for this first)."""
+        def idle() -> bool:
+            models = requests.get(f"{self.url}/api/v1/models", headers=self.headers, timeout=5).json()["models"]
+            workers = requests.get(f"{self.url}/api/v1/workers", headers=self.headers, timeout=5).json()["workers"]
+            return all(m["queue_depth"] == 0 for m in models) and all(w["jobs_running"] == 0 for w in workers)
+
+        def idle_twice() -> bool:
+            if not idle():
+                return False
+            time.sleep(1.5)  # longer than the tests' heartbeat (BLOOMQ_HEARTBEAT_SECONDS=1)
+            return idle()
+
+        wait_for(idle_twice, timeout=timeout, interval=0.2, what="the stack to be idle")
 
     def submit(self, inputs: str, **body) -> dict:
         response = requests.post(f"{self.url}/api/v1/jobs", json={"inputs": inputs, **body}, headers=self.headers,

@@ -33,11 +33,18 @@ def _prompt_tokens(job: dict) -> int:
 
 def test_prompts_sharing_a_prefix_reuse_its_blocks_and_give_the_text_of_a_whole_prefill(stack, reference,
                                                                                           tiny_model_dir):
+    stack.wait_until_idle()  # the worker's counters below count this test's prompts only
+    start = _worker(stack)
     first = wait_for_job(stack.url, stack.submit(SHARED + QUESTIONS[0], parameters={"max_new_tokens": 12})["id"])
     assert first["status"] == "succeeded", first
     assert _prompt_tokens(first) > 4 * STEP  # read over several passes
     assert first["output"]["generated_text"] == reference(SHARED + QUESTIONS[0], max_new_tokens=12)
-    wait_for(lambda: _worker(stack)["prompt_tokens_computed"] >= _prompt_tokens(first), timeout=10,
+
+    def read_since_start() -> int:
+        now = _worker(stack)
+        return sum(now[k] - start[k] for k in ("prompt_tokens_computed", "prompt_tokens_reused"))
+
+    wait_for(lambda: read_since_start() >= _prompt_tokens(first), timeout=10,
              what="the heartbeat to report the first prompt")
     before = _worker(stack)
 
