@@ -22,6 +22,11 @@ from worker.sequence import Sequence
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How long a worker keeps checking that a replica has a final result (storing it again if a failover lost
+# it) before it acknowledges the job's message anyway: longer than a Sentinel failover and an old master's
+# return as a replica; short enough that a replica down for good does not hold a finished job's thread long.
+REPLICA_PATIENCE = 60.0
+
 
 @dataclass
 class _Attempt:
@@ -47,11 +52,14 @@ class JobRunner:
         requeue: Callable[[Job], None] | None = None,
         result_patience: float = 600.0,
         replicas: tuple[int, float] | None = None,
+        replica_patience: float = REPLICA_PATIENCE,
     ) -> None:
         """``replicas``: (how many, seconds): a final result is waited on until that many Redis replicas
         have it (BLOOMQ_REDIS_MIN_REPLICAS), before the job's message is acknowledged, so a failover right
-        after cannot lose the result of a job whose message is gone (which would run it twice)."""
+        after cannot lose the result of a job whose message is gone (which would run it twice). A result
+        a failover lost meanwhile is stored again; after ``replica_patience`` seconds the worker moves on."""
         self.replicas = replicas
+        self.replica_patience = replica_patience
         self.store = store
         self.instance = instance or worker_name
         self.engine = engine
@@ -224,13 +232,9 @@ class JobRunner:
             log.warning("job %s: not stored: it was finished or taken over elsewhere first", job_id)
             return
         if self.replicas is not None:
-            count, seconds = self.replicas
-            try:
-                if not self.store.replicated([job_id], count, seconds):
-                    log.warning("job %s: its result reached fewer than %d replica(s) within %.1fs", job_id, count,
-                                seconds)
-            except redis.RedisError as exc:
-                log.warning("job %s: could not wait for replicas: %s", job_id, exc)
+            job = self._until_replicated(job_id, job, write)
+            if job is None:
+                return
         output = job.output
         log.info(
             "job %s: %s, %d tokens (%s)",
@@ -239,6 +243,40 @@ class JobRunner:
             output.generated_tokens if output else 0,
             output.finish_reason.value if output and output.finish_reason else (job.error.type if job.error else "-"),
         )
+
+
+    def _until_replicated(self, job_id: str, job: Job, write: Callable[[], Job | None]) -> Job | None:
+        """Wait until a replica has the job's final result. A result not yet replicated can be lost in a
+        failover: the replica promoted before it arrived, or it went to an old master that came back and
+        was turned into a replica. Each time a replica answers, the job is read back: still final as
+        written, it is done; back to running under this attempt (the write was lost), it is written again;
+        taken over by another attempt meanwhile, this one stores nothing (None)."""
+        count, seconds = self.replicas
+        deadline = time.monotonic() + self.replica_patience
+        delay = 0.2
+        while True:
+            try:
+                if self.store.replicated([job_id], count, seconds):
+                    current = self.store.get(job_id)
+                    if current is not None and current.status is job.status and current.attempts == job.attempts:
+                        return job
+                    again = write()
+                    if again is None:
+                        log.warning("job %s: not stored: it was finished or taken over elsewhere first", job_id)
+                        return None
+                    log.warning("job %s: its result was lost in a Redis failover; stored again", job_id)
+                    job = again
+                    continue
+                log.warning("job %s: its result reached fewer than %d replica(s) within %.1fs", job_id, count,
+                            seconds)
+            except redis.RedisError as exc:
+                log.warning("job %s: could not wait for replicas: %s", job_id, exc)
+            if time.monotonic() >= deadline:
+                log.warning("job %s: no replica confirmed its result in %.0fs; left as stored", job_id,
+                            self.replica_patience)
+                return job
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def store_patiently(write: Callable[[], T], what: str, patience: float) -> T:

@@ -2,6 +2,7 @@
 
 import threading
 
+from jobs.keys import job_key
 from jobs.schema import FinishReason, GenerateParameters, Job, JobOutput, JobStatus, new_job_id
 from jobs.store import JobStore
 from tests.support import wait_for
@@ -223,12 +224,68 @@ def test_with_min_replicas_a_final_result_is_waited_on_before_the_run_returns(re
     output = JobOutput(generated_text="ok", generated_tokens=2, finish_reason="length")
     store = WatchedStore(redis_client, 100)
     job = _queued(store)
-    # No replica here: the wait times out (0.05 s) and the run still returns, the result stored.
-    JobRunner(store, FakeEngine(GenerationResult(output, 1, 0.5)), "w", replicas=(1, 0.05)).run(job.id)
-    assert store.waits == [([job.id], 1, 0.05, [JobStatus.SUCCEEDED])]
+    # No replica here: each wait times out (0.05 s); the worker asks again until its patience (0.5 s) is
+    # spent, and the run returns, the result stored.
+    JobRunner(store, FakeEngine(GenerationResult(output, 1, 0.5)), "w", replicas=(1, 0.05),
+              replica_patience=0.5).run(job.id)
+    assert len(store.waits) >= 2 and all(w == ([job.id], 1, 0.05, [JobStatus.SUCCEEDED]) for w in store.waits)
     assert store.get(job.id).status is JobStatus.SUCCEEDED
 
     plain = WatchedStore(redis_client, 100)
     other = _queued(plain)
     JobRunner(plain, FakeEngine(GenerationResult(output, 1, 0.5)), "w").run(other.id)
     assert plain.waits == []  # without BLOOMQ_REDIS_MIN_REPLICAS nothing waits
+
+
+class FailoverStore(JobStore):
+    """The first final result written is lost as in a failover (the job's record goes back to how it was
+    before the write) just before a replica first answers; every later wait is answered."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.finals, self.before, self.lost = 0, None, False
+
+    def succeed(self, job_id, *args, **kwargs):
+        self.finals += 1
+        self.before = self.before or self.redis.hgetall(job_key(job_id))
+        return super().succeed(job_id, *args, **kwargs)
+
+    def replicated(self, job_ids, replicas, timeout_seconds):
+        if not self.lost:
+            self.lost = True
+            self.redis.delete(job_key(job_ids[0]))
+            self.redis.hset(job_key(job_ids[0]), mapping=self.before)
+        return True
+
+
+def test_a_final_result_lost_in_a_failover_before_a_replica_had_it_is_stored_again(redis_client, caplog):
+    output = JobOutput(generated_text="ok", generated_tokens=2, finish_reason="length")
+    store = FailoverStore(redis_client, 100)
+    job = _queued(store)
+    with caplog.at_level("INFO", logger="worker.runner"):
+        JobRunner(store, FakeEngine(GenerationResult(output, 1, 0.5)), "w", replicas=(1, 0.05)).run(job.id)
+    done = store.get(job.id)
+    assert store.lost and store.finals == 2
+    assert done.status is JobStatus.SUCCEEDED and done.attempts == 1 and done.output.generated_text == "ok"
+    assert "lost in a Redis failover; stored again" in caplog.text
+    assert caplog.text.count(f"job {job.id}: succeeded") == 1  # one final result, logged once
+
+
+def test_a_lost_result_whose_job_was_taken_over_meanwhile_is_not_stored_again(redis_client):
+    output = JobOutput(generated_text="ok", generated_tokens=2, finish_reason="length")
+
+    class TakenOver(FailoverStore):
+        def replicated(self, job_ids, replicas, timeout_seconds):
+            lost = not self.lost
+            super().replicated(job_ids, replicas, timeout_seconds)
+            if lost:  # meanwhile a reaper judged the worker gone and requeued the job; another worker took it
+                assert self.requeue_if_orphaned(job_ids[0], set()) is not None
+                assert self.start(job_ids[0], "other", "other:1").attempts == 2
+            return True
+
+    store = TakenOver(redis_client, 100)
+    job = _queued(store)
+    JobRunner(store, FakeEngine(GenerationResult(output, 1, 0.5)), "w", replicas=(1, 0.05)).run(job.id)
+    current = store.get(job.id)
+    assert store.finals == 2  # tried once more, refused: attempt 1 no longer owns the job
+    assert current.status is JobStatus.RUNNING and current.worker == "other"
