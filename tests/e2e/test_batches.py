@@ -214,8 +214,14 @@ def test_a_worker_killed_and_redis_restarted_mid_batch_lose_no_line(request, tmp
         assert done.request_counts.completed == 24 and done.request_counts.failed == 0
         output = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
         assert sorted(row["custom_id"] for row in output) == sorted(f"l{i}" for i in range(24))
-        logs = "".join(w.log() for w in stack.workers)
+        logs, killed = "".join(w.log() for w in stack.workers), first.log()
         for row in output:  # exactly once: one stored result per line's job
-            assert logs.count(f"job {row['response']['request_id']}: succeeded") == 1
+            job_id = row["response"]["request_id"]
+            stored = logs.count(f"job {job_id}: succeeded")
+            # The SIGKILL may land between a result's write and its log line: a job the killed worker
+            # started, and never ran again, may have its one result without the line.
+            job = requests.get(f"{stack.url}/api/v1/jobs/{job_id}", timeout=10).json()
+            assert stored == 1 or (stored == 0 and job["attempts"] == 1
+                                   and f"job {job_id}: started (attempt 1)" in killed), (job_id, stored)
     finally:
         stack.stop()
