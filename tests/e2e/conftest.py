@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -66,20 +66,22 @@ class Stack:
                  what="the workers to announce themselves")
 
     def wait_until_idle(self, timeout: float = 120) -> None:
-        """Until no job is queued or running, at two heartbeats in a row (a shared stack may still be
-        finishing an earlier test's jobs; a test that reads a worker's counters waits for this first)."""
+        """Until no job is queued, and a heartbeat sent after the queue was seen empty reports no job running
+        (a shared stack may still be finishing an earlier test's jobs; a test that reads a worker's counters
+        waits for this first)."""
+        empty_since: list[datetime] = []
+
         def idle() -> bool:
             models = requests.get(f"{self.url}/api/v1/models", headers=self.headers, timeout=5).json()["models"]
-            workers = requests.get(f"{self.url}/api/v1/workers", headers=self.headers, timeout=5).json()["workers"]
-            return all(m["queue_depth"] == 0 for m in models) and all(w["jobs_running"] == 0 for w in workers)
-
-        def idle_twice() -> bool:
-            if not idle():
+            if any(m["queue_depth"] for m in models):
+                empty_since.clear()
                 return False
-            time.sleep(1.5)  # longer than the tests' heartbeat (BLOOMQ_HEARTBEAT_SECONDS=1)
-            return idle()
+            empty_since[:] = empty_since or [datetime.now(UTC)]
+            workers = requests.get(f"{self.url}/api/v1/workers", headers=self.headers, timeout=5).json()["workers"]
+            return all(w["jobs_running"] == 0 and datetime.fromisoformat(w["last_seen"]) > empty_since[0]
+                       for w in workers)
 
-        wait_for(idle_twice, timeout=timeout, interval=0.2, what="the stack to be idle")
+        wait_for(idle, timeout=timeout, interval=0.2, what="the stack to be idle")
 
     def submit(self, inputs: str, **body) -> dict:
         response = requests.post(f"{self.url}/api/v1/jobs", json={"inputs": inputs, **body}, headers=self.headers,
