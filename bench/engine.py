@@ -1,6 +1,6 @@
 """Engine benchmark: the paged engine alone, in this process, on random BLOOM checkpoints (no stack).
 
-    make bench-engine                      # or: python bench/engine.py [--parts stall,prefix,kv,host]
+    make bench-engine                      # or: python bench/engine.py [--parts stall,prefix,kv,host,attention]
 
 1. stall: two jobs decoding 300 tokens each; a 900-token prompt joins. Each running job's gaps between
    tokens: the median before the join, the longest until the joining job has its first token. Repeated
@@ -12,6 +12,12 @@
    it the figure of a padded cache (every row as wide as the widest, the previous engine's layout).
 4. host: one 2,000-token job with a stop sequence that never matches, on the tiny checkpoint (so host
    work shows): per-token host time (a step's wall time less its forward pass), first 100 against last 100.
+5. attention: one layer's attention over the paged pool, the two ways a worker can read it
+   (BLOOMQ_ATTENTION): ``gather`` (each row's blocks copied out, then SDPA) and ``flex`` (FlexAttention
+   compiled, reading the blocks in place), bloom-560m's heads (16 × 64), rows' blocks scattered over the
+   pool: 32 decode rows at short and long contexts, and a 512-token prompt chunk, in pools of two sizes.
+   Per pass: building the plan once, then attending once per layer (24 layers); and the largest difference
+   between the two outputs.
 
 Parts 1–3 run on a random checkpoint of hidden 512, 12 layers, 8 heads and BLOOM's 250,880-word
 vocabulary (the shape the engine issue was measured on; built once into ``--cache``). Tables are printed
@@ -21,6 +27,7 @@ and appended to bench/RESULTS.md (``--no-record`` to skip).
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import sys
@@ -87,8 +94,11 @@ class Clock:
         return self.tokens.get(id(seq), [])
 
 
+ATTENTION = {"attention": "auto"}  # --attention: the engine's BLOOMQ_ATTENTION in parts 1-4
+
+
 def engine_for(loaded: LoadedModel, model_dir: Path, **config: Any) -> Engine:
-    engine = Engine(loaded, resolve_model(str(model_dir)), EngineConfig(**config))
+    engine = Engine(loaded, resolve_model(str(model_dir)), EngineConfig(**{**ATTENTION, **config}))
     engine.eos_token_ids = frozenset()  # random weights: every job runs its length
     return engine
 
@@ -203,6 +213,71 @@ def part_host(tiny: LoadedModel, tiny_dir: Path, tokens: int, runs: int = 3) -> 
     return {**found[len(found) // 2], "ratios": [run["ratio"] for run in found]}
 
 
+def part_attention(device: torch.device, dtype: torch.dtype, pools: list[int], layers: int = 24,
+                   repeats: int = 5) -> list[dict[str, Any]]:
+    """Median seconds of one pass's attention (plan once, ``layers`` attends) each way, per case."""
+    from transformers import BloomConfig
+
+    from worker import flex
+    from worker.attention import AttentionPlan, alibi_slopes
+    from worker.chunk import Chunk
+    from worker.paged import PagedKV
+
+    heads, dim, size = 16, 64, 16
+    config = BloomConfig(hidden_size=heads * dim, n_head=heads, n_layer=1)
+    slopes, scale = alibi_slopes(heads).to(device), dim ** -0.5
+    rows = []
+    for slots in pools:
+        torch._dynamo.reset()  # a worker has one pool: compile afresh for each, as a new worker would
+        kv = PagedKV(config, slots // size, size, dtype, device)
+        with torch.inference_mode():
+            name, flex_plan = flex.choose("flex", kv, device, slopes, scale)
+            keys, values = kv.keys[0], kv.values[0]
+            keys.normal_(), values.normal_()
+        assert name == "flex"
+        rng = random.Random(slots)
+        order = list(range(kv.num_blocks))
+        rng.shuffle(order)
+        cases = {"32 decode rows, contexts 20–140": [(1, rng.randint(20, 140)) for _ in range(32)],
+                 "32 decode rows, contexts 800–1200": [(1, rng.randint(800, 1200)) for _ in range(32)],
+                 "a 512-token chunk after 512": [(512, 1024)]}
+        for case, shapes in cases.items():
+            spare = iter(order)
+            chunks = [Chunk([1] * count, end - count, [next(spare) for _ in range(-(-end // size))])
+                      for count, end in shapes]
+            query = torch.randn(sum(count for count, _ in shapes), heads, dim, device=device, dtype=dtype)
+            timed = {}
+            with torch.inference_mode():
+                for how, factory in (("gather", AttentionPlan), ("flex", flex_plan)):
+                    one_pass = functools.partial(_attention_pass, factory, chunks, kv, query, slopes, scale, layers)
+                    one_pass()  # warm-up (and, for flex, any shape not compiled yet)
+                    seconds = []
+                    for _ in range(repeats):
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        timed[how + "_out"] = one_pass()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        seconds.append(time.perf_counter() - start)
+                    timed[how] = statistics.median(seconds)
+            diff = float((timed["gather_out"].float() - timed["flex_out"].float()).abs().max())
+            print(f"  attention, {slots} slots, {case}: gather {timed['gather'] * 1e3:.1f} ms, "
+                  f"flex {timed['flex'] * 1e3:.1f} ms a pass", flush=True)
+            rows.append({"slots": slots, "case": case, "gather": timed["gather"], "flex": timed["flex"],
+                         "diff": diff})
+    return rows
+
+
+def _attention_pass(factory: Any, chunks: list[Any], kv: Any, query: torch.Tensor, slopes: torch.Tensor,
+                    scale: float, layers: int) -> torch.Tensor:
+    """One pass's attention: the plan built, then ``layers`` attends (all over layer 0's pool)."""
+    plan = factory(chunks, kv.null_slot, query.device, kv.block_size)
+    for _ in range(layers):
+        out = plan.attend(query, kv.keys[0], kv.values[0], slopes, scale)
+    return out
+
+
 def table(intro: str, header: list[str], rows: list[list[Any]]) -> list[str]:
     """A paragraph and a markdown table of numbers (right-aligned), then a blank line."""
     lines = [intro, "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
@@ -214,7 +289,8 @@ def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
     command = " ".join(["python bench/engine.py", *sys.argv[1:]])
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — `{command}`", "",
              f"Machine: {machine()}. Checkpoint: random BLOOM, hidden 512, 12 layers, 8 heads, vocabulary "
-             f"250,880, {args.dtype} on {args.device}; torch {torch.__version__}. Engine defaults unless named.", ""]
+             f"250,880, {args.dtype} on {args.device}; torch {torch.__version__}. Engine defaults unless named "
+             f"(attention: {args.attention}).", ""]
     if "stall" in found:
         lines += table("Stall: two jobs decoding 300 tokens, a 900-token prompt joins (target: longest gap ≤ 3× "
                        "the median; the previous engine: 15×).",
@@ -245,22 +321,34 @@ def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
                   f"{h['tokens']}-token job with a stop sequence (tiny checkpoint), median of {len(h['ratios'])} "
                   f"runs: first 100 tokens {h['first'] * 1e3:.3f} ms, last 100 {h['last'] * 1e3:.3f} ms: "
                   f"**{h['ratio']:.2f}×** (target ≤ 1.2×; the runs: {ratios}).", ""]
+    if "attention" in found:
+        lines += table(f"Attention over the paged pool ({args.dtype}), one pass: the plan built once, then 24 layers' "
+                       "attends (16 heads × 64); blocks scattered over the pool. `gather`: rows' blocks copied "
+                       "out, then SDPA; `flex`: FlexAttention compiled, blocks read in place.",
+                       ["pool slots", "pass", "gather ms", "flex ms", "flex / gather", "largest difference"],
+                       [[a["slots"], a["case"], f"{a['gather'] * 1e3:.1f}", f"{a['flex'] * 1e3:.1f}",
+                         f"{a['flex'] / a['gather']:.2f}×", f"{a['diff']:.1e}"] for a in found["attention"]])
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="stall,prefix,kv,host")
+    parser.add_argument("--parts", default="stall,prefix,kv,host,attention")
     parser.add_argument("--step-tokens", default="64,128,512", help="budgets the stall part tries")
     parser.add_argument("--kv-blocks", default="16,8", help="block sizes the kv part tries")
     parser.add_argument("--host-tokens", type=int, default=2000)
     parser.add_argument("--cache", type=Path, default=ROOT / ".models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention-pools", default="40960,262144", help="pool sizes (slots) the attention part tries")
+    parser.add_argument("--attention", choices=("auto", "gather", "flex"), default="auto",
+                        help="BLOOMQ_ATTENTION of the engines in parts 1-4")
+    parser.add_argument("--out", type=Path, help="also write the tables to this file")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     device = pick_device(args.device)
+    ATTENTION["attention"] = args.attention
     found: dict[str, Any] = {}
     runs: list[tuple[str, Callable[[], Any]]] = []
     if parts & {"stall", "prefix", "kv"}:
@@ -273,11 +361,17 @@ def main() -> int:
         tiny_dir = build(args.cache, "tiny-bloom")
         tiny = load_model(resolve_model(str(tiny_dir)), device, args.dtype)
         runs.append(("host", lambda: part_host(tiny, tiny_dir, args.host_tokens)))
+    if "attention" in parts:
+        pools = [int(p) for p in args.attention_pools.split(",")]
+        runs.append(("attention", lambda: part_attention(device, getattr(torch, args.dtype), pools)))
     for name, run in runs:
         if name in parts:
             print(f"{name} ...", flush=True)
             found[name] = run()
-    report(render(args, found), record=not args.no_record)
+    text = render(args, found)
+    report(text, record=not args.no_record)
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 

@@ -46,6 +46,7 @@ class Settings:
     prefix_caching: bool = True  # prompts sharing a prefix share its KV blocks
     tensor_parallel: int = 1  # processes (GPUs) per worker group; the model is split across them
     quantize: str = "none"  # weight-only quantization of the linear layers: none, int8, int4
+    attention: str = "auto"  # how attention reads the paged KV cache: auto, gather, flex
     # A tensor-parallel group's collectives and its rank 0's silence: longer, and a rank is taken for lost.
     group_timeout_seconds: float = 60.0
     max_job_seconds: float = 3600.0
@@ -146,6 +147,7 @@ VARIABLES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("prefix_caching", "BLOOMQ_PREFIX_CACHING", parse.switch),
     ("tensor_parallel", "BLOOMQ_TENSOR_PARALLEL", parse.positive_int),
     ("quantize", "BLOOMQ_QUANTIZE", parse.quantization),
+    ("attention", "BLOOMQ_ATTENTION", parse.attention),
     ("group_timeout_seconds", "BLOOMQ_GROUP_TIMEOUT", parse.positive_float),
     ("max_job_seconds", "BLOOMQ_MAX_JOB_SECONDS", parse.positive_float),
     ("webhook_secret", "BLOOMQ_WEBHOOK_SECRET", str),

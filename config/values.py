@@ -154,12 +154,20 @@ def log_level(raw: str) -> str:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "int4")
+ATTENTIONS = ("auto", "gather", "flex")  # how attention reads the paged KV cache (worker.flex.choose)
 
 
 def quantization(raw: str) -> str:
     value = raw.strip().lower()
     if value not in QUANTIZATIONS:
         raise ValueError(f"must be one of {', '.join(QUANTIZATIONS)}")
+    return value
+
+
+def attention(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ATTENTIONS:
+        raise ValueError(f"must be one of {', '.join(ATTENTIONS)}")
     return value
 
 

@@ -29,6 +29,9 @@ class WorkerInfo(BaseModel):
     devices: list[str] = Field(default_factory=list, description="GPU indexes this worker uses (empty: CPU).")
     tensor_parallel: int = Field(1, description="Processes (one per GPU) the model is split across.")
     quantization: str = Field("none", description="Weight-only quantization of the linear layers.")
+    attention: str = Field("gather", description="How attention reads the paged KV cache: flex (FlexAttention "
+                                                 "over the blocks in place) or gather (each row's blocks "
+                                                 "copied out for SDPA).")
     weights_bytes: list[int] = Field(default_factory=list,
                                      description="Bytes of weights each rank holds (one entry without tensor "
                                                  "parallelism).")

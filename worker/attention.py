@@ -61,6 +61,7 @@ class AttentionPlan:
         self.decode_gather: torch.Tensor | None = None
         self.decode_positions: torch.Tensor | None = None
         self.decode_valid: torch.Tensor | None = None
+        self.decode_bias: torch.Tensor | None = None
         if alone:
             width = max(chunks[i].end for i in alone)
             self.decode_gather, self.decode_valid = _slot_rows(
@@ -83,18 +84,20 @@ class AttentionPlan:
         dtype = query.dtype
         if self.decode_gather is not None:
             assert self.decode_valid is not None and self.decode_positions is not None
-            k = keys[self.decode_gather].transpose(1, 2)  # [rows, heads, width, dim]
-            v = values[self.decode_gather].transpose(1, 2)
+            k = _read(keys, self.decode_gather).transpose(1, 2)  # [rows, heads, width, dim]
+            v = _read(values, self.decode_gather).transpose(1, 2)
             q = query.index_select(0, self.decode_rows).unsqueeze(2)  # [rows, heads, 1, dim]
-            bias = slopes[None, :, None] * self.decode_positions[None, None, :]  # [1, heads, width]
-            bias = bias.masked_fill(~self.decode_valid[:, None, :], float("-inf")).unsqueeze(2).to(dtype)
+            if self.decode_bias is None:  # the same for every layer of the pass
+                bias = slopes[None, :, None] * self.decode_positions[None, None, :]  # [1, heads, width]
+                self.decode_bias = bias.masked_fill(~self.decode_valid[:, None, :], float("-inf")).unsqueeze(2)
+            bias = self.decode_bias.to(dtype)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
             out.index_copy_(0, self.decode_rows, attended.squeeze(2))
         for group in self.groups:
             out.index_copy_(0, group.rows, group.attend(query, keys, values, slopes, scale).to(dtype))
         for offset, count, gather, causal, positions in self.prefills:
-            k = keys[gather].transpose(0, 1)  # [heads, context, dim]
-            v = values[gather].transpose(0, 1)
+            k = _read(keys, gather).transpose(0, 1)  # [heads, context, dim]
+            v = _read(values, gather).transpose(0, 1)
             q = query[offset : offset + count].transpose(0, 1)  # [heads, count, dim]
             bias = (slopes[:, None, None] * positions[None, None, :]).expand(-1, count, -1)
             bias = bias.masked_fill(~causal[None], float("-inf")).to(dtype)
@@ -142,8 +145,8 @@ class _SharedGroup:
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slopes: torch.Tensor,
                scale: float) -> torch.Tensor:
         q = query.index_select(0, self.rows).float()  # [rows, heads, dim]
-        shared_k, shared_v = keys[self.shared].float(), values[self.shared].float()  # [positions, heads, dim]
-        tail_k, tail_v = keys[self.tail].float(), values[self.tail].float()  # [rows, positions, heads, dim]
+        shared_k, shared_v = _read(keys, self.shared).float(), _read(values, self.shared).float()  # [pos, heads, dim]
+        tail_k, tail_v = _read(keys, self.tail).float(), _read(values, self.tail).float()  # [rows, pos, heads, dim]
         bias = slopes[None, :, None]
         scores_shared = torch.einsum("rhd,lhd->rhl", q, shared_k) * scale + bias * self.shared_positions
         scores_tail = torch.einsum("rhd,rlhd->rhl", q, tail_k) * scale + bias * self.tail_positions
@@ -152,6 +155,12 @@ class _SharedGroup:
         split = shared_k.shape[0]
         return (torch.einsum("rhl,lhd->rhd", weights[..., :split], shared_v)
                 + torch.einsum("rhl,rlhd->rhd", weights[..., split:], tail_v))
+
+
+def _read(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The keys or values at ``slots`` (any shape) of a layer's pool: ``[*slots.shape, heads, dim]``. One
+    row copy per slot (``index_select``), about twice as fast on a CPU as indexing with a 2-D tensor."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
 def _slot_rows(chunks: list[Chunk], start: int, width: int, block_size: int, null_slot: int, device: torch.device

@@ -127,6 +127,16 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
+    def discard(self, blocks: Iterable[int]) -> list[int]:
+        """Of ``blocks`` (a failed row's), those nobody else holds, dropped from the prefix index: what they
+        hold is not to be read again (the caller clears them, then gives them back, and they come back free)."""
+        alone = [block for block in blocks if self._refs[block] == 1]
+        for block in alone:
+            digest = self._hash_of.pop(block, None)
+            if digest is not None:
+                del self._by_hash[digest]
+        return alone
+
     # -- the prefix index --------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[bytes]) -> list[int]:

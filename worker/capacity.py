@@ -31,6 +31,7 @@ class EngineConfig:
     step_tokens: int | None = None
     block_size: int = 16  # token slots per KV block
     prefix_caching: bool = True
+    attention: str = "auto"  # worker.flex.KINDS: FlexAttention over the pool in place, or gathered rows
 
 
 def step_tokens(config: EngineConfig, device: torch.device) -> int:
@@ -69,4 +70,4 @@ def paged_model(loaded: LoadedModel, spec: ModelSpec, config: EngineConfig, grou
         blocks = group.smallest(blocks)
     kv = PagedKV(loaded.model.config, blocks, config.block_size, loaded.dtype, loaded.device,
                  shard_of(loaded.model))
-    return kv, PagedBloom(loaded.model, kv, group)
+    return kv, PagedBloom(loaded.model, kv, group, config.attention)

@@ -345,7 +345,11 @@ class Engine:
                 self._retire(seq, reason)
 
     def _retire(self, seq: Sequence, reason: FinishReason | None = None, error: BaseException | None = None) -> None:
-        """``seq`` is done: its blocks go back and its caller is told."""
+        """``seq`` is done: its blocks go back and its caller is told. A failed row's own blocks are cleared
+        first under FlexAttention, whose kernel reads past a row's end with a weight of zero: a NaN left
+        there would reach the rows that get those blocks next (the gathering path never reads them)."""
+        if error is not None and self.paged.attention == "flex":
+            self.kv.zero(self.pool.discard(seq.table))
         self.scheduler.release(seq)
         if error is None:
             seq.text = self.text.ending(seq, reason)

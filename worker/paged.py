@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.attention import AttentionPlan, alibi_slopes
+from worker import flex
+from worker.attention import alibi_slopes
 from worker.chunk import ALL, LAST, Chunk
 from worker.faults import GroupLost
 from worker.group import STOP, PassGuard
@@ -54,6 +55,20 @@ class PagedKV:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * config.n_layer * block_size * (config.hidden_size // world) * itemsize
 
+    def zero(self, blocks: list[int] | None = None) -> None:
+        """Fill ``blocks`` (None: the whole pool) with zeros in every layer."""
+        if blocks is None:
+            for tensor in (*self.keys, *self.values):
+                tensor.zero_()
+            return
+        if not blocks:
+            return
+        size = self.block_size
+        device = self.keys[0].device
+        slots = (torch.tensor(blocks, device=device)[:, None] * size + torch.arange(size, device=device)).view(-1)
+        for tensor in (*self.keys, *self.values):
+            tensor.index_fill_(0, slots, 0)
+
     def slots(self, chunk: Chunk) -> list[int]:
         """The flat slot of each of ``chunk``'s positions (where its keys and values are written)."""
         size = self.block_size
@@ -72,7 +87,9 @@ class PagedBloom:
     so the group stays in step and rank 0 handles the failure as it would on one device.
     """
 
-    def __init__(self, model: Any, kv: PagedKV, group: Any = None) -> None:
+    def __init__(self, model: Any, kv: PagedKV, group: Any = None, attention: str | flex.PlanFactory = "gather"
+                 ) -> None:
+        """``attention``: ``gather``, ``flex`` or ``auto`` (``worker.flex.choose``), or a plan factory."""
         self.model = model
         self.kv = kv
         config = model.config
@@ -88,6 +105,10 @@ class PagedBloom:
         # Every head's slope as BLOOM builds them, then this rank's heads.
         start = self.shard.head_start
         self.slopes = alibi_slopes(config.n_head)[start : start + self.heads].to(self.device)
+        if isinstance(attention, str):
+            self.attention, self.plan = flex.choose(attention, kv, self.device, self.slopes, self.scale)
+        else:
+            self.attention, self.plan = getattr(attention, "__name__", "custom"), attention
         self.group = group
         self.parallel = group is not None and self.shard.world > 1
 
@@ -126,7 +147,7 @@ class PagedBloom:
         x = guard(lambda: transformer.ln_f(x), blank)
         return self._logits(chunks, x, guard)
 
-    def _prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionPlan]:
+    def _prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, Any]:
         ids, slots = [], []
         for chunk in chunks:
             if not chunk.tokens:
@@ -135,7 +156,7 @@ class PagedBloom:
             slots.extend(self.kv.slots(chunk))
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         slots_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-        return ids_t, slots_t, AttentionPlan(chunks, self.kv.null_slot, self.device, self.kv.block_size)
+        return ids_t, slots_t, self.plan(chunks, self.kv.null_slot, self.device, self.kv.block_size)
 
     def _sum(self, partial: torch.Tensor) -> torch.Tensor:
         """A row-parallel layer's output: the sum of every rank's part."""

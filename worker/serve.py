@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         step_tokens=settings.step_tokens,
         block_size=settings.kv_block_tokens,
         prefix_caching=settings.prefix_caching,
+        attention=settings.attention,
     )
     group = None
     weights, peaks = [loaded.weights_bytes], [loaded.load_peak_bytes]
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_block_tokens=engine.pool.block_size,
         tensor_parallel=place.world,
         quantization=loaded.quantization,
+        attention=engine.paged.attention,
         weights_bytes=weights,
         load_peak_bytes=peaks,
         restarts=int(os.environ.get(RESTARTS_ENV, "0") or 0),

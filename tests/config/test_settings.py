@@ -29,16 +29,17 @@ def test_values_are_read_and_cast_from_the_environment():
 
 def test_engine_settings_default_as_documented_and_are_read():
     s = Settings.from_env({})
-    assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching) == (None, 16, True)  # steps: by device
-    s = Settings.from_env({"BLOOMQ_STEP_TOKENS": "64", "BLOOMQ_KV_BLOCK_TOKENS": "32", "BLOOMQ_PREFIX_CACHING": "off"})
-    assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching) == (64, 32, False)
+    assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching, s.attention) == (None, 16, True, "auto")
+    s = Settings.from_env({"BLOOMQ_STEP_TOKENS": "64", "BLOOMQ_KV_BLOCK_TOKENS": "32", "BLOOMQ_PREFIX_CACHING": "off",
+                           "BLOOMQ_ATTENTION": " Flex"})
+    assert (s.step_tokens, s.kv_block_tokens, s.prefix_caching, s.attention) == (64, 32, False, "flex")
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
     [("BLOOMQ_PORT", "eighty"), ("BLOOMQ_PORT", "70000"), ("BLOOMQ_JOB_RETENTION", "-1"), ("BLOOMQ_DTYPE", "int8"),
      ("BLOOMQ_STEP_TOKENS", "0"), ("BLOOMQ_KV_BLOCK_TOKENS", "24"), ("BLOOMQ_KV_BLOCK_TOKENS", "512"),
-     ("BLOOMQ_PREFIX_CACHING", "maybe")],
+     ("BLOOMQ_PREFIX_CACHING", "maybe"), ("BLOOMQ_ATTENTION", "paged")],
 )
 def test_bad_value_fails_loudly_naming_the_variable(name, value):
     with pytest.raises(SettingsError, match=name):

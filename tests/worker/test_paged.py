@@ -3,16 +3,19 @@ greedy tokens, whatever the rows' lengths, the chunking of their prompts or the 
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import BloomConfig, BloomForCausalLM
 from transformers.models.bloom import modeling_bloom
 
 from worker.attention import AttentionPlan, alibi_slopes
 from worker.blocks import BlockPool
 from worker.chunk import ALL, LAST, NONE, Chunk
+from worker.flex import FlexPlan
 from worker.paged import PagedBloom, PagedKV
 
 BLOCK = 4
@@ -28,9 +31,18 @@ def model(request):
     return BloomForCausalLM(config).eval()
 
 
-def _paged(model, blocks=64):
+@pytest.fixture(params=["gather", "flex"])
+def attention(request):
+    """The plan each test's passes attend by: rows gathered for SDPA, or FlexAttention over the pool in place
+    (uncompiled here: the same masks and scores as the compiled kernel, evaluated densely)."""
+    return AttentionPlan if request.param == "gather" else functools.partial(FlexPlan, kernel=flex_attention)
+
+
+def _paged(model, attention, blocks=64):
     kv = PagedKV(model.config, blocks, BLOCK, torch.float32, torch.device("cpu"))
-    return PagedBloom(model, kv), BlockPool(blocks, BLOCK)
+    for pool in (*kv.keys, *kv.values):
+        pool.zero_()  # uncompiled FlexAttention reads every slot (the kernel reads only a row's blocks)
+    return PagedBloom(model, kv, attention=attention), BlockPool(blocks, BLOCK)
 
 
 def _reference_logits(model, tokens):
@@ -49,8 +61,8 @@ def test_slopes_are_blooms(heads):
     assert torch.allclose(alibi_slopes(heads), expected, rtol=0, atol=1e-7)
 
 
-def test_prefill_of_mixed_lengths_in_one_pass_equals_each_prompt_alone(model):
-    paged, pool = _paged(model)
+def test_prefill_of_mixed_lengths_in_one_pass_equals_each_prompt_alone(model, attention):
+    paged, pool = _paged(model, attention)
     prompts = _prompts([1, 3, 4, 9, 17, 5])
     chunks = [Chunk(p, 0, pool.take(pool.blocks_for(len(p))), ALL) for p in prompts]
     with torch.inference_mode():
@@ -59,8 +71,8 @@ def test_prefill_of_mixed_lengths_in_one_pass_equals_each_prompt_alone(model):
         torch.testing.assert_close(got, _reference_logits(model, prompt), rtol=0, atol=1e-4)
 
 
-def test_chunked_prefill_with_boundaries_inside_blocks_equals_whole_prefill(model):
-    paged, pool = _paged(model)
+def test_chunked_prefill_with_boundaries_inside_blocks_equals_whole_prefill(model, attention):
+    paged, pool = _paged(model, attention)
     prompt = _prompts([23])[0]
     table = pool.take(pool.blocks_for(len(prompt)))
     got = []
@@ -71,8 +83,8 @@ def test_chunked_prefill_with_boundaries_inside_blocks_equals_whole_prefill(mode
     torch.testing.assert_close(torch.cat(got), _reference_logits(model, prompt), rtol=0, atol=1e-4)
 
 
-def test_decode_rows_and_a_joining_chunk_in_one_pass_match_greedy_generate(model):
-    paged, pool = _paged(model)
+def test_decode_rows_and_a_joining_chunk_in_one_pass_match_greedy_generate(model, attention):
+    paged, pool = _paged(model, attention)
     prompts = _prompts([2, 7, 13], seed=3)
     late = _prompts([11], seed=4)[0]
     steps = 12
@@ -115,8 +127,8 @@ def test_decode_rows_and_a_joining_chunk_in_one_pass_match_greedy_generate(model
     assert generated == expected
 
 
-def test_a_shared_prefix_block_serves_two_rows_as_if_each_had_computed_it(model):
-    paged, pool = _paged(model)
+def test_a_shared_prefix_block_serves_two_rows_as_if_each_had_computed_it(model, attention):
+    paged, pool = _paged(model, attention)
     prefix = _prompts([8], seed=9)[0]  # two full blocks
     a, b = prefix + [5, 6, 7], prefix + [50, 60]
     table_a = pool.take(pool.blocks_for(len(a)))
@@ -128,10 +140,10 @@ def test_a_shared_prefix_block_serves_two_rows_as_if_each_had_computed_it(model)
     torch.testing.assert_close(logits, _reference_logits(model, b)[8:], rtol=0, atol=1e-4)
 
 
-def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone(model):
+def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone(model, attention):
     # Three rows share a prefix of three cached blocks and decode together with a row of their own; the
     # sharing rows are attended as a group (the shared keys read once), the other on its own.
-    paged, pool = _paged(model)
+    paged, pool = _paged(model, attention)
     prefix = _prompts([12], seed=11)[0]
     tails = [[5, 6, 7], [50, 60], [9, 9, 9, 9, 9, 41]]
     other = _prompts([10], seed=12)[0]
