@@ -17,6 +17,10 @@
 4. (CUDA, not --quick) Tensor-parallel and quantized decode on the first model: bench/parallel.py's rows for
    each tensor-parallel size the visible GPUs allow, and int8 / int4 weights on one GPU, at batch 1, 8, 32,
    against the floor of the bytes each rank reads.
+5. (CUDA, not --quick) The engine benchmark's rows on the GPU (bench/engine.py, run as its own program, bf16):
+   FlexAttention against gathering per pass; a long prompt joining running jobs (token gaps); 24 jobs sharing
+   a prefix against distinct prompts; KV slots in use on the mixed workload; each engine part once with
+   FlexAttention (the GPU default) and once gathering.
 
 On a GPU machine with torch and transformers but no network, carry in:
 
@@ -582,6 +586,7 @@ def main() -> int:
     parser.add_argument("--skip-mixed", action="store_true", help="skip the mixed-length run")
     parser.add_argument("--skip-prefill", action="store_true", help="skip part 3")
     parser.add_argument("--skip-parallel", action="store_true", help="skip part 4")
+    parser.add_argument("--skip-engine", action="store_true", help="skip part 5")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -615,6 +620,11 @@ def main() -> int:
         found, error = guarded(lambda: parallel_rows(args.cache, names[0]))
         failed = failed or error
         table += "\n" + (f"\nPart 4 failed: {found}" if error else found)
+    if device.type == "cuda" and not args.quick and not args.skip_engine:
+        print("part 5: the engine benchmark on the GPU ...", flush=True)
+        found, error = guarded(lambda: engine_rows(args.cache))
+        failed = failed or error
+        table += "\n" + (f"\nPart 5 failed: {found}" if error else found)
     report(table, record=device.type == "cuda" and not args.quick and not args.no_record)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -634,6 +644,20 @@ def parallel_rows(cache: Path, name: str) -> str:
                         "--layers", str(layers), "--heads", str(heads), "--vocab", str(vocab or 250880),
                         "--cache", str(cache), "--no-record", "--out", str(out)], check=True)
         return f"Part 4: tensor-parallel and quantized decode, {name} shape\n" + out.read_text()
+
+
+def engine_rows(cache: Path) -> str:
+    """Part 5: bench/engine.py (run as its own program) on the GPU in bf16: the attention comparison, then
+    its engine parts with FlexAttention (``auto`` on a GPU) and with gathering."""
+    found = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for attention, parts in (("auto", "attention,stall,prefix,kv"), ("gather", "stall,prefix,kv")):
+            out = Path(scratch) / f"engine-{attention}.md"
+            subprocess.run([sys.executable, str(ROOT / "bench" / "engine.py"), "--device", "cuda", "--dtype",
+                            "bfloat16", "--parts", parts, "--step-tokens", "128,512", "--attention", attention,
+                            "--cache", str(cache), "--no-record", "--out", str(out)], check=True)
+            found.append(f"Part 5 ({attention}): the engine benchmark on the GPU\n" + out.read_text())
+    return "\n".join(found)
 
 
 def guarded(part: Callable[[], Any]) -> tuple[Any, bool]:

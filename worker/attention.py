@@ -20,6 +20,11 @@ import torch.nn.functional as F
 
 from worker.chunk import Chunk
 
+# Shared positions from which decode rows are attended as a group. Below it, the rows' own SDPA is faster
+# than the group's float32 einsums (the 32-job mix of `make bench`, where rows of one prompt share a few
+# blocks of the same greedy text: 5 % of a pass went to the group path, bench/RESULTS.md).
+GROUP_MIN_TOKENS = 256
+
 
 def alibi_slopes(heads: int) -> torch.Tensor:
     """Per-head ALiBi slopes (float32), in head order."""
@@ -51,7 +56,7 @@ class AttentionPlan:
         self.groups: list[_SharedGroup] = []
         alone: list[int] = []
         for rows, shared in _shared_prefixes([chunks[i] for i in decode], decode, block_size):
-            if shared:
+            if shared * block_size >= GROUP_MIN_TOKENS:
                 self.groups.append(_SharedGroup(rows, shared * block_size, chunks, offsets, null_slot, device,
                                                 block_size))
             else:

@@ -19,8 +19,10 @@ Decode rows are one call (batch = rows, one query each; the pool is shared by br
 chunk is a call of its own (its queries padded up to a multiple of 16; padded queries see nothing).
 
 Whether it runs is chosen at start-up (``choose``): ``BLOOMQ_ATTENTION=auto`` uses it on a GPU after it has
-compiled and matched the gathering path on the real pool, and keeps the gathering path on a CPU, where
-inductor's CPU kernel takes time in proportion to the whole pool (bench/RESULTS.md).
+compiled and matched the gathering path on the real pool, and keeps the gathering path on a CPU. There
+inductor's kernel is faster for decode rows alone (0.13-0.6x the gathering time, bench/RESULTS.md), but the
+engine ran slower with it (a prompt chunk's call, a batch of one, took ~20 ms) and some shapes do not
+compile for the CPU; the check at start-up and the fallback below keep a worker serving either way.
 """
 
 from __future__ import annotations
@@ -174,6 +176,9 @@ class _Call:
                                              seq_lengths=(width, plan.slots), compute_q_blocks=False)
         self.size = size
         self.kernel = plan.kernel
+        # Triton's kernel reads keys BLOCK_N at a time, which must divide the KV block: its configurations
+        # start at 64 or more, BLOOMQ_KV_BLOCK_TOKENS at 16. (Inductor's CPU kernel takes no such option.)
+        self.options = {"BLOCK_N": size} if device.type == "cuda" and size < 64 else None
         self.slopes: torch.Tensor | None = None
 
     def _position(self, slot: torch.Tensor) -> torch.Tensor:
@@ -197,7 +202,8 @@ class _Call:
         q = query.new_zeros((self.rows * self.width, heads, dim))
         q.index_copy_(0, self.places, query.index_select(0, self.tokens))
         q = q.view(self.rows, self.width, heads, dim).transpose(1, 2)  # [rows, heads, width, dim]
-        attended = self.kernel(q, k, v, score_mod=self._alibi, block_mask=self.mask, scale=scale)
+        attended = self.kernel(q, k, v, score_mod=self._alibi, block_mask=self.mask, scale=scale,
+                               kernel_options=self.options)
         attended = attended.transpose(1, 2).reshape(self.rows * self.width, heads, dim)
         out.index_copy_(0, self.tokens, attended.index_select(0, self.places))
 

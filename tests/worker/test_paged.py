@@ -12,6 +12,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers import BloomConfig, BloomForCausalLM
 from transformers.models.bloom import modeling_bloom
 
+from worker import attention as attention_module
 from worker.attention import AttentionPlan, alibi_slopes
 from worker.blocks import BlockPool
 from worker.chunk import ALL, LAST, NONE, Chunk
@@ -140,9 +141,11 @@ def test_a_shared_prefix_block_serves_two_rows_as_if_each_had_computed_it(model,
     torch.testing.assert_close(logits, _reference_logits(model, b)[8:], rtol=0, atol=1e-4)
 
 
-def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone(model, attention):
+def test_decode_rows_sharing_prefix_blocks_attend_them_once_and_match_each_alone(model, attention, monkeypatch):
     # Three rows share a prefix of three cached blocks and decode together with a row of their own; the
-    # sharing rows are attended as a group (the shared keys read once), the other on its own.
+    # sharing rows are attended as a group (the shared keys read once), the other on its own. (A group
+    # forms from 256 shared positions on; these 12 are made enough.)
+    monkeypatch.setattr(attention_module, "GROUP_MIN_TOKENS", 12)
     paged, pool = _paged(model, attention)
     prefix = _prompts([12], seed=11)[0]
     tails = [[5, 6, 7], [50, 60], [9, 9, 9, 9, 9, 41]]
