@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 from jobs.schema import GenerateParameters
 from tests.worker.test_batching import PROMPTS, loaded, make_engine, params, reference  # noqa: F401
+from worker import flex
 from worker.capacity import EngineConfig
 from worker.engine import Engine
 from worker.faults import DeviceFault, GenerationError
@@ -224,3 +226,38 @@ def test_a_fatal_device_error_hands_over_and_stops_the_engine(loaded):
             eng.submit(PROMPTS[1], params(max_new_tokens=5))
     finally:
         eng.stop()
+
+
+def test_under_flexattention_a_failed_rows_own_blocks_are_cleared_before_another_row_gets_them(loaded, monkeypatch):
+    # FlexAttention's kernel may read slots next to a row's own with a weight of zero, and 0 * NaN is NaN:
+    # what a failed row leaves in its blocks is cleared (uncompiled here: the same masks and scores).
+    monkeypatch.setattr(flex, "compiled_kernel", lambda: flex_attention)
+    eng = make_engine(loaded, max_batch_size=8, attention="flex", max_batch_slots=1024)
+    assert eng.paged.attention == "flex"
+    victim_prompt, held = PROMPTS[1], []
+
+    class NaNForOneRow(Wrapped):
+        def forward(self, chunks):
+            out = super().forward(chunks)
+            for seq, logits in zip(self.rows(chunks), out, strict=True):
+                if seq is not None and seq.prompt == victim_prompt and len(seq.tokens) >= 5 and logits is not None:
+                    held[:] = seq.table
+                    for pool in (*eng.kv.keys, *eng.kv.values):  # as a row that overflowed would leave them
+                        pool[seq.table[0] * eng.kv.block_size] = float("nan")
+                    logits.fill_(float("nan"))
+            return out
+
+    NaNForOneRow(eng)
+    cleared = []
+    retire = eng._retire
+
+    def noted_retire(seq, reason=None, error=None):
+        retire(seq, reason, error)
+        if seq.prompt == victim_prompt:  # before any other row can be given the blocks
+            size = eng.kv.block_size
+            cleared.append(all(pool[block * size : (block + 1) * size].eq(0).all()
+                               for pool in (*eng.kv.keys, *eng.kv.values) for block in held))
+
+    eng._retire = noted_retire
+    only_one_fails(eng, victim_prompt, "not finite")
+    assert held and cleared == [True]
