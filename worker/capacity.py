@@ -31,7 +31,7 @@ class EngineConfig:
     step_tokens: int | None = None
     block_size: int = 16  # token slots per KV block
     prefix_caching: bool = True
-    attention: str = "auto"  # worker.flex.KINDS: FlexAttention over the pool in place, or gathered rows
+    attention: str = "auto"  # config.values.ATTENTIONS (worker.flex.choose): FlexAttention or gathered rows
 
 
 def step_tokens(config: EngineConfig, device: torch.device) -> int:
