@@ -98,8 +98,13 @@ def test_redis_restart_with_aof_loses_no_accepted_job(request, tmp_path_factory,
         for job_id in ids:
             done = wait_for_job(stack.url, job_id, timeout=180)
             assert done["status"] == "succeeded", done
-        logs = "".join(w.log() for w in stack.workers)
-        assert all(logs.count(f"job {job_id}: succeeded") == 1 for job_id in ids)
+        # A worker logs a result just after storing it: wait for the lines, then count them.
+        def counts() -> list[int]:
+            logs = "".join(w.log() for w in stack.workers)
+            return [logs.count(f"job {job_id}: succeeded") for job_id in ids]
+
+        wait_for(lambda: all(counts()), timeout=10, what="every result to be logged")
+        assert counts() == [1] * len(ids)
     finally:
         stack.stop()
 

@@ -87,6 +87,9 @@ def test_a_killed_worker_process_is_restarted_and_its_job_requeued_quickly_and_c
         done = [wait_for_job(stack.url, job_id, timeout=120, headers=key) for job_id in jobs]
         assert all(job["status"] == "succeeded" and job["attempts"] == 2 for job in done)
         assert launcher.alive()
+        # A worker logs a result just after storing it: wait for the lines, then count them.
+        wait_for(lambda: all(f"job {job_id}: succeeded" in launcher.log() for job_id in jobs), timeout=10,
+                 what="both results to be logged")
         log = launcher.log()
         assert "restarting in" in log and all(log.count(f"job {job_id}: succeeded") == 1 for job_id in jobs)
         usage = requests.get(f"{stack.url}/api/v1/usage", headers=key, timeout=10).json()["totals"]
