@@ -11,10 +11,12 @@ import yaml
 
 from config.models import queue_for
 from tests.support import ROOT
+from web.ops.dashboard import DASHBOARD_PATH
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+NAMESPACE = "bloomq"  # the Kustomization's
 VERSION = "1.30.0"
-CUSTOM_KINDS = {"ScaledObject", "Kustomization"}  # KEDA's and Kustomize's, not in the Kubernetes schemas
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "Kustomization"}  # KEDA's, Kustomize's: not in the schemas
 
 
 def _documents(path: Path) -> list[dict]:
@@ -33,12 +35,18 @@ def test_every_manifest_is_valid_kubernetes(name, doc):
 
 def test_kustomization_lists_every_manifest():
     (kustomization,) = _documents(KUBERNETES / "kustomization.yaml")
+    assert kustomization["namespace"] == NAMESPACE
     listed = set(kustomization["resources"])
     assert listed == {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
 
 
 def _by_kind(kind: str) -> list[dict]:
     return [doc for _, doc in _all() if doc["kind"] == kind]
+
+
+def _by_name(kind: str, name: str) -> dict:
+    (doc,) = [doc for doc in _by_kind(kind) if doc["metadata"]["name"] == name]
+    return doc
 
 
 def test_each_models_scaler_watches_the_queues_its_workers_take_from_and_outwaits_their_drain():
@@ -53,8 +61,21 @@ def test_each_models_scaler_watches_the_queues_its_workers_take_from_and_outwait
         pod = target["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["command"][:3] == ["python", "-m", "worker"] and model in container["command"]
-        lists = {trigger["metadata"]["listName"] for trigger in spec["triggers"] if trigger["type"] == "redis"}
-        assert lists == {queue_for(model), queue_for(model, "batch")}
+        # Interactive jobs: the model's Celery queue, one Redis list.
+        (redis_trigger,) = [t for t in spec["triggers"] if t["type"] == "redis"]
+        assert redis_trigger["metadata"]["listName"] == queue_for(model)
+        # Batch lines: one list per API key, summed by the dashboard's figures (tests/web/test_dashboard.py
+        # evaluates this trigger's valueLocation against them), read with an operator key from a Secret.
+        (batch_trigger,) = [t for t in spec["triggers"] if t["type"] == "metrics-api"]
+        meta = batch_trigger["metadata"]
+        service = _by_name("Service", "web")
+        assert meta["url"] == f"http://web.{NAMESPACE}.svc.cluster.local{DASHBOARD_PATH}"
+        assert service["spec"]["ports"][0]["port"] == 80
+        assert meta["valueLocation"] == f'models.#(name=="{model}").queue_batch' and meta["format"] == "json"
+        assert meta["authMode"] == "bearer"
+        auth = _by_name("TriggerAuthentication", batch_trigger["authenticationRef"]["name"])
+        (ref,) = auth["spec"]["secretTargetRef"]
+        assert ref["parameter"] == "token" and ref["key"] in _by_name("Secret", ref["name"])["stringData"]
         assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
         assert spec["cooldownPeriod"] > pod["terminationGracePeriodSeconds"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import yaml
 
 from config.settings import Settings
 from jobs.schema import JobError, JobOutput
 from jobs.workers import WorkerInfo
-from tests.support import csrf_token
+from tests.support import ROOT, csrf_token
 from web import create_app
 
 OPS, ALICE = "operator-key-789", "alice-key-123"
@@ -71,3 +74,25 @@ def test_only_operators_see_the_dashboard(app):
         assert page.status_code == status
     html = page.get_data(as_text=True)
     assert "tiny-bloom" in html and 'data-figure="tokens_per_second"' in html
+
+
+def _gjson_model_field(path: str, figures: dict) -> object:
+    """The one GJSON form the KEDA batch trigger uses: ``models.#(name=="<model>").<field>``."""
+    match = re.fullmatch(r'models\.#\(name=="([^"]+)"\)\.(\w+)', path)
+    assert match, path
+    (row,) = [row for row in figures["models"] if row["name"] == match[1]]
+    return row[match[2]]
+
+
+def test_the_kubernetes_batch_trigger_reads_every_keys_waiting_lines(app):
+    """KEDA's metrics-api trigger scales a model's workers on its batch backlog: lines wait in one list per
+    API key, so the trigger reads their sum from these figures (the manifest's own path, evaluated here)."""
+    manifest = ROOT / "deploy" / "kubernetes" / "scaledobject-bloom-560m.yaml"
+    (scaler,) = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc["kind"] == "ScaledObject"]
+    (trigger,) = [t for t in scaler["spec"]["triggers"] if t["type"] == "metrics-api"]
+    path = trigger["metadata"]["valueLocation"].replace("bloom-560m", "tiny-bloom")
+    queue = app.extensions["bloomq"].batch_queue
+    for owner, job_id in (("alice", "j1"), ("alice", "j2"), ("bob", "j3"), (None, "j4")):
+        queue.push("tiny-bloom", owner, job_id)
+    figures = app.test_client().get("/api/v1/dashboard", headers=bearer(OPS)).get_json()
+    assert _gjson_model_field(path, figures) == 4
