@@ -1,6 +1,7 @@
 """docker-compose.yml is valid Compose and runs commands that exist in this project."""
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from config.settings import VARIABLES
 from tests.support import ROOT
 
 SPEC = ROOT.parent / "shared" / "compose-spec.json"
@@ -89,3 +91,30 @@ def test_ha_profile_has_a_replica_and_three_sentinels_watching_the_master(compos
         assert "sentinel monitor mymaster redis 6379 2" in " ".join(services[name]["command"]) or name == "redis-replica"
     env = compose["x-bloomq-env"]
     assert {"BLOOMQ_REDIS_URL", "BLOOMQ_REDIS_SENTINEL_MASTER", "BLOOMQ_REDIS_MIN_REPLICAS"} <= set(env)
+
+
+def _interpolated(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` substitution (the only form this file uses)."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], value)
+
+
+def test_every_bloomq_variable_compose_sets_is_one_bloomq_reads(compose):
+    read = {variable for _, variable, _ in VARIABLES} | {"BLOOMQ_HOST", "BLOOMQ_PORT"}  # those two: gunicorn's
+    for name, service in compose["services"].items():
+        environment = service.get("environment", {})
+        unknown = {key for key in environment if key.startswith("BLOOMQ_")} - read
+        assert not unknown, (name, unknown)
+
+
+def test_api_keys_reach_the_web_from_the_shell_and_nothing_is_set_when_the_shell_sets_nothing(compose):
+    web = compose["services"]["web"]["environment"]
+    shell = {"BLOOMQ_API_KEYS": "k1,k2", "BLOOMQ_OPERATOR_KEYS": "ops", "BLOOMQ_SECRET_KEY": "s" * 64}
+    for variable, value in shell.items():
+        assert _interpolated(web[variable], shell) == value
+        assert _interpolated(web[variable], {}) == ""  # read as unset: auth stays off
+
+
+def test_redis_is_published_on_loopback_unless_an_address_is_named(compose):
+    (ports,) = compose["services"]["redis"]["ports"]
+    assert _interpolated(ports, {}).startswith("127.0.0.1:")
+    assert _interpolated(ports, {"REDIS_PUBLISH": "10.0.0.5:6379"}) == "10.0.0.5:6379:6379"
