@@ -22,6 +22,7 @@ from jobs.connection import connect
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory
 from web.http.auth import csrf, init_auth
+from web.http.bodies import allow_batch_files
 from web.http.errors import register_error_handlers
 from web.http.feeds import JobFeeds
 from web.http.limits import charge, hold_quota, limiter
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.extensions["bloomq.started"] = int(time.time())
 
+    app.before_request(allow_batch_files)  # first: CSRF protection reads the form
     app.extensions["bloomq.key_book"] = book = KeyBook(client)
     init_auth(app, settings, book)
     limiter.init_app(app)

@@ -84,3 +84,32 @@ def test_a_plain_text_file_of_prompts_becomes_a_batch_with_a_page(client, redis_
     empty = client.post("/batches", data={"kind": "prompts", "csrf_token": token, "file": (io.BytesIO(b""), "x.txt")},
                         content_type="multipart/form-data")
     assert empty.status_code == 422 and b"at least one line" in empty.data
+
+
+def test_a_batch_file_larger_than_an_ordinary_body_is_taken_by_the_form_and_the_api(redis_server, redis_client):
+    """Both upload routes take files up to BLOOMQ_MAX_BATCH_FILE_BYTES, though other bodies stop at
+    BLOOMQ_MAX_BODY_BYTES; the form's CSRF check reads the body first, so the limit is raised before it."""
+    import io
+
+    from config.settings import Settings
+    from web import create_app
+
+    app = create_app(Settings(redis_url=redis_server.url, model="/models/tiny-bloom", max_body_bytes=4096,
+                              max_batch_file_bytes=256 * 1024))
+    client = app.test_client()
+    prompts = "".join(f"prompt number {i} of a long file\n" for i in range(1000)).encode()  # ~32 kB
+    assert 4096 < len(prompts) < 256 * 1024
+    token = csrf_token(client.get("/batches").get_data(as_text=True))
+    data = {"kind": "prompts", "max_new_tokens": "5", "csrf_token": token, "file": (io.BytesIO(prompts), "p.txt")}
+    response = client.post("/batches", data=data, content_type="multipart/form-data")
+    assert response.status_code == 303, response.get_data(as_text=True)[:300]
+    assert redis_client.llen("bloomq:batch-queue:tiny-bloom:-") == 1000
+    line = b'{"custom_id": "c%d", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hello"}}\n'
+    jsonl = b"".join(line % i for i in range(300))
+    assert 4096 < len(jsonl) < 256 * 1024
+    upload = client.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(jsonl), "b.jsonl")},
+                         content_type="multipart/form-data")
+    assert upload.status_code == 200, upload.get_json()
+    # Other routes keep the ordinary limit.
+    big = client.post("/api/v1/jobs", json={"inputs": "x" * 8192})
+    assert big.status_code == 413

@@ -27,6 +27,20 @@ def read_json_object() -> dict[str, Any]:
     return body
 
 
+# The routes that take a batch file (the Batch API's upload, the form's): their bodies may be as large as
+# BLOOMQ_MAX_BATCH_FILE_BYTES plus the form's own fields, not BLOOMQ_MAX_BODY_BYTES.
+UPLOAD_ENDPOINTS = frozenset({"batches_api.upload_file", "views.submit_batch"})
+UPLOAD_FIELDS_BYTES = 64 * 1024
+
+
+def allow_batch_files() -> None:
+    """``before_request`` of the app, before anything reads a form (CSRF protection does): raise the body
+    limit on the upload routes."""
+    if request.endpoint in UPLOAD_ENDPOINTS:
+        settings = current_app.extensions["bloomq"].settings
+        request.max_content_length = settings.max_batch_file_bytes + UPLOAD_FIELDS_BYTES
+
+
 MAX_IDEMPOTENCY_KEY = 255
 
 

@@ -69,7 +69,6 @@ def _page_limit() -> int:
 def upload_file() -> Response:
     """Multipart ``file`` + ``purpose=batch``."""
     settings = current_service().settings
-    request.max_content_length = settings.max_batch_file_bytes + 64 * 1024  # the form's own fields
     upload = request.files.get("file")
     purpose = request.form.get("purpose")
     if upload is None:
