@@ -15,7 +15,11 @@ def _positive_int(name: str, default: int) -> int:
     return value
 
 
-bind = f"{os.environ.get('BLOOMQ_HOST', '127.0.0.1')}:{os.environ.get('BLOOMQ_PORT', '5000')}"
+port = _positive_int("BLOOMQ_PORT", 5000)
+if port > 65535:
+    raise SystemExit(f"BLOOMQ_PORT={port} is not valid: must be a TCP port (1 to 65535)")
+host = os.environ.get("BLOOMQ_HOST", "").strip() or "127.0.0.1"
+bind = f"{host}:{port}"
 workers = _positive_int("BLOOMQ_WEB_WORKERS", 2)
 # Most of the web's time is spent waiting: an event stream (up to BLOOMQ_STREAM_MAX_SECONDS) or a long
 # poll (up to 60 s) waits on Redis. With gevent each request is a greenlet, and the worker monkey-patches

@@ -1,5 +1,6 @@
 import dataclasses
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,16 @@ def test_every_variable_is_in_the_readme_configuration_table_and_every_documente
     gunicorn = (root / "config" / "gunicorn.conf.py").read_text()
     assert all(f'"{variable}"' in gunicorn for variable in documented - read), sorted(documented - read)
     assert {name for name, _, _ in VARIABLES} == {f.name for f in dataclasses.fields(Settings)}
+
+
+@pytest.mark.parametrize(("port", "bound"),
+                         [("8080", "0.0.0.0:8080"), ("70000", None), ("web", None), ("", "0.0.0.0:5000")])
+def test_the_web_port_is_checked_like_every_other_setting(monkeypatch, port, bound):
+    monkeypatch.setenv("BLOOMQ_HOST", "0.0.0.0")
+    monkeypatch.setenv("BLOOMQ_PORT", port)
+    conf = str(Path(__file__).resolve().parents[2] / "config" / "gunicorn.conf.py")
+    if bound is None:
+        with pytest.raises(SystemExit, match="BLOOMQ_PORT"):
+            runpy.run_path(conf)
+    else:
+        assert runpy.run_path(conf)["bind"] == bound

@@ -123,6 +123,14 @@ def test_openai_models_list_and_chat_with_the_operators_template(oai, model, ref
     streamed = oai.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
                                            stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
+    # Logprobs, whole and streamed: the same tokens with the same log-probabilities.
+    whole = oai.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                        top_logprobs=2).choices[0].logprobs.content
+    assert len(whole) == 8 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in whole)
+    chunks = oai.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                         stream=True)
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in whole]
 
 
 def test_a_streaming_client_that_leaves_cancels_its_job(stack, model):

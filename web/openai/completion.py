@@ -68,12 +68,17 @@ class Completion:
         job_ids = [job.id for job in jobs]
         chat = self.kind == "chat.completion"
 
-        def chunk(index: int, text: str, finish: str | None = None, token_logprobs: Any = None) -> str:
+        def chunk(index: int, text: str, finish: str | None = None, tokens: list[dict[str, Any]] | None = None) -> str:
+            """One choice's chunk; ``tokens``: the token details of its text (jobs that asked for logprobs).
+            Streams carry each token's own log-probability, not the top alternatives."""
             if chat:
                 delta: dict[str, Any] = {"content": text} if text or finish is None else {}
-                choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                detail = {"content": [chat_token(t["text"], t["logprob"]) for t in tokens]} if tokens else None
+                choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": detail, "finish_reason": finish}
             else:
-                choice = {"index": index, "text": text, "logprobs": token_logprobs, "finish_reason": finish}
+                detail = {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+                          "top_logprobs": None, "text_offset": None} if tokens else None
+                choice = {"index": index, "text": text, "logprobs": detail, "finish_reason": finish}
             body = {"id": self.id, "object": f"{self.kind}.chunk" if chat else self.kind, "created": self.created,
                     "model": self.model, "choices": [choice]}
             if include_usage:
@@ -149,13 +154,9 @@ class Completion:
                 yield chunk(event.index, "", finish_reason(job))
             return
         text = relay.feed(event)
-        if text:
-            detail = None
-            if logprobs and event.name == "token" and event.data.get("tokens"):
-                tokens = event.data["tokens"]
-                detail = {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
-                          "top_logprobs": None, "text_offset": None}
-            yield chunk(event.index, text, None, detail)
+        tokens = event.data.get("tokens") if logprobs and event.name == "token" else None
+        if text or tokens:  # a token whose text is held back (part of a character) still has its logprob
+            yield chunk(event.index, text, None, tokens)
 
 
 def completion_choices(jobs: list[Job], req: CompletionRequest) -> list[dict[str, Any]]:
@@ -198,11 +199,16 @@ def chat_logprobs(job: Job) -> dict[str, Any] | None:
         return None
     tops = details.top_tokens or [[] for _ in details.tokens]
     content = [
-        {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-         "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())} for a in top]}
+        chat_token(t.text, t.logprob, [{"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
+                                       for a in top])
         for t, top in zip(details.tokens, tops, strict=False)
     ]
     return {"content": content}
+
+
+def chat_token(text: str, logprob: float | None, top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One entry of a chat logprobs ``content`` list."""
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": top or []}
 
 
 def job_error(job: Job) -> ApiError:

@@ -121,7 +121,7 @@ def chat_completions() -> Response:
     completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", spec.name, "chat.completion", 1, req.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return completion.stream(jobs, slot, include_usage, logprobs=False, echo=False)
+        return completion.stream(jobs, slot, include_usage, logprobs=bool(req.logprobs), echo=False)
     done = completion.wait(jobs, slot)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": job.output.generated_text},
