@@ -47,6 +47,22 @@ def test_metrics_count_jobs_by_model_and_status(client, app):
     assert 'bloomq_live_workers{model="tiny-bloom"} 0.0' in body
 
 
+def test_metrics_speak_the_format_the_scraper_asks_for_with_a_content_type_it_parses(client):
+    from email.message import Message
+
+    for accept, kind, version in ((None, "text/plain", "0.0.4"),
+                                  ("application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+                                   "application/openmetrics-text", "1.0.0")):
+        response = client.get("/metrics", headers={"Accept": accept} if accept else {})
+        header = response.headers["Content-Type"]
+        assert header.lower().count("charset") == 1, header  # a repeated parameter fails Go's mime parser
+        parsed = Message()
+        parsed["Content-Type"] = header
+        assert (parsed.get_content_type(), parsed.get_param("version")) == (kind, version)
+        body = response.get_data(as_text=True)
+        assert "bloomq_queue_depth" in body and body.rstrip().endswith("# EOF") == (kind != "text/plain")
+
+
 def test_openapi_document_describes_the_request_schema_that_validates(client):
     doc = client.get("/api/v1/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")

@@ -15,7 +15,6 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
-from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from jobs.listing import OwnedPosition
@@ -283,7 +282,8 @@ def _not_ready(code: str, message: str) -> tuple[Response, int]:
 def metrics() -> Response:
     """Prometheus metrics (shared by all web processes: the figures live in Redis); operators only."""
     require_operator()
-    return Response(render_metrics(current_service()), mimetype=CONTENT_TYPE_LATEST)
+    body, content_type = render_metrics(current_service(), request.headers.get("Accept"))
+    return Response(body, content_type=content_type)  # a Content-Type as is: it names its charset already
 
 
 @api.get(f"{PREFIX}/openapi.json")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 from jobs import metrics as job_metrics
 from jobs.usage import read_totals
@@ -96,8 +97,10 @@ def _per_key(client) -> Iterator[Metric]:  # noqa: ANN001 - a Redis client
     yield from (tokens, jobs)
 
 
-def render_metrics(service: JobService) -> bytes:
-    """The Prometheus exposition text."""
+def render_metrics(service: JobService, accept: str | None) -> tuple[bytes, str]:
+    """The exposition in the format the scraper's ``Accept`` header asks for (Prometheus's text format, or
+    OpenMetrics), and its Content-Type."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisCollector(service))
-    return generate_latest(registry)
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type
