@@ -66,6 +66,9 @@ def main() -> int:
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     if not redis_answers(settings.redis_url, settings.redis_sentinel_master):
         children.append(("redis", start_redis(settings.redis_url)))
+    else:
+        print(f"[stack] using the Redis that answers at {settings.redis_url} (BLOOMQ_REDIS_URL); its jobs and keys "
+              "stay there after Ctrl-C", flush=True)
     python = sys.executable
     children.append(("worker", subprocess.Popen([python, "-m", "worker"], cwd=ROOT, process_group=0)))
     gunicorn = [python, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "web:create_app()"]

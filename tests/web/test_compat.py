@@ -30,6 +30,34 @@ def test_a_model_is_found_by_short_name_or_full_reference_and_errors_take_tgis_s
     assert refused.status_code == 422 and "watermark" in refused.get_json()["error"]
 
 
+def test_a_preset_nobody_serves_is_refused_at_once_by_the_compatible_apis_and_taken_once_a_worker_serves_it(
+    client, redis_client
+):
+    """A synchronous client naming a model neither configured nor served would only wait until its time ran
+    out: 404 naming the model instead (the job API still queues it, with a warning)."""
+    from jobs.workers import WorkerInfo
+
+    body = {"model": "bloom-1b7", "prompt": "hi", "max_tokens": 3}
+    refused = client.post("/v1/completions", json=body)
+    assert refused.status_code == 404 and refused.get_json()["error"]["code"] == "model_not_found"
+    assert refused.get_json()["error"]["param"] == "model"
+    chat = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 404
+    assert client.post("/models/bigscience/bloom-1b7", json={"inputs": "hi"}).status_code == 404
+    assert redis_client.llen("bloomq.bloom-1b7") == 0
+    queued = client.post("/api/v1/jobs", json={"inputs": "hi", "model": "bloom-1b7"})
+    assert queued.status_code == 202 and "no worker" in queued.get_json()["warnings"][0]
+    client.application.extensions["bloomq"].directory.announce(WorkerInfo(
+        name="bloom-1b7@box.gpu0", instance="bloom-1b7@box.gpu0:7", model="bloom-1b7", host="box", device="cuda:0",
+        devices=["0"], dtype="bfloat16", pid=7, batch_capacity=8), ttl_seconds=30)
+    from tests.support import wait_for
+
+    wait_for(lambda: client.get("/v1/models/bloom-1b7").status_code == 200, timeout=5,
+             what="the live worker to be seen (looked up at most once a second)")
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 3}}
+    assert _queued_job_params(client, redis_client, "/models/bigscience/bloom-1b7", body)["max_new_tokens"] == 3
+
+
 def test_tgi_ignores_unknown_parameters_but_checks_known_ones(client, redis_client):
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 3, "some_future_knob": 1, "top_n_tokens": 9}}
     response = client.post("/models/bloom-560m/generate", json=body)

@@ -63,10 +63,10 @@ def get_model(model: str) -> Response:
 
 
 def _spec(model: str):  # noqa: ANN202 - a ModelSpec
-    spec = current_service().spec_for(model)
+    spec = current_service().served_spec_for(model)
     if spec is None:
-        raise ApiError(404, "model_not_found", f"The model '{model}' does not exist (GET /v1/models lists them)",
-                       [{"name": "model", "message": "unknown model"}])
+        raise ApiError(404, "model_not_found", f"The model '{model}' is not served here (GET /v1/models lists those "
+                       "that are)", [{"name": "model", "message": "not served here"}])
     return spec
 
 

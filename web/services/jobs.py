@@ -297,6 +297,16 @@ class JobService:
                 return _announced_spec(worker)
         return None
 
+    def served_spec_for(self, name: str) -> ModelSpec | None:
+        """The model a compatible (synchronous) request may name: one configured here or served by a live
+        worker. A preset that neither names would only hold the client until its wait runs out."""
+        spec = self.spec_for(name)
+        if spec is None:
+            return None
+        if spec.name in {c.name for c in self.registry.configured} or self.has_live_worker(spec.name):
+            return spec
+        return None
+
     def _model_for(self, name: str | None) -> ModelSpec:
         if name is None:
             return self.registry.default

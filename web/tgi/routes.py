@@ -39,9 +39,9 @@ tgi_api.before_request(authenticate_api)
 
 
 def _spec(name: str) -> ModelSpec:
-    spec = current_service().spec_for(name)
+    spec = current_service().served_spec_for(name)
     if spec is None:
-        raise ApiError(404, "not_found", f"Model {name} does not exist (GET /api/v1/models lists them)")
+        raise ApiError(404, "not_found", f"Model {name} is not served here (GET /api/v1/models lists those that are)")
     return spec
 
 
