@@ -26,7 +26,9 @@ CHAT_TEMPLATE = (
 def stack(request, tmp_path_factory, tiny_model_dir):
     template = tmp_path_factory.mktemp("chat") / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    env = {"BLOOMQ_API_KEYS": KEY, "BLOOMQ_CHAT_TEMPLATES": f"{tiny_model_dir.name}={template}"}
+    # bloom-560m is configured but no worker serves it: its jobs wait in the queue (a hung-up client's test).
+    env = {"BLOOMQ_API_KEYS": KEY, "BLOOMQ_CHAT_TEMPLATES": f"{tiny_model_dir.name}={template}",
+           "BLOOMQ_MODELS": "bloom-560m"}
     with running_stack(request, tmp_path_factory, tiny_model_dir, **env) as s:
         yield s
 
@@ -210,7 +212,7 @@ def test_best_of_returns_the_likeliest_sequence_and_the_other(stack, model):
 
 
 def test_a_waiting_client_that_hangs_up_cancels_its_job(stack):
-    # bloom-560m is a preset with no worker here: its job would wait in the queue for as long as it is allowed.
+    # bloom-560m is configured with no worker here: its job would wait in the queue for as long as it is allowed.
     body = {"model": "bloom-560m", "prompt": PROMPT, "max_tokens": 4}
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(f"{stack.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
