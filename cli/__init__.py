@@ -166,6 +166,9 @@ def _wait_with_progress(client: Client, job: dict[str, Any]) -> dict[str, Any]:
             done = (job.get("output") or {}).get("generated_tokens", 0)
             bar.set_description(job["status"])
             bar.update(max(0, done - bar.n))
+        if job["status"] == "succeeded":  # it may end early (an end-of-text token, a stop sequence): end full
+            bar.total = bar.n
+        bar.refresh()  # the last figures, whatever the bar's refresh interval let through
     return job
 
 

@@ -129,6 +129,7 @@ def test_cli_submit_wait_stream_status_cancel_models(slow_stack):
     assert waited.returncode == 0, waited.stderr
     job = json.loads(waited.stdout)
     assert job["status"] == "succeeded" and job["output"]["generated_tokens"] == 20
+    assert "succeeded: 100%" in waited.stderr and "20/20" in waited.stderr  # the bar's last figures were shown
 
     streamed = _cli(slow_stack, "submit", "Hello", "-p", "max_new_tokens=20", "--stream")
     assert streamed.returncode == 0, streamed.stderr
