@@ -230,3 +230,12 @@ def test_lines_left_at_the_end_of_the_window_expire_the_batch(client, redis_clie
     assert expired["output_file_id"] is None
     rows = client.get(f"/v1/files/{expired['error_file_id']}/content").get_data(as_text=True).splitlines()
     assert {json.loads(row)["error"]["code"] for row in rows} == {"batch_expired"}
+
+
+def test_chat_generates_to_the_models_limit_unless_told_and_completions_default_to_16():
+    from web.openai.schema import ChatRequest, CompletionRequest
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert "max_new_tokens" not in ChatRequest(model="m", messages=messages).parameters(0)
+    assert ChatRequest(model="m", messages=messages, max_tokens=5).parameters(0)["max_new_tokens"] == 5
+    assert CompletionRequest(model="m", prompt="hi").parameters(0)["max_new_tokens"] == 16

@@ -63,6 +63,30 @@ def test_metrics_speak_the_format_the_scraper_asks_for_with_a_content_type_it_pa
         assert "bloomq_queue_depth" in body and body.rstrip().endswith("# EOF") == (kind != "text/plain")
 
 
+def test_openapi_document_names_every_api_route_and_method_resolves_every_reference_and_states_the_keys(client, app):
+    import json as json_module
+    import re as re_module
+
+    from web.http.auth import OPEN_API_PATHS
+
+    doc = client.get("/api/v1/openapi.json").get_json()
+    documented = {(path, method.upper()) for path, item in doc["paths"].items() for method in item}
+    routed = set()
+    for rule in app.url_map.iter_rules():
+        path = re_module.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        if path.startswith(("/api/", "/v1/", "/models/", "/healthz", "/readyz")):
+            routed |= {(path, method) for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert routed == documented, (sorted(routed - documented), sorted(documented - routed))
+    refs = set(re_module.findall(r"#/components/schemas/([\w.-]+)", json_module.dumps(doc)))
+    assert refs <= set(doc["components"]["schemas"]), sorted(refs - set(doc["components"]["schemas"]))
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            keyed = path not in OPEN_API_PATHS
+            assert ("401" in operation["responses"]) == keyed, (path, method)
+            assert (operation.get("security") == [{"apiKey": []}, {}]) == keyed, (path, method)
+    assert doc["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+
+
 def test_openapi_document_describes_the_request_schema_that_validates(client):
     doc = client.get("/api/v1/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")

@@ -54,7 +54,9 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
-class Usage(BaseModel):
+class CompletionUsage(BaseModel):
+    """Tokens of a completion (the prompt counted once however many choices it has)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -75,7 +77,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage
+    usage: CompletionUsage
 
 
 class ChatMessageOut(BaseModel):
@@ -98,7 +100,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: CompletionUsage
 
 
 class FileList(BaseModel):
@@ -168,7 +170,7 @@ OPENAI_CHUNK = {
     "type": "object", "required": ["id", "object", "created", "model", "choices"],
     "properties": {"object": {"enum": ["text_completion", "chat.completion.chunk"]},
                    "choices": {"type": "array", "items": {"type": "object", "required": ["index", "finish_reason"]}},
-                   "usage": {"anyOf": [ref("Usage"), {"type": "null"}]}},
+                   "usage": {"anyOf": [ref("CompletionUsage"), {"type": "null"}]}},
 }
 OPENAI_EVENT = {
     "type": "object", "required": ["data"],

@@ -96,12 +96,16 @@ TGI_EVENT = {
 }
 
 
-def _post(op: str, summary: str, answer: dict[str, Any]) -> dict[str, Any]:
+# Before a response begins; a stream reports a failed job or the end of its wait as an event instead.
+_REFUSALS = (400, 404, 413, 415, 422, 429, 503)
+
+
+def _post(op: str, summary: str, answer: dict[str, Any], after: tuple[int, ...] = (424, 504)) -> dict[str, Any]:
     return {"post": {"operationId": op, "summary": summary,
                      "requestBody": {"required": True, **json_content("TgiRequest")},
                      "responses": {"200": {"description": "The result", "headers": JOB_IDS_HEADER,
                                            "content": answer},
-                                   **_errors(400, 404, 413, 415, 422, 424, 429, 503, 504)}}}
+                                   **_errors(*_REFUSALS, *after)}}}
 
 
 def tgi_paths() -> dict[str, Any]:
@@ -115,7 +119,8 @@ def tgi_paths() -> dict[str, Any]:
         tgi: _post("hfInference", "Hugging Face Inference API / TGI '/': a list with one result, or the token "
                    "stream with stream: true", hosted),
         f"{tgi}/generate": _post("tgiGenerate", "TGI /generate", generated),
-        f"{tgi}/generate_stream": _post("tgiGenerateStream", "TGI /generate_stream: one event per token", stream),
+        f"{tgi}/generate_stream": _post("tgiGenerateStream", "TGI /generate_stream: one event per token", stream,
+                                        after=()),
         f"{tgi}/info": {"get": {"operationId": "tgiInfo", "summary": "TGI /info",
                                 "responses": {"200": {"description": "The model's limits", **json_content("TgiInfo")},
                                               **_errors(404, 503)}}},

@@ -112,8 +112,6 @@ def chat_completions() -> Response:
         raise ApiError(422, "invalid_request_error", f"messages: {exc}", [{"name": "messages", "message": str(exc)}]) from None
     if req.max_completion_tokens is not None:
         req.max_tokens = req.max_completion_tokens
-    elif "max_tokens" not in req.model_fields_set:
-        req.max_tokens = None  # chat's default: as many as the model allows
     top = req.top_logprobs or 0
     inputs = [(prompt, req.parameters(choice, top if req.logprobs else None)) for choice in range(req.n)]
     slot, jobs = watched_submission(current_service(), lambda: submit_jobs(spec.name, inputs, req.max_tokens is None,

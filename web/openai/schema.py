@@ -18,6 +18,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+REFUSED = "bloomq cannot honour it (an error naming the parameter)"
+
+
 class _Sampling(BaseModel):
     """What completions and chat completions share."""
 
@@ -38,9 +41,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = None
     typical_p: float | None = None
     # OpenAI parameters bloomq cannot honour: accepted only at their neutral value
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(0.0, description=f"Refused unless 0 or null: {REFUSED}.")
+    presence_penalty: float | None = Field(0.0, description=f"Refused unless 0 or null: {REFUSED}.")
+    logit_bias: dict[str, float] | None = Field(None, description=f"Refused unless empty or null: {REFUSED}.")
 
     @field_validator("stop")
     @classmethod
@@ -86,8 +89,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(None, description=f"Refused unless null or equal to n: {REFUSED}.")
+    suffix: str | None = Field(None, description=f"Refused unless empty or null: {REFUSED}.")
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
@@ -112,6 +115,8 @@ class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; omitted or null: as many as the "
+                                   "model allows (max_completion_tokens takes precedence).")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -32,10 +32,11 @@ class TgiParameters(BaseModel):
     truncate: int | None = None
     typical_p: float | None = None
     # TGI features bloomq does not have: refused when asked for, so nothing is silently different
-    frequency_penalty: float | None = None
-    grammar: Any = None
-    watermark: bool = False
-    adapter_id: str | None = None
+    # TGI parameters bloomq cannot honour: a 422 naming the parameter when given (false or null is fine).
+    frequency_penalty: float | None = Field(None, description="Refused (422) when not 0 or null.")
+    grammar: Any = Field(None, description="Refused (422) when given.")
+    watermark: bool = Field(False, description="Refused (422) when true.")
+    adapter_id: str | None = Field(None, description="Refused (422) when given.")
 
 
 class TgiRequest(BaseModel):
