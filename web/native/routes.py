@@ -26,7 +26,7 @@ from web.http.context import current_service, version
 from web.http.errors import ApiError, validation_error
 from web.http.feeds import KEEPALIVE_SECONDS, Event, JobFeeds
 from web.http.watchers import watch
-from web.native.openapi import build_openapi
+from web.native.openapi import OPENAPI_PATH, build_openapi
 from web.native.openapi_native import WorkerSummary
 from web.ops.metrics import render_metrics
 
@@ -286,7 +286,7 @@ def metrics() -> Response:
     return Response(body, content_type=content_type)  # a Content-Type as is: it names its charset already
 
 
-@api.get(f"{PREFIX}/openapi.json")
+@api.get(OPENAPI_PATH)
 def openapi() -> Response:
     """The OpenAPI document of this API."""
     return jsonify(build_openapi(version()))

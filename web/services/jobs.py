@@ -299,7 +299,7 @@ class JobService:
 
     def served_spec_for(self, name: str) -> ModelSpec | None:
         """The model a compatible (synchronous) request may name: one configured here or served by a live
-        worker. A preset that neither names would only hold the client until its wait runs out."""
+        worker. A request for a preset that is neither would only hold its client until the wait runs out."""
         spec = self.spec_for(name)
         if spec is None:
             return None

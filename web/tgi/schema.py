@@ -31,8 +31,8 @@ class TgiParameters(BaseModel):
     top_p: float | None = None
     truncate: int | None = None
     typical_p: float | None = None
-    # TGI features bloomq does not have: refused when asked for, so nothing is silently different
-    # TGI parameters bloomq cannot honour: a 422 naming the parameter when given (false or null is fine).
+    # TGI features bloomq does not have: refused (422 naming the parameter) when asked for, so nothing is
+    # silently different
     frequency_penalty: float | None = Field(None, description="Refused (422) when not 0 or null.")
     grammar: Any = Field(None, description="Refused (422) when given.")
     watermark: bool = Field(False, description="Refused (422) when true.")
