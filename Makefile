@@ -55,7 +55,7 @@ test-fast: install redis-server
 
 # A tiny random BLOOM checkpoint to try the stack without downloading weights.
 tiny: install
-	$(PY) -m worker.tiny $(TINY_DIR)
+	$(PY) -m worker.model.tiny $(TINY_DIR)
 
 # Benchmarks print tables and append them to bench/RESULTS.md; they never run in CI.
 bench: install redis-server wrk

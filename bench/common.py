@@ -30,11 +30,11 @@ PROMPTS = [
 ]
 
 def random_bloom(model_dir: Path, *, message: str | None = None, **shape: int | float) -> Path:
-    """A random BLOOM of ``shape`` (``worker.tiny.build_tiny_bloom``'s arguments) in ``model_dir``, built
+    """A random BLOOM of ``shape`` (``worker.model.tiny.build_tiny_bloom``'s arguments) in ``model_dir``, built
     once and reused."""
     if (model_dir / "config.json").exists():
         return model_dir
-    from worker.tiny import build_tiny_bloom
+    from worker.model.tiny import build_tiny_bloom
 
     if message:
         print(message, flush=True)

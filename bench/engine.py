@@ -43,17 +43,17 @@ import torch  # noqa: E402
 
 from bench.common import PROMPTS, machine, report, workload  # noqa: E402
 from config.models import resolve_model  # noqa: E402
-from jobs.schema import GenerateParameters  # noqa: E402
-from worker.capacity import EngineConfig  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
-from worker.sequence import Sequence  # noqa: E402
+from worker.engine.capacity import EngineConfig  # noqa: E402
+from worker.engine.core import Engine  # noqa: E402
+from worker.engine.params import SamplingParams  # noqa: E402
+from worker.engine.sequence import Sequence  # noqa: E402
+from worker.model.loading import LoadedModel, load_model, pick_device  # noqa: E402
 
 MID = {"hidden_size": 512, "n_layer": 12, "n_head": 8, "vocab_size": 250880}
 
 
 def build(cache: Path, name: str, **shape: Any) -> Path:
-    from worker.tiny import build_tiny_bloom
+    from worker.model.tiny import build_tiny_bloom
 
     target = cache / name
     if not (target / "config.json").exists():
@@ -113,8 +113,8 @@ def text_of(loaded: LoadedModel, tokens: int, salt: int) -> str:
     return loaded.tokenizer.decode(ids[:tokens])
 
 
-def greedy(n: int) -> GenerateParameters:
-    return GenerateParameters(max_new_tokens=n, do_sample=False)
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, do_sample=False)
 
 
 def part_stall(loaded: LoadedModel, model_dir: Path, budgets: list[int]) -> list[dict[str, Any]]:
@@ -199,7 +199,7 @@ def part_host(tiny: LoadedModel, tiny_dir: Path, tokens: int, runs: int = 3) -> 
         engine = engine_for(tiny, tiny_dir, max_batch_size=1)
         clock = Clock(engine)
         try:
-            params = GenerateParameters(max_new_tokens=tokens, do_sample=False, stop=["<never in this text>"])
+            params = SamplingParams(max_new_tokens=tokens, do_sample=False, stop=["<never in this text>"])
             seq = engine.submit("Once upon a time", params)
             seq.done.wait()
         finally:
@@ -218,10 +218,10 @@ def part_attention(device: torch.device, dtype: torch.dtype, pools: list[int], l
     """Median seconds of one pass's attention (plan once, ``layers`` attends) each way, per case."""
     from transformers import BloomConfig
 
-    from worker import flex
-    from worker.attention import AttentionPlan, alibi_slopes
-    from worker.chunk import Chunk
-    from worker.paged import PagedKV
+    from worker.engine import flex
+    from worker.engine.attention import AttentionPlan, alibi_slopes
+    from worker.engine.chunk import Chunk
+    from worker.engine.paged import PagedKV
 
     heads, dim, size = 16, 64, 16
     config = BloomConfig(hidden_size=heads * dim, n_head=heads, n_layer=1)

@@ -69,12 +69,12 @@ import torch  # noqa: E402
 from bench.common import PROMPTS, machine, report, summarise  # noqa: E402
 from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
-from jobs.schema import GenerateParameters  # noqa: E402
-from worker.capacity import EngineConfig  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.loading import LoadedModel, load_model, pick_device  # noqa: E402
-from worker.paged import PagedKV  # noqa: E402
-from worker.sequence import Sequence  # noqa: E402
+from worker.engine.capacity import EngineConfig  # noqa: E402
+from worker.engine.core import Engine  # noqa: E402
+from worker.engine.paged import PagedKV  # noqa: E402
+from worker.engine.params import SamplingParams  # noqa: E402
+from worker.engine.sequence import Sequence  # noqa: E402
+from worker.model.loading import LoadedModel, load_model, pick_device  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-gpu"
 MIB = 2**20
@@ -112,7 +112,7 @@ def build_checkpoint(cache: Path, shape: str) -> Path:
     out = cache / f"bench-{shape}"
     if (out / "tokenizer.json").exists():
         return out
-    from worker.tiny import build_tiny_bloom
+    from worker.model.tiny import build_tiny_bloom
 
     hidden, layers, heads, vocab = SHAPES[shape]
     print(f"building a random {shape}-shaped checkpoint in {out} (once)", flush=True)
@@ -246,7 +246,7 @@ class Bench:
     def engine_decode(self, batch: int, new_tokens: int) -> dict[str, Any]:
         """``batch`` identical greedy requests admitted together (the engine waits for all of them)."""
         engine = self.engine(batch, wait_seconds=1.0)
-        params = GenerateParameters(max_new_tokens=new_tokens, do_sample=False, truncate=self.sizes.prompt_tokens)
+        params = SamplingParams(max_new_tokens=new_tokens, do_sample=False, truncate=self.sizes.prompt_tokens)
         self.clock.clear()
         reset_peak(self.device)
         start = time.perf_counter()
@@ -279,7 +279,7 @@ class Bench:
         engine = self.engine(cap, wait_seconds=Settings().batch_wait_ms / 1000)
         start = time.perf_counter()
         try:
-            seqs = [engine.submit(text, GenerateParameters(max_new_tokens=n, do_sample=False)) for text, n in jobs]
+            seqs = [engine.submit(text, SamplingParams(max_new_tokens=n, do_sample=False)) for text, n in jobs]
             tokens = sum(generated(engine, seq) for seq in seqs)
         finally:
             engine.close()
@@ -300,7 +300,7 @@ class Bench:
     def prefill(self, length: int, batch: int) -> dict[str, Any]:
         """``batch`` prompts of ``length`` tokens through the engine, one new token each (best of two): the
         time from submitting them to the last one's first token, and the peak memory meanwhile."""
-        params = GenerateParameters(max_new_tokens=1, do_sample=False, truncate=length)
+        params = SamplingParams(max_new_tokens=1, do_sample=False, truncate=length)
         text = self.loaded.tokenizer.decode(self.prompt_ids[-length - 8 :])
         best = float("inf")
         for _ in range(2):
@@ -385,7 +385,7 @@ def put_redis_on_path(binary: str, bin_dir: Path) -> None:
 def run_stack(model_dir: Path, device: torch.device, redis_binary: str | None, logs: Path) -> dict[str, Any]:
     """The launcher's plan, then one job through Redis and Celery to one real worker."""
     from jobs.celery_app import make_celery, send_generate
-    from jobs.schema import Job, new_job_id
+    from jobs.schema import GenerateParameters, Job, new_job_id
     from jobs.store import JobStore
     from jobs.workers import WorkerDirectory
     from tests.support import RedisServer, service_env, start_worker, wait_for

@@ -32,10 +32,10 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from bench.common import machine, random_bloom, report  # noqa: E402
 from config.models import resolve_model  # noqa: E402
-from worker.capacity import EngineConfig, paged_model  # noqa: E402
-from worker.chunk import LAST, NONE, Chunk  # noqa: E402
-from worker.group import Group, GroupEnv, follow  # noqa: E402
-from worker.loading import load_model  # noqa: E402
+from worker.engine.capacity import EngineConfig, paged_model  # noqa: E402
+from worker.engine.chunk import LAST, NONE, Chunk  # noqa: E402
+from worker.model.group import Group, GroupEnv, follow  # noqa: E402
+from worker.model.loading import load_model  # noqa: E402
 
 BLOCK = 16
 

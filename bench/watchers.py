@@ -223,7 +223,7 @@ def _held(client: redis.Redis) -> int:
 
 def slow_model(model_dir: Path) -> Path:
     """A random BLOOM slow enough on a CPU (about 10 ms a token alone) for jobs of tens of seconds."""
-    from worker.tiny import build_tiny_bloom
+    from worker.model.tiny import build_tiny_bloom
 
     if (model_dir / "config.json").exists():
         return model_dir

@@ -154,7 +154,7 @@ def log_level(raw: str) -> str:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "int4")
-ATTENTIONS = ("auto", "gather", "flex")  # how attention reads the paged KV cache (worker.flex.choose)
+ATTENTIONS = ("auto", "gather", "flex")  # how attention reads the paged KV cache (worker.engine.flex.choose)
 
 
 def quantization(raw: str) -> str:

@@ -43,11 +43,11 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, **shape: int) -> Path:
-    """A random BLOOM checkpoint (``worker.tiny``) built once for the whole run: the test processes of
+    """A random BLOOM checkpoint (``worker.model.tiny``) built once for the whole run: the test processes of
     ``pytest -n`` share the parent of their temporary directories, and the first to get here builds it."""
     from filelock import FileLock
 
-    from worker.tiny import build_tiny_bloom
+    from worker.model.tiny import build_tiny_bloom
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -20,7 +20,7 @@ FAULT = "CUDA error: device-side assert triggered (injected by the test build)"
 
 
 def _install_fault() -> None:
-    from worker.engine import Engine
+    from worker.engine.core import Engine
 
     real_forward = Engine._forward
 

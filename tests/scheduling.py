@@ -42,10 +42,10 @@ COST = {
     f"{E2E}test_secured.py": 20,
     f"{E2E}test_compat.py": 25,
     f"{E2E}test_run_stack.py": 15,
-    "tests/worker/test_tensor_parallel.py": 40,
+    "tests/worker/model/test_tensor_parallel.py": 40,
     "tests/bench/test_gpu_rehearsal.py": 20,
-    "tests/worker/test_flex.py": 25,  # inductor compiles FlexAttention for the CPU
-    "tests/worker/test_paged.py": 15,
+    "tests/worker/engine/test_flex.py": 25,  # inductor compiles FlexAttention for the CPU
+    "tests/worker/engine/test_paged.py": 15,
 }
 # The tests of the ONE_BY_ONE files, by the start of their names.
 COST.update({

@@ -5,7 +5,7 @@ of N processes per N GPUs.
                      [--dry-run] [--plan [--gpus-spec 8xA100-80GB]]
 
 The command line and the plan: which processes to start on this machine's GPUs, refusing before anything
-loads a placement that cannot fit (``worker.planner``). Starting, restarting and draining them is
+loads a placement that cannot fit (``worker.model.planner``). Starting, restarting and draining them is
 ``worker.supervisor``.
 """
 
@@ -19,7 +19,7 @@ import subprocess
 from config.models import ModelSpec, resolve_model
 from config.settings import Settings
 from config.values import QUANTIZATIONS
-from worker.planner import (
+from worker.model.planner import (
     Gpu,
     PlacementError,
     choose,
@@ -29,7 +29,7 @@ from worker.planner import (
     refusal,
     shape_of,
 )
-from worker.planner import table as planning_table
+from worker.model.planner import table as planning_table
 from worker.supervisor import WorkerPlan, run_plan
 
 

@@ -6,15 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import redis
 
 from jobs.progress import ProgressUpdate
 from jobs.schema import JobOutput
 from jobs.store import JobStore
-from worker.engine import Engine
-from worker.sequence import Sequence
+from worker.engine.core import Engine
+from worker.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class ProgressPublisher:
             start = 0 if restarted else followed.sent_tokens
             end = min(len(seq.tokens), len(seq.logprobs)) if final else min(len(seq.tokens), len(seq.logprobs)) - 1
             details = [
-                self.engine.token_detail(seq.tokens[i], seq.logprobs[i]).model_dump() for i in range(start, max(start, end))
+                asdict(self.engine.token_detail(seq.tokens[i], seq.logprobs[i])) for i in range(start, max(start, end))
             ]
         if not (delta or restarted or output is not None or details):
             return None

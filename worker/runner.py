@@ -12,12 +12,14 @@ from typing import TypeVar
 
 import redis
 
-from jobs.schema import FinishReason, Job, JobError, JobOutput, JobStatus, utcnow
+from jobs.schema import FinishReason, GenerateParameters, Job, JobError, JobOutput, JobStatus, utcnow
 from jobs.store import JobStore
-from worker.engine import Engine
-from worker.faults import DeviceFault, GenerationError
+from worker.engine.core import Engine
+from worker.engine.faults import DeviceFault, GenerationError
+from worker.engine.outputs import Completion
+from worker.engine.params import SamplingParams
+from worker.engine.sequence import Sequence
 from worker.progress import ProgressPublisher
-from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,6 +28,18 @@ T = TypeVar("T")
 # it) before it acknowledges the job's message anyway: longer than a Sentinel failover and an old master's
 # return as a replica; short enough that a replica down for good does not hold a finished job's thread long.
 REPLICA_PATIENCE = 60.0
+
+
+def engine_params(params: GenerateParameters) -> SamplingParams:
+    """A job's parameters as the engine takes them (the same names; the decoding mode made explicit)."""
+    fields = params.model_dump()
+    fields.update(do_sample=params.sampling, stop=tuple(params.stop))
+    return SamplingParams(**fields)
+
+
+def job_output(completion: Completion) -> JobOutput:
+    """The engine's completion as the job's output (the same fields)."""
+    return JobOutput.model_validate(completion, from_attributes=True)
 
 
 @dataclass
@@ -115,7 +129,7 @@ class JobRunner:
             # next failure names it (a poison job) without taking other jobs down with it.
             seq = self.engine.submit(
                 job.inputs,
-                job.parameters,
+                engine_params(job.parameters),
                 timeout=_seconds_left(job.deadline),
                 isolated=job.device_faults > 0,
                 rank=(0 if job.priority_class == "interactive" else 1, job.priority),
@@ -163,7 +177,8 @@ class JobRunner:
             self._store_final(job_id, lambda: self.store.fail(job_id, error, attempt=attempt))
             return
         first = round(result.first_token_seconds, 6) if result.first_token_seconds is not None else None
-        self._finish(job_id, attempt, result.output.finish_reason, result.output, round(result.seconds, 6), first)
+        output = job_output(result.output)
+        self._finish(job_id, attempt, output.finish_reason, output, round(result.seconds, 6), first)
 
     def cancel(self, job_id: str) -> bool:
         """Stop a job this process is running; False when it is not running here."""

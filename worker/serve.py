@@ -8,7 +8,7 @@ original error and leaves the jobs queued.
 
 In a tensor-parallel group (``WORLD_SIZE`` > 1, set by the launcher) every rank loads its own slices;
 rank 0 then serves as above, leading the group; the other ranks only follow its passes
-(``worker.group.follow``) and never talk to Redis.
+(``worker.model.group.follow``) and never talk to Redis.
 """
 
 from __future__ import annotations
@@ -71,11 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_spec(settings, args.model or settings.model)
 
     # torch is imported only here, after the launcher has set CUDA_VISIBLE_DEVICES.
-    from worker.capacity import EngineConfig, paged_model
-    from worker.engine import Engine
-    from worker.faults import GroupLost
-    from worker.group import Group, GroupEnv, follow
-    from worker.loading import load_model, pick_device
+    from worker.engine.capacity import EngineConfig, paged_model
+    from worker.engine.core import Engine
+    from worker.model.group import Group, GroupEnv, GroupLost, follow
+    from worker.model.loading import load_model, pick_device
     from worker.runner import JobRunner
     from worker.tasks import WebhookDispatcher, register_tasks
 

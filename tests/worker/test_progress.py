@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from jobs.schema import GenerateParameters, Job, TokenDetail, new_job_id
+from jobs.schema import GenerateParameters, Job, new_job_id
 from jobs.store import JobStore
+from worker.engine.outputs import Token
+from worker.engine.params import SamplingParams
 from worker.progress import ProgressPublisher
 
 
@@ -19,7 +21,7 @@ class Seq:
     tokens: list[int] = field(default_factory=list)
     restarts: int = 0
     logprobs: list[float] = field(default_factory=list)
-    params: GenerateParameters = field(default_factory=lambda: GenerateParameters(max_new_tokens=9))
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=9))
     error: Exception | None = None
     sampling: object = field(default_factory=lambda: type("S", (), {"seed": None})())
 
@@ -28,8 +30,8 @@ class Engine:
     def partial_text(self, seq: Seq) -> str:
         return seq.text
 
-    def token_detail(self, token: int, logprob: float) -> TokenDetail:
-        return TokenDetail(id=token, text=f"<{token}>", logprob=logprob)
+    def token_detail(self, token: int, logprob: float) -> Token:
+        return Token(id=token, text=f"<{token}>", logprob=logprob)
 
 
 def _running(store: JobStore) -> Job:
@@ -104,7 +106,7 @@ def test_partial_output_reaches_the_record_and_cancels_and_takeovers_are_reporte
 def test_a_job_that_asked_for_details_streams_every_token_once_with_its_logprob(redis_client):
     store = JobStore(redis_client, 100)
     job = _running(store)
-    seq = Seq(params=GenerateParameters(max_new_tokens=9, details=True))
+    seq = Seq(params=SamplingParams(max_new_tokens=9, details=True))
     publisher = ProgressPublisher(store, Engine(), on_cancel=lambda _: None, threaded=False)
     publisher.follow(job.id, seq, job.attempts)
     seq.text, seq.tokens, seq.logprobs = "ab", [5, 6], [-0.5, -0.25]

@@ -6,8 +6,8 @@ from jobs.keys import job_key
 from jobs.schema import FinishReason, GenerateParameters, Job, JobOutput, JobStatus, new_job_id
 from jobs.store import JobStore
 from tests.support import wait_for
-from worker.engine import GenerationResult
-from worker.faults import DeviceFault, RequestValidationError
+from worker.engine.core import GenerationResult
+from worker.engine.faults import DeviceFault, RequestValidationError
 from worker.runner import JobRunner
 
 

@@ -15,11 +15,11 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from config.lengths import LengthError, check_lengths
 from config.logs import job_context
 from config.models import ModelRegistry, ModelSpec
 from config.settings import Settings
 from jobs.celery_app import withdraw_message
-from jobs.lengths import LengthError, check_lengths
 from jobs.queues import BatchQueue, enqueue
 from jobs.quotas import Quotas, token_budget
 from jobs.schema import Job, JobRequest, new_job_id, utcnow
@@ -69,7 +69,7 @@ class JobService:
             counted = self.prompt_counter.count(spec, request.inputs)
             if counted is not None and params.truncate is not None:
                 counted = min(counted, params.truncate)
-            max_new = check_lengths(spec, params, counted)
+            max_new = check_lengths(spec, params.max_new_tokens, params.max_length, counted)
         except LengthError as exc:
             raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)
