@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test test-fast tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk test-system clean
+.PHONY: install run test test-fast docs docs-serve tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk test-system clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[worker,test]'
+	$(PY) -m pip install --quiet -e '.[worker,test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,11 +47,21 @@ run: install redis-server
 TEST_PROCESSES ?= auto
 test:
 	@$(MAKE) --no-print-directory -j2 install test-system
+	@$(MAKE) --no-print-directory docs
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # The edit-test loop: unit tests only (no end-to-end stacks, none of the tests marked slow), under a minute.
 test-fast: install redis-server
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto -m "not slow" --ignore=tests/e2e $(PYTEST_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/, warnings as errors: every link and anchor is checked,
+# and the API reference is rendered from the OpenAPI document a freshly built app serves.
+DOCS_ENV = NO_MKDOCS_2_WARNING=1 HF_HUB_OFFLINE=1
+docs: install
+	$(DOCS_ENV) $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: install
+	$(DOCS_ENV) $(VENV)/bin/mkdocs serve --strict
 
 # A tiny random BLOOM checkpoint to try the stack without downloading weights.
 tiny: install
@@ -94,4 +104,4 @@ bench-failover: install redis-server
 	$(PY) bench/failover.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache test-artifacts site docs/api/openapi.json

@@ -1,6 +1,6 @@
 """One typed settings object, read from the environment (``BLOOMQ_*``).
 
-Every knob is documented once, in the README's configuration table; a bad value fails loudly and names
+Every knob is documented once, in docs/configuration.md; a bad value fails loudly and names
 the variable. How each kind of value is parsed is in ``config.values``.
 """
 

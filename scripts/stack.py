@@ -38,7 +38,7 @@ def start_redis(url: str) -> subprocess.Popen[bytes]:
     parsed = urlparse(url)
     if parsed.scheme == "sentinel":
         sys.exit(f"no master answers through the sentinels of BLOOMQ_REDIS_URL={url}; start the Redis nodes and "
-                 "sentinels first (see the README's high availability section)")
+                 "sentinels first (see docs/operating/high-availability.md)")
     if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"nothing answers at BLOOMQ_REDIS_URL={url}, and it is not local, so it cannot be started here")
     binary = shutil.which("redis-server")

@@ -279,7 +279,7 @@ def start_worker(redis_url: str, model: str, log_path: Path, command: tuple[str,
 
 
 def start_web(redis_url: str, model: str, log_path: Path, port: int, **env: str) -> Proc:
-    """gunicorn with the project's config, as the README runs it."""
+    """gunicorn with the project's config, as the docs run it."""
     args = [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "web:create_app()"]
     return Proc(args, service_env(redis_url, model, BLOOMQ_PORT=str(port), **env), log_path).start()
 

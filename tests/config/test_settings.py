@@ -80,10 +80,9 @@ def test_operator_keys_are_keys_or_their_hashes():
         Settings.from_env({"BLOOMQ_OPERATOR_KEYS": "sha256:1234"})
 
 
-def test_every_variable_is_in_the_readme_configuration_table_and_every_documented_one_is_read():
+def test_every_variable_is_in_the_configuration_page_and_every_documented_one_is_read():
     root = Path(__file__).resolve().parents[2]
-    readme = (root / "README.md").read_text()
-    table = readme[readme.index("## Configuration"):readme.index("## Security")]
+    table = (root / "docs" / "configuration.md").read_text()
     documented = set(re.findall(r"`(BLOOMQ_[A-Z0-9_]+)", table))
     read = {variable for _, variable, _ in VARIABLES}
     assert read <= documented, f"undocumented: {sorted(read - documented)}"

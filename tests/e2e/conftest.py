@@ -148,7 +148,7 @@ SHARED_SLOW_ENV = {
     "BLOOMQ_WEBHOOK_SECRET": WEBHOOK_SECRET, "BLOOMQ_WEBHOOK_ALLOW": "127.0.0.1/32",
     # Every watcher of the watchers test comes from one address: the per-key cap is not what it tests.
     "BLOOMQ_MAX_WATCHERS_PER_KEY": "1000",
-    # A neutral host name: the browser test's dashboard screenshot goes into the README.
+    # A neutral host name: the browser test's dashboard screenshot goes into the docs (docs/dashboard.png).
     "BLOOMQ_WORKER_HOST": "gpu-box-1",
 }
 

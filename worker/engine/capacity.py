@@ -20,7 +20,7 @@ STEP_TOKENS = {"cuda": 512, "cpu": 128}
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Batching knobs (see the README's configuration table)."""
+    """Batching knobs (see docs/configuration.md)."""
 
     max_batch_size: int = 32
     max_batch_slots: int | None = None  # KV token slots in the pool; None: derived from free memory

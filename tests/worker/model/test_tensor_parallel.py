@@ -184,7 +184,7 @@ def test_a_ranks_peak_memory_while_loading_is_about_its_share(tmp_path):
     # ~100 MB of fp32 weights, so a rank's half is far apart from the whole.
     path = build_tiny_bloom(tmp_path / "big", hidden_size=640, n_layer=5, n_head=8)
     checkpoint_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    # Rank 1 of 2 (its vocabulary part is the padded one), in a fresh process (the README quotes a 229 MB
+    # Rank 1 of 2 (its vocabulary part is the padded one), in a fresh process (the docs quote a 229 MB
     # checkpoint: a rank rose by 118 MB loading its 115 MB).
     out = subprocess.run([sys.executable, "-c", LOAD_RANK, str(path), "1", "2"], cwd=ROOT,
                          capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
