@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
+from bench.common import STACK_DEFAULTS, machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
 from jobs.keys import job_stream_key  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> int:
     client = redis.Redis.from_url(redis_server.url)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"BLOOMQ_LOG_LEVEL": "WARNING", "BLOOMQ_MAX_BATCH_SIZE": str(max(sizes)),
+    env = {**STACK_DEFAULTS, "BLOOMQ_LOG_LEVEL": "WARNING", "BLOOMQ_MAX_BATCH_SIZE": str(max(sizes)),
            "BLOOMQ_HEARTBEAT_SECONDS": str(HEARTBEAT)}
     web = start_web(redis_server.url, str(model_dir), LOGS / "web.log", port, **env)
     rows = []

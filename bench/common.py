@@ -91,6 +91,11 @@ def summarise(latencies: list[float], tokens: int, wall: float) -> dict[str, flo
     }
 
 
+# The stack's defaults as `make run` has them: tests.support pins float32 for the tests' token-for-token
+# comparisons with generate(), and a benchmark measures the default dtype policy instead.
+STACK_DEFAULTS = {"BLOOMQ_DTYPE": "auto"}
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:

@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import PROMPTS, machine, report, summarise  # noqa: E402
+from bench.common import PROMPTS, STACK_DEFAULTS, machine, report, summarise  # noqa: E402
 from config.models import ModelSpec, resolve_model  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from worker.engine.capacity import EngineConfig  # noqa: E402
@@ -392,7 +392,7 @@ def run_stack(model_dir: Path, device: torch.device, redis_binary: str | None, l
 
     command = ("-m", "worker", "--gpus", "all" if device.type == "cuda" else "none")
     dry = subprocess.run([sys.executable, *command, "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                         env=service_env("redis://127.0.0.1:1/0", str(model_dir)))
+                         env=service_env("redis://127.0.0.1:1/0", str(model_dir), **STACK_DEFAULTS))
     if dry.returncode:
         raise RuntimeError(f"the launcher's dry run failed:\n{tail(dry.stderr)}")
     logs.mkdir(parents=True, exist_ok=True)
@@ -404,10 +404,10 @@ def run_stack(model_dir: Path, device: torch.device, redis_binary: str | None, l
         if redis_binary:
             put_redis_on_path(redis_binary, work / "bin")
         server.start()
-        env = service_env(server.url, str(model_dir))
+        env = service_env(server.url, str(model_dir), **STACK_DEFAULTS)
         client = redis.Redis.from_url(server.url)
         started = time.perf_counter()
-        worker = start_worker(server.url, str(model_dir), log_path, command=command)
+        worker = start_worker(server.url, str(model_dir), log_path, command=command, **STACK_DEFAULTS)
 
         def announced() -> list[Any]:
             if not worker.alive():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.common import machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
+from bench.common import STACK_DEFAULTS, machine, mid_bloom, pct, report, seconds_between, web_up  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench-priorities"
@@ -131,7 +131,7 @@ def main() -> int:
     redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="bloomq-bench-redis-"))).start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"BLOOMQ_LOG_LEVEL": "WARNING", "BLOOMQ_MAX_BATCH_SIZE": str(args.batch_size),
+    env = {**STACK_DEFAULTS, "BLOOMQ_LOG_LEVEL": "WARNING", "BLOOMQ_MAX_BATCH_SIZE": str(args.batch_size),
            "BLOOMQ_API_KEYS": ",".join(KEYS), "BLOOMQ_MAX_QUEUE": str(args.lines * 2)}
     web = start_web(redis_server.url, str(model_dir), LOGS / "web.log", port, **env)
     worker = start_worker(redis_server.url, str(model_dir), LOGS / "worker.log", **env)

@@ -35,7 +35,18 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import PROMPTS, bloom_560m_shape, machine, pct, report, seconds_between, summarise, web_up, workload  # noqa: E402
+from bench.common import (  # noqa: E402
+    PROMPTS,
+    STACK_DEFAULTS,
+    bloom_560m_shape,
+    machine,
+    pct,
+    report,
+    seconds_between,
+    summarise,
+    web_up,
+    workload,
+)
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 
 LOGS = ROOT / "test-artifacts" / "bench"
@@ -211,7 +222,7 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     web = start_web(redis_server.url, str(model_dir), LOGS / "web.log", port, BLOOMQ_LOG_LEVEL="WARNING")
-    env = {"BLOOMQ_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    env = {**STACK_DEFAULTS, "BLOOMQ_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     try:
         wait_for(lambda: web_up(base), timeout=30, what="web")
 

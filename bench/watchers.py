@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import machine, pct, seconds_between, web_up  # noqa: E402
+from bench.common import STACK_DEFAULTS, machine, pct, seconds_between, web_up  # noqa: E402
 from tests.support import RedisServer, free_port, live_workers, start_web, start_worker, wait_for  # noqa: E402
 from tests.watchers import Crowd, Outcome, raise_fd_limit  # noqa: E402
 from web.http.watchers import watchers_key  # noqa: E402
@@ -146,7 +146,8 @@ def run_phase(args: argparse.Namespace, name: str, redis_url: str, model: Path, 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # A worker per setup, started with its web, so both run the same code.
-    worker = start_worker(redis_url, str(model), LOGS / f"worker-{name}.log", BLOOMQ_LOG_LEVEL="WARNING")
+    worker = start_worker(redis_url, str(model), LOGS / f"worker-{name}.log", BLOOMQ_LOG_LEVEL="WARNING",
+                          **STACK_DEFAULTS)
     web = start_web(redis_url, str(model), LOGS / f"web-{name}.log", port, **WEB_ENV, **SETUPS[name])
     try:
         wait_for(lambda: web_up(base), timeout=30, what=f"the {name} web")

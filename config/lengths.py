@@ -16,7 +16,8 @@ class LengthError(ValueError):
 
 
 def check_lengths(
-    spec: ModelSpec, max_new_tokens: int | None, max_length: int | None, prompt_tokens: int | None
+    spec: ModelSpec, max_new_tokens: int | None, max_length: int | None, prompt_tokens: int | None,
+    min_new_tokens: int | None = None,
 ) -> int | None:
     """How many new tokens the request may generate, or a ``LengthError`` (field names as the job API's).
 
@@ -30,6 +31,9 @@ def check_lengths(
         raise LengthError("parameters.max_new_tokens", f"must be <= {spec.max_new_tokens} for {spec.name}")
     if max_new is None and max_length is not None and max_length > spec.max_total_tokens:
         raise LengthError("parameters.max_length", f"must be <= {spec.max_total_tokens} for {spec.name}")
+    _check_minimum(min_new_tokens, max_new, "max_new_tokens")
+    if max_new is None and max_length is not None:  # the prompt takes one token at least
+        _check_minimum(min_new_tokens, max_length - 1, "what max_length leaves after a prompt")
     if prompt_tokens is None:
         return max_new
     if prompt_tokens == 0:
@@ -51,4 +55,10 @@ def check_lengths(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new}) must be <= {spec.max_total_tokens} "
             f"for {spec.name}",
         )
+    _check_minimum(min_new_tokens, max_new, "the new tokens max_length leaves")
     return max_new
+
+
+def _check_minimum(min_new_tokens: int | None, max_new: int | None, limit: str) -> None:
+    if min_new_tokens is not None and max_new is not None and min_new_tokens > max_new:
+        raise LengthError("parameters.min_new_tokens", f"{min_new_tokens} is more than {limit} ({max_new})")

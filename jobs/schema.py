@@ -82,6 +82,13 @@ class GenerateParameters(BaseModel):
     max_length: int | None = Field(
         None, ge=1, description="Prompt plus new tokens, as in transformers; max_new_tokens wins when both are set."
     )
+    min_new_tokens: int | None = Field(
+        None, ge=0, description="Tokens to generate before the end-of-text token or a stop sequence may end the "
+        "text (as in transformers); at most the job's max_new_tokens."
+    )
+    ignore_eos: bool = Field(
+        False, description="Go on past the end-of-text token, up to the length limit or a stop sequence (as vLLM)."
+    )
     do_sample: bool | None = Field(
         None, description="Sample instead of greedy. Unset: sample when a sampling parameter is set."
     )

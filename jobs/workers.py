@@ -25,6 +25,8 @@ class WorkerInfo(BaseModel):
     host: str
     device: str
     dtype: str
+    dtype_reason: str = Field("", description="Why this dtype: as configured, or what the auto policy found "
+                                              "(a CPU's native bf16 instructions, a GPU's bf16 support).")
     pid: int
     devices: list[str] = Field(default_factory=list, description="GPU indexes this worker uses (empty: CPU).")
     tensor_parallel: int = Field(1, description="Processes (one per GPU) the model is split across.")

@@ -219,6 +219,9 @@ def service_env(redis_url: str, model: str, **extra: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
             "BLOOMQ_HEARTBEAT_SECONDS": "1",
             "OMP_NUM_THREADS": "1",
+            # The stacks' texts are compared with float32 generate() token for token; the auto policy (bf16 on a
+            # CPU with native bf16) runs in the make-run test (tests/e2e/test_run_stack.py).
+            "BLOOMQ_DTYPE": "float32",
         }
     )
     env.update(extra)

@@ -30,6 +30,7 @@ from worker.model.planner import (
     shape_of,
 )
 from worker.model.planner import table as planning_table
+from worker.model.precision import cpu_dtype
 from worker.supervisor import WorkerPlan, run_plan
 
 
@@ -203,7 +204,10 @@ def check_fits(spec: ModelSpec, plan: list[WorkerPlan], quantization: str) -> No
 
 
 def describe_dtype(item: WorkerPlan, policy: str) -> str:
-    """The dtype a process will load with (the GPU's bf16 support is known only once it starts)."""
+    """The dtype a process will load with, and why (the GPU's bf16 support is known only once it starts)."""
+    if item.cuda_visible_devices is None:
+        choice = cpu_dtype(policy)
+        return f"{choice.name} ({choice.reason})"
     if policy != "auto":
         return policy
-    return "float32" if item.cuda_visible_devices is None else "bfloat16 (float16 on GPUs without bf16)"
+    return "bfloat16 (float16 on GPUs without bf16)"

@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(DEVICE_FAULT_EXIT)
 
     engine = Engine(loaded, spec, engine_config, on_fatal=on_device_fault, group=group)
-    log.info("engine: up to %d jobs per batch, %d KV token slots in blocks of %d, %d tokens per step, prefix "
-             "caching %s", settings.max_batch_size, engine.max_slots, settings.kv_block_tokens, engine.step_tokens,
-             "on" if settings.prefix_caching else "off")
+    log.info("engine: %s (%s), %s attention, up to %d jobs per batch, %d KV token slots in blocks of %d, %d tokens "
+             "per step, prefix caching %s", str(loaded.dtype).removeprefix("torch."), loaded.dtype_reason,
+             engine.paged.attention, settings.max_batch_size, engine.max_slots, settings.kv_block_tokens,
+             engine.step_tokens, "on" if settings.prefix_caching else "off")
     client = connect(settings.redis_url, settings.redis_sentinel_master)
     store = JobStore(client, settings.job_retention_seconds)
     app = make_celery(settings)
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu" if device.type == "cpu" else f"cuda:{gpu}",
         devices=[] if device.type == "cpu" else gpu.split(","),
         dtype=str(loaded.dtype).removeprefix("torch."),
+        dtype_reason=loaded.dtype_reason,
         pid=os.getpid(),
         batch_capacity=settings.max_batch_size,
         kv_blocks=engine.pool.num_blocks,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.model.precision import cpu_dtype
+
 pytestmark = pytest.mark.slow  # a whole benchmark run: left out of make test-fast
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -53,8 +55,14 @@ def test_quick_rehearsal_exits_zero_and_writes_every_section(rehearsal):
     assert "failed" not in text
 
 
+# The dtype the rehearsal's engine loads in on this CPU (the auto policy: bf16 with native bf16 instructions).
+DTYPE = cpu_dtype("auto").name
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}[DTYPE]
+
+
 def _checkpoint(cache: Path) -> tuple[dict, int]:
-    """The rehearsal's checkpoint as this test reads it: its config and the bytes of its weights (fp32)."""
+    """The rehearsal's checkpoint as this test reads it: its config and the bytes of its weights in the dtype
+    the engine loads them in (stored in fp32)."""
     from safetensors import safe_open
 
     model = cache / "bench-tiny"
@@ -62,16 +70,17 @@ def _checkpoint(cache: Path) -> tuple[dict, int]:
     size = 0
     for shard in model.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as tensors:
-            size += sum(math.prod(tensors.get_slice(name).get_shape()) * 4 for name in tensors.keys())  # noqa: SIM118
+            size += sum(math.prod(tensors.get_slice(name).get_shape()) * ELEMENT_BYTES  # noqa: SIM118
+                        for name in tensors.keys())
     return config, size
 
 
 def test_stack_part_serves_a_job_through_redis_and_a_real_worker(rehearsal):
     _run, text, cache = rehearsal
-    assert "devices=cpu queue=bloomq.bench-tiny dtype=float32" in text  # the launcher's dry-run plan
+    assert f"devices=cpu queue=bloomq.bench-tiny dtype={DTYPE}" in text  # the launcher's dry-run plan
     [row] = table(text, "worker")
     assert row["job"] == "succeeded"
-    assert (row["device"], row["dtype"]) == ("cpu", "float32")
+    assert (row["device"], row["dtype"]) == ("cpu", DTYPE)
     assert int(row["tokens"]) == 32  # the bench asks for 32 new tokens, end-of-text ignored
     assert int(row["text chars"]) >= 1
     # Waiting in the queue and running on the model are both parts of the time from submission to the result.
@@ -88,7 +97,7 @@ def test_decode_floor_counts_the_weights_at_the_measured_bandwidth(rehearsal):
     rows = table(text, "model")
     assert [row["batch"] for row in rows] == ["1", "4"]
     for row in rows:
-        assert row["dtype"] == "float32"
+        assert row["dtype"] == DTYPE
         # The floor moves at least the weights once per step (plus the KV cache) at the copy bandwidth.
         assert float(row["floor ms"]) >= 0.95 * weight_bytes / bandwidth * 1000
         # Every throughput was measured (comparing two timed runs is the benchmark's business, not a test's:
@@ -108,7 +117,7 @@ def test_mixed_lengths_run_the_same_jobs_both_ways_and_prefill_counts_its_cache(
         assert float(row["jobs/s"]) * float(row["wall s"]) == pytest.approx(8, rel=0.1)  # 8 jobs each way
         assert float(row["mean latency s"]) <= float(row["p95 latency s"]) <= float(row["wall s"]) + 0.001
     config, weight_bytes = _checkpoint(cache)
-    kv_per_token = 2 * config["n_layer"] * config["hidden_size"] * 4  # keys and values, fp32
+    kv_per_token = 2 * config["n_layer"] * config["hidden_size"] * ELEMENT_BYTES  # keys and values
     prefill = table(text[text.index("### 3. Prefill") :], "model")
     assert {(row["prompt tokens"], row["batch"]) for row in prefill} == {("16", "1"), ("16", "4"), ("32", "1"),
                                                                          ("32", "4")}

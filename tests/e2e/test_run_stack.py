@@ -14,12 +14,13 @@ import requests
 
 from tests.conftest import ARTIFACTS
 from tests.support import ROOT, free_port, live_workers, service_env, wait_for, wait_for_job
+from worker.model.precision import cpu_dtype
 
 
 def test_stack_serves_jobs_and_ctrl_c_stops_everything_it_started(tiny_model_dir):
     redis_port, web_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = service_env(redis_url, str(tiny_model_dir), BLOOMQ_PORT=str(web_port))
+    env = service_env(redis_url, str(tiny_model_dir), BLOOMQ_PORT=str(web_port), BLOOMQ_DTYPE="auto")  # make run's
     log_path = ARTIFACTS / "logs" / "stack.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -32,6 +33,10 @@ def test_stack_serves_jobs_and_ctrl_c_stops_everything_it_started(tiny_model_dir
         body = {"inputs": "Hello", "parameters": {"max_new_tokens": 5}}
         job = requests.post(f"{base}/api/v1/jobs", json=body, timeout=5).json()
         assert wait_for_job(base, job["id"])["status"] == "succeeded"
+        # The default dtype is what this machine's CPU flags call for (bf16 with native bf16 instructions).
+        expected = cpu_dtype("auto")
+        (worker,) = requests.get(f"{base}/api/v1/workers", timeout=5).json()["workers"]
+        assert (worker["dtype"], worker["dtype_reason"]) == (expected.name, expected.reason)
 
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(timeout=60) == 0

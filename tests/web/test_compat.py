@@ -101,6 +101,18 @@ def test_every_tgi_route_returns_only_the_new_text_unless_asked(client, redis_cl
     assert _queued_job_params(client, redis_client, path, body)["return_full_text"] is True
 
 
+def test_forced_lengths_reach_the_job_from_every_surface(client, redis_client):
+    # vLLM's min_tokens and ignore_eos on /v1, transformers' min_new_tokens on TGI's routes.
+    tgi = {"inputs": "hi", "parameters": {"max_new_tokens": 8, "min_new_tokens": 8}}
+    assert _queued_job_params(client, redis_client, "/models/bloom-560m/generate", tgi)["min_new_tokens"] == 8
+    body = {"model": "bloom-560m", "prompt": "hi", "max_tokens": 8, "min_tokens": 8, "ignore_eos": True}
+    params = _queued_job_params(client, redis_client, "/v1/completions", body)
+    assert (params["max_new_tokens"], params["min_new_tokens"], params["ignore_eos"]) == (8, 8, True)
+    refused = client.post("/models/bloom-560m/generate", json={"inputs": "hi", "parameters": {
+        "max_new_tokens": 2, "min_new_tokens": 3}})
+    assert refused.status_code == 422 and "min_new_tokens" in refused.get_json()["error"]
+
+
 def test_openai_errors_have_openais_shape_and_name_the_parameter(client):
     cases = [
         ({"model": "bloom-560m", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
@@ -109,6 +121,8 @@ def test_openai_errors_have_openais_shape_and_name_the_parameter(client):
         ({"model": "bloom-560m", "prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
         ({"model": "bloom-560m", "prompt": "x", "stop": list("abcde")}, 400, "stop"),
         ({"model": "bloom-560m", "prompt": "x", "n": 9}, 400, "n"),
+        ({"model": "bloom-560m", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+        ({"model": "bloom-560m", "prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
         ({"model": "bloom-560m", "prompt": ""}, 400, "prompt"),
         ({"model": "nobody", "prompt": "x"}, 404, "model"),
     ]

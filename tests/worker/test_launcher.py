@@ -5,6 +5,7 @@ import pytest
 
 from tests.support import ROOT
 from worker.launcher import PlanError, plan_workers
+from worker.model.precision import cpu_dtype
 from worker.supervisor import Supervisor, WorkerPlan
 
 
@@ -50,7 +51,8 @@ def test_dry_run_prints_the_plan_without_starting_anything():
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
     assert "bloom-560m@" in out and "devices=cpu" in out
-    assert "queue=bloomq.bloom-560m" in out and "dtype=float32" in out
+    expected = cpu_dtype("auto")  # what this machine's CPU flags give: bf16 with native bf16, else fp32
+    assert "queue=bloomq.bloom-560m" in out and f"dtype={expected.name} ({expected.reason})" in out
 
 
 CHILD = """

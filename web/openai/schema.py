@@ -40,6 +40,9 @@ class _Sampling(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = None
     typical_p: float | None = None
+    min_tokens: int | None = Field(None, ge=0, description="vLLM's: tokens before the end-of-text token or a stop "
+                                   "sequence may end the text (at most max_tokens).")
+    ignore_eos: bool = Field(False, description="vLLM's: go on past the end-of-text token, up to max_tokens.")
     # OpenAI parameters bloomq cannot honour: accepted only at their neutral value
     frequency_penalty: float | None = Field(0.0, description=f"Refused unless 0 or null: {REFUSED}.")
     presence_penalty: float | None = Field(0.0, description=f"Refused unless 0 or null: {REFUSED}.")
@@ -73,6 +76,10 @@ class _Sampling(BaseModel):
         }
         if self.max_tokens is not None:
             params["max_new_tokens"] = self.max_tokens
+        if self.min_tokens is not None:
+            params["min_new_tokens"] = self.min_tokens
+        if self.ignore_eos:
+            params["ignore_eos"] = True
         for name in ("top_p", "top_k", "repetition_penalty", "typical_p"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
@@ -157,6 +164,7 @@ def job_requests(model: str, inputs: list[tuple[str, dict[str, Any]]], to_the_li
 
 # Job API names -> the OpenAI parameter a client sent
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "inputs": "prompt",
+                 "min_new_tokens": "min_tokens",
                  "top_n_tokens": "logprobs", "seed": "seed", "stop": "stop"}
 
 

@@ -26,7 +26,7 @@ views.before_request(authenticate_page)
 STORY_TEMPLATE = "This is a creative story about {title}.\n"
 
 # Form field -> how to read it. Empty fields are left out, so the API's defaults apply.
-_INT_FIELDS = ("max_new_tokens", "top_k", "seed")
+_INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty")
 
 

@@ -69,7 +69,7 @@ class JobService:
             counted = self.prompt_counter.count(spec, request.inputs)
             if counted is not None and params.truncate is not None:
                 counted = min(counted, params.truncate)
-            max_new = check_lengths(spec, params.max_new_tokens, params.max_length, counted)
+            max_new = check_lengths(spec, params.max_new_tokens, params.max_length, counted, params.min_new_tokens)
         except LengthError as exc:
             raise _field_error(exc.field, exc.message) from None
         self._check_webhook(request)

@@ -21,6 +21,8 @@ class TgiParameters(BaseModel):
     details: bool = False
     do_sample: bool | None = None
     max_new_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int | None = Field(None, ge=0, description="bloomq's (transformers' name): tokens before the "
+                                       "end-of-text token or a stop sequence may end the text.")
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
     seed: int | None = None

@@ -4,6 +4,9 @@ the repetition penalty), kept on the device and updated token by token."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from worker.engine.sampling import TokenChooser
@@ -29,6 +32,25 @@ class BatchChooser:
                 seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
                 seq.seen[torch.tensor(seq.ids, dtype=torch.long, device=self.device)] = True
         return torch.stack([seq.seen for seq in seqs]), True  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def holding_eos(self, seqs: list[Sequence], logits: torch.Tensor, eos_ids: frozenset[int]) -> Iterator[None]:
+        """While choosing, the end-of-text token cannot be chosen by rows short of their ``min_new_tokens``
+        (its scores set to -inf, as transformers' ``MinNewTokensLengthLogitsProcessor`` does; with
+        ``ignore_eos`` it is an ordinary token, as in vLLM); the raw scores are put back afterwards, for the
+        log-probabilities the details report."""
+        rows = [row for row, seq in enumerate(seqs) if len(seq.tokens) < seq.min_new_tokens and not seq.ignore_eos]
+        if not rows or not eos_ids:
+            yield
+            return
+        index = (torch.tensor(rows, device=logits.device).repeat_interleave(len(eos_ids)),
+                 torch.tensor(sorted(eos_ids), device=logits.device).repeat(len(rows)))
+        raw = logits[index]
+        logits[index] = float("-inf")
+        try:
+            yield
+        finally:
+            logits[index] = raw
 
     def choose(self, seqs: list[Sequence], logits: torch.Tensor, seen: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,7 +221,7 @@ class Engine:
         if params.truncate is not None:
             prompt_ids = prompt_ids[-params.truncate :]
         try:
-            max_new = check_lengths(self.spec, params.max_new_tokens, params.max_length, len(prompt_ids))
+            max_new = check_lengths(self.spec, params.max_new_tokens, params.max_length, len(prompt_ids), params.min_new_tokens)
         except LengthError as exc:
             raise RequestValidationError(str(exc)) from None
         assert max_new is not None  # the prompt was counted
@@ -234,6 +234,8 @@ class Engine:
             sampling=sampling,
             stop=list(params.stop),
             eos_token_ids=self.eos_token_ids,
+            min_new_tokens=params.min_new_tokens or 0,
+            ignore_eos=params.ignore_eos,
         )
 
     def _ensure_running(self) -> None:
@@ -323,13 +325,14 @@ class Engine:
         logits = torch.stack([row for _, row in ready])
         seen, penalty = self.chooser.seen(seqs, logits)
         errors: dict[int, Exception] = {}
-        try:
-            tokens, invalid = self.chooser.choose(seqs, logits, seen)
-        except Exception as exc:  # building the sampler or choosing: a row's parameters or scores break it
-            alone = self.triage.choose_rows_alone(exc, seqs, logits, seen, penalty)
-            if alone is None:
-                return
-            tokens, invalid, errors = alone
+        with self.chooser.holding_eos(seqs, logits, self.eos_token_ids):
+            try:
+                tokens, invalid = self.chooser.choose(seqs, logits, seen)
+            except Exception as exc:  # building the sampler or choosing: a row's parameters or scores break it
+                alone = self.triage.choose_rows_alone(exc, seqs, logits, seen, penalty)
+                if alone is None:
+                    return
+                tokens, invalid, errors = alone
         # One transfer from the device for both answers.
         values, flags = torch.stack([tokens, invalid.long()]).tolist()
         details = step_details(seqs, logits, tokens)

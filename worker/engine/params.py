@@ -18,6 +18,8 @@ class SamplingParams:
 
     max_new_tokens: int | None = None
     max_length: int | None = None
+    min_new_tokens: int | None = None  # the end-of-text token and stop sequences wait until this many
+    ignore_eos: bool = False  # the end-of-text token does not end the text
     do_sample: bool = False
     temperature: float | None = None  # sampling only; None or 0: 1.0
     top_k: int | None = None  # sampling only; None: every token

@@ -39,6 +39,9 @@ class Sequence:
     sampling: RowSampling
     stop: list[str]
     eos_token_ids: frozenset[int]
+    min_new_tokens: int = 0  # the end-of-text token and stop sequences wait until this many tokens
+    ignore_eos: bool = False  # the end-of-text token does not end the text
+    stops_from: int = 0  # where in ``text`` a stop sequence may begin (after min_new_tokens' text)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # with params.details: each new token's log-probability
     top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.top_n_tokens

@@ -56,7 +56,11 @@ class TextTracker:
         if not seq.stop:
             return False
         longest = max(len(stop) for stop in seq.stop)
-        window = seq.text[max(0, before - longest + 1) :]
+        if len(seq.tokens) <= seq.min_new_tokens:
+            # Still inside min_new_tokens: no stop sequence yet; one may begin in the last characters.
+            seq.stops_from = max(0, len(seq.text) - longest + 1)
+            return False
+        window = seq.text[max(seq.stops_from, before - longest + 1) :]
         return any(stop in window for stop in seq.stop)
 
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -66,7 +70,7 @@ class TextTracker:
             seq.unrecord()  # the token chosen in this step is not kept: the job ended before it
             return stopped
         hit_stop = self.add(seq, token)
-        if token in seq.eos_token_ids:
+        if token in seq.eos_token_ids and not seq.ignore_eos:
             return FinishReason.EOS_TOKEN
         if hit_stop:
             return FinishReason.STOP_SEQUENCE
@@ -86,7 +90,7 @@ class TextTracker:
         it ended on one."""
         text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         if cut_at_stop:
-            cut = first_stop(text, seq.stop)
+            cut = first_stop(text, seq.stop, seq.stops_from)
             if cut is not None:
                 text = text[:cut]
         return text
@@ -97,16 +101,16 @@ class TextTracker:
         and holding back the characters that may be the start of one."""
         text = seq.text
         if seq.stop:
-            cut = first_stop(text, seq.stop)
+            cut = first_stop(text, seq.stop, seq.stops_from)
             if cut is not None:
                 return text[:cut]
             text = text[: max(0, len(text) - (max(len(s) for s in seq.stop) - 1))]
         return text.rstrip("\ufffd")  # a final decode may end half-way through a character
 
 
-def first_stop(text: str, stops: list[str]) -> int | None:
-    """The index where the earliest stop sequence begins in ``text``, if any."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    """The index where the earliest stop sequence beginning at ``start`` or later is in ``text``, if any."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from config.models import ModelSpec
+from worker.model.precision import DtypeChoice, cpu_dtype, gpu_dtype
 from worker.model.quantize import QuantizationError, quantize
 from worker.model.sharding import Shard, load_shard
 
@@ -27,6 +28,7 @@ class LoadedModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    dtype_reason: str = ""  # why this dtype (worker.model.precision), as the worker announces it
     load_peak_bytes: int = 0  # the rise in this process's resident memory while loading
     quantization: str = "none"  # weight-only quantization of the linear layers (worker.model.quantize)
 
@@ -78,13 +80,17 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if requested == "cuda" else requested)
 
 
+def choose_dtype(device: torch.device, policy: str) -> DtypeChoice:
+    """The dtype ``policy`` gives on ``device``, and why (``worker.model.precision``)."""
+    if device.type == "cuda":
+        return gpu_dtype(policy, policy == "auto" and torch.cuda.is_bf16_supported())
+    return cpu_dtype(policy)
+
+
 def pick_dtype(device: torch.device, policy: str) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that support it, else fp16 -- unless the policy names a dtype."""
-    if policy != "auto":
-        return _DTYPES[policy]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16 matrix instructions (else
+    fp32) -- unless the policy names a dtype."""
+    return _DTYPES[choose_dtype(device, policy).name]
 
 
 def load_model(spec: ModelSpec, device: torch.device, dtype_policy: str = "auto", rank: int = 0, world: int = 1,
@@ -107,10 +113,13 @@ def _load(spec: ModelSpec, device: torch.device, dtype_policy: str, rank: int, w
     if _looks_like_path(spec.source) and not Path(spec.source).is_dir():
         raise ModelLoadError(f"model directory {spec.source!r} does not exist.\n{_HINT}")
     policy = spec.dtype if dtype_policy == "auto" else dtype_policy
-    dtype = pick_dtype(device, policy)
+    choice = choose_dtype(device, policy)
+    dtype = _DTYPES[choice.name]
     if world > 1:
-        return _load_shard(spec, device, dtype, rank, world)
-    log.info("loading %s from %s on %s as %s", spec.name, spec.source, device, dtype)
+        loaded = _load_shard(spec, device, dtype, rank, world)
+        loaded.dtype_reason = choice.reason
+        return loaded
+    log.info("loading %s from %s on %s as %s (%s)", spec.name, spec.source, device, choice.name, choice.reason)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.source)
         # BLOOM has no SDPA path in transformers 5; eager attention is the supported one. A process given
@@ -124,7 +133,7 @@ def _load(spec: ModelSpec, device: torch.device, dtype_policy: str, rank: int, w
     if not spread:
         model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, dtype_reason=choice.reason)
 
 
 def _load_shard(spec: ModelSpec, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> LoadedModel:

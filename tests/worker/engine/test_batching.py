@@ -26,7 +26,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     spec = resolve_model(str(tiny_model_dir))
-    return spec, load_model(spec, pick_device("cpu"))
+    return spec, load_model(spec, pick_device("cpu"), "float32")  # compared with fp32 generate
 
 
 def make_engine(loaded, **config) -> Engine:

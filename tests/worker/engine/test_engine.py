@@ -9,7 +9,7 @@ from config.models import resolve_model
 from worker.engine.core import Engine
 from worker.engine.faults import RequestValidationError
 from worker.engine.params import SamplingParams
-from worker.model.loading import load_model, pick_device, pick_dtype
+from worker.model.loading import load_model, pick_device
 
 PROMPTS = ["Once upon a time", "从前有一座山", "كان يا ما كان", "def fibonacci(n):", "x"]
 
@@ -17,7 +17,7 @@ PROMPTS = ["Once upon a time", "从前有一座山", "كان يا ما كان", 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir) -> Engine:
     spec = resolve_model(str(tiny_model_dir))
-    return Engine(load_model(spec, pick_device("cpu")), spec)
+    return Engine(load_model(spec, pick_device("cpu"), "float32"), spec)  # compared with fp32 generate
 
 
 def _reference(engine: Engine, prompt: str, **kwargs) -> tuple[str, int]:
@@ -94,11 +94,6 @@ def test_prompt_over_the_model_limit_is_a_validation_error(engine):
     small.spec = replace(engine.spec, max_input_tokens=3)
     with pytest.raises(RequestValidationError, match="at most 3"):
         small.generate("Once upon a time there was a robot", SamplingParams(max_new_tokens=2))
-
-
-def test_dtype_policy():
-    assert pick_dtype(torch.device("cpu"), "auto") is torch.float32
-    assert pick_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16
 
 
 def test_a_seed_replays_the_same_text_run_after_run(engine):
