@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TINY_DIR ?= .models/tiny-bloom
 
-.PHONY: install run test test-fast docs docs-serve tiny bench bench-engine bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk test-system clean
+.PHONY: install run test test-fast docs docs-serve tiny bench bench-engine bench-peers bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk test-system clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,11 @@ bench-parallel: install
 # The paged engine alone: token gaps while a long prompt joins, shared prefixes, KV use, host time per token.
 bench-engine: install
 	$(PY) bench/engine.py $(BENCH_ARGS)
+
+# bloomq (engine in fp32 and bf16, the whole stack) against transformers, CTranslate2 and vLLM's CPU build on
+# one checkpoint and workload; the peers install into venvs of their own under .models/peers.
+bench-peers: install redis-server
+	$(PY) bench/peers.py $(BENCH_ARGS)
 
 # N = 1000 jobs while the worker is killed several times and Redis restarts once.
 chaos: install redis-server

@@ -239,13 +239,23 @@ def choose(kind: str, kv: Any, device: torch.device, slopes: torch.Tensor, scale
     return "gather", AttentionPlan
 
 
+# How far the kernel's output may be from an fp32 computation of the same scores: fp32 itself; in bf16 or
+# fp16, the output's own rounding (bf16 keeps 8 bits: 2**-8 of a value up to ~3) and that of the weights.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
 def self_check(factory: PlanFactory, kv: Any, device: torch.device, slopes: torch.Tensor, scale: float
                ) -> str | None:
-    """Attend two small passes both ways on ``kv``'s first layer: None when they agree, else why.
+    """Attend two small passes with the kernel on ``kv``'s first layer: None when it matches an fp32
+    computation of the same scores, else why.
 
-    Decode rows of several lengths (two sharing a full block) and a prompt chunk starting inside a block,
-    then fewer rows and a wider chunk: the second shapes make the kernel's sizes dynamic, so serving does
-    not compile again (run in inference mode, as the engine runs, for the same reason)."""
+    The reference is the gathering path run in fp32 on fp32 copies of the same keys, values and queries (the
+    pool's own values, widened): in bf16 the gathering path rounds ALiBi's ``slope x position`` to bf16
+    (0.125 apart at positions in the tens) while the kernel adds it in fp32, so a bf16 reference would fault a
+    kernel that is right. Decode rows of several lengths (two sharing a full block) and a prompt chunk
+    starting inside a block, then fewer rows and a wider chunk: the second shapes make the kernel's sizes
+    dynamic, so serving does not compile again (run in inference mode, as the engine runs, for the same
+    reason)."""
     size = kv.block_size
     fresh = iter(range(kv.num_blocks))
 
@@ -263,21 +273,24 @@ def self_check(factory: PlanFactory, kv: Any, device: torch.device, slopes: torc
     used = (max(max(chunk.table) for chunks in passes for chunk in chunks) + 1) * size  # blocks 0.. in order
     keys, values = kv.keys[0], kv.values[0]
     generator = torch.Generator(device="cpu").manual_seed(0)
-    tolerance = 1e-4 if keys.dtype == torch.float32 else 3e-2
+    tolerance = TOLERANCE.get(keys.dtype, 3e-2)
     with torch.inference_mode():
         for pool in (keys, values):
             pool[:used] = torch.randn((used, *pool.shape[1:]), generator=generator).to(pool.dtype).to(device)
+        # The reference's pools: the used slots widened to fp32, then its own null slot (zeros) at ``used``.
+        wide = [torch.cat([pool[:used].float(), pool.new_zeros((1, *pool.shape[1:]), dtype=torch.float32)])
+                for pool in (keys, values)]
         for chunks in passes:
             tokens = sum(len(chunk.tokens) for chunk in chunks)
             query = torch.randn((tokens, *keys.shape[1:]), generator=generator).to(keys.dtype).to(device)
-            expected = AttentionPlan(chunks, kv.null_slot, device, size).attend(query, keys, values, slopes, scale)
+            expected = AttentionPlan(chunks, used, device, size).attend(query.float(), *wide, slopes.float(), scale)
             plan = factory(chunks, kv.null_slot, device, size)
             if plan.fallback is not None:
                 return f"it already failed while serving: {FAILED[0]}"
             got = plan._attend(query, keys, values, slopes, scale)  # the kernel itself: no falling back
-            worst = float((got.float() - expected.float()).abs().max())
+            worst = float((got.float() - expected).abs().max())
             if not worst <= tolerance:
-                return f"it differs from the gathering path by {worst:.2g}"
+                return f"it differs from an fp32 computation of the same scores by {worst:.2g} (at most {tolerance:g})"
         for pool in (keys, values):
             pool[:used].zero_()
     return None

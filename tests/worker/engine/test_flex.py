@@ -4,6 +4,7 @@ Its parity with transformers' eager BLOOM is in test_paged.py (every paged test 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -57,7 +58,7 @@ def test_flex_asked_for_stops_the_worker_naming_the_setting_when_the_kernel_fail
 
     with pytest.raises(RuntimeError, match="BLOOMQ_ATTENTION=flex .*no kernel for this device"):
         _choose("flex", _kv(), kernel=broken)
-    with pytest.raises(RuntimeError, match="BLOOMQ_ATTENTION=flex .*differs from the gathering path by 0.01"):
+    with pytest.raises(RuntimeError, match="BLOOMQ_ATTENTION=flex .*differs from an fp32 computation of the same scores by 0.01"):
         _choose("flex", _kv(), kernel=wrong)
 
 
@@ -110,26 +111,56 @@ def test_a_failed_rows_own_blocks_are_dropped_from_the_prefix_index_and_cleared(
         assert tensor[shared[0] * BLOCK : (shared[0] + 1) * BLOCK].isnan().all()  # still another row's
 
 
+def _bf16_kv():
+    """A bf16 pool with bloom-560m's attention shape (16 heads of 64) and the default block of 16 slots: the
+    check's positions reach the tens, where ALiBi's bias (slope 0.71 x position) is ~26 and bf16 keeps it
+    only to 0.125."""
+    config = BloomConfig(vocab_size=97, hidden_size=1024, n_layer=1, n_head=16)
+    kv = PagedKV(config, 16, 16, torch.bfloat16, CPU)
+    for pool in (*kv.keys, *kv.values):
+        pool.zero_()
+    return kv
+
+
+class _GatheringAsKernel(AttentionPlan):
+    """The gathering path in the pool's dtype, standing in for a kernel (it rounds ALiBi's bias to bf16)."""
+
+    fallback = None
+
+    def _attend(self, *args):
+        return self.attend(*args)
+
+
+def test_in_bf16_the_check_compares_with_fp32_so_a_right_kernel_passes_and_bias_rounding_fails():
+    slopes = alibi_slopes(16)
+    kernel = functools.partial(flex.FlexPlan, kernel=flex_attention)
+    assert flex.self_check(kernel, _bf16_kv(), CPU, slopes, 0.125) is None
+    # A bf16 reference would be this path: its own rounding alone is over the tolerance at these positions.
+    why = flex.self_check(_GatheringAsKernel, _bf16_kv(), CPU, slopes, 0.125)
+    assert why is not None and "fp32 computation" in why
+
+
 @pytest.mark.slow
-def test_the_compiled_kernel_passes_the_start_up_check_on_this_cpu():
-    # The kernel a GPU worker would serve with, compiled by inductor for this CPU: the real block mask,
-    # strides and padding go through it, on decode rows and prompt chunks of two shapes each. The pool
-    # starts as NaNs (uninitialised memory may hold any bits): the check and serving see zeros instead.
-    kv = _kv()
+def test_the_compiled_kernel_passes_the_start_up_check_on_this_cpu_in_bf16():
+    # The kernel a GPU worker would serve with (bf16 there), compiled by inductor for this CPU: the real
+    # block mask, strides and padding go through it, on decode rows and prompt chunks of two shapes each,
+    # compared with an fp32 computation of the same scores. The pool starts as NaNs (uninitialised memory
+    # may hold any bits): the check and serving see zeros instead.
+    kv = _bf16_kv()
     for pool in (*kv.keys, *kv.values):
         pool.fill_(float("nan"))
-    name, plan = _choose("flex", kv, kernel=flex.compiled_kernel())
+    name, plan = flex.choose("flex", kv, CPU, alibi_slopes(16), 0.125, kernel=flex.compiled_kernel())
     assert name == "flex"
     assert all(pool.eq(0).all() for pool in (*kv.keys, *kv.values))  # nothing of the check is left
-    slopes = alibi_slopes(HEADS)
     keys, values = kv.keys[0], kv.values[0]
-    chunks = [Chunk([1], 9, [0, 2, 6]), Chunk([1] * 5, 3, [3, 4])]
-    for slot in [*range(0, 4), *range(8, 12), 24, 25, *range(12, 20)]:  # what the rows wrote before
-        keys[slot], values[slot] = torch.randn(HEADS, 8), torch.randn(HEADS, 8)
-    query = torch.randn(6, HEADS, 8)
-    expected = AttentionPlan(chunks, kv.null_slot, CPU, BLOCK).attend(query, keys, values, slopes, 0.125)
-    got = plan(chunks, kv.null_slot, CPU, BLOCK).attend(query, keys, values, slopes, 0.125)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    chunks = [Chunk([1], 40, [0, 2, 6]), Chunk([1] * 5, 19, [3, 4])]
+    for slot in [*range(0, 16), *range(32, 48), *range(96, 105), *range(48, 80)]:  # what the rows wrote
+        keys[slot], values[slot] = torch.randn(16, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    query = torch.randn(6, 16, 64).bfloat16()
+    wide = [torch.cat([pool[:kv.null_slot].float(), torch.zeros(1, 16, 64)]) for pool in (keys, values)]
+    expected = AttentionPlan(chunks, kv.null_slot, CPU, 16).attend(query.float(), *wide, alibi_slopes(16), 0.125)
+    got = plan(chunks, kv.null_slot, CPU, 16).attend(query, keys, values, alibi_slopes(16), 0.125)
+    assert float((got.float() - expected).abs().max()) <= flex.TOLERANCE[torch.bfloat16]
 
 
 def test_a_kernel_failing_while_serving_leaves_the_pass_and_the_passes_after_it_to_gathering(monkeypatch, caplog):

@@ -14,8 +14,8 @@ from config.models import resolve_model
 from worker.engine.capacity import EngineConfig
 from worker.engine.core import Engine
 from worker.engine.params import SamplingParams
-from worker.model.loading import load_model
-from worker.model.quantize import QuantizationError, quantize
+from worker.model.loading import ModelLoadError, load_model
+from worker.model.quantize import QuantizationError, int4_config, quantize
 from worker.model.tiny import build_tiny_bloom
 
 PROMPTS = ["Once upon a time", "The quick brown fox", "def fibonacci(n):", "Il était une fois", "SELECT id, name FROM"]
@@ -81,3 +81,32 @@ def test_int4_refuses_layers_that_do_not_divide_into_its_groups():
     model = torch.nn.Sequential(torch.nn.Linear(40, 8))
     with pytest.raises(QuantizationError, match=r"groups of 32 input columns.*input width 40"):
         quantize(model, "int4", CPU)
+
+
+def test_int4_on_cuda_packs_for_the_kernel_that_ships_with_torch():
+    # torchao 0.18's default int4 packing (plain) and the preshuffled one call kernels of the separate mslk
+    # package; tile_packed_to_4d is tinygemm's, in torch itself. Chosen without a GPU: the config only.
+    import inspect
+
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows.int4 import int4_tile_packed_to_4d_tensor
+
+    config = int4_config("cuda", torch.bfloat16)
+    assert isinstance(config, Int4WeightOnlyConfig) and config.group_size == 128
+    assert str(getattr(config.int4_packing_format, "value", config.int4_packing_format)) == "tile_packed_to_4d"
+    assert "mslk" not in inspect.getsource(int4_tile_packed_to_4d_tensor)
+    with pytest.raises(QuantizationError, match="bfloat16"):
+        int4_config("cuda", torch.float16)
+
+
+def test_a_failure_inside_torchao_stops_the_load_with_a_clear_refusal(spec, monkeypatch):
+    import torchao.quantization
+
+    def missing_kernel(*args, **kwargs):
+        raise ImportError("Requires mslk >= 1.0.0")
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", missing_kernel)
+    with pytest.raises(ModelLoadError, match=r"could not quantize .* to int8.*ImportError: Requires mslk") as raised:
+        load_model(spec, CPU, "float32", quantization="int8")
+    assert isinstance(raised.value.__cause__, QuantizationError)
+    assert isinstance(raised.value.__cause__.__cause__, ImportError)  # the original error, chained
