@@ -1,6 +1,6 @@
 """Engine benchmark: the paged engine alone, in this process, on random BLOOM checkpoints (no stack).
 
-    make bench-engine                      # or: python bench/engine.py [--parts stall,prefix,kv,host,attention]
+    make bench-engine                      # or: python bench/engine.py [--parts stall,prefix,kv,host,rows,attention]
 
 1. stall: two jobs decoding 300 tokens each; a 900-token prompt joins. Each running job's gaps between
    tokens: the median before the join, the longest until the joining job has its first token. Repeated
@@ -12,14 +12,16 @@
    it the figure of a padded cache (every row as wide as the widest, the previous engine's layout).
 4. host: one 2,000-token job with a stop sequence that never matches, on the tiny checkpoint (so host
    work shows): per-token host time (a step's wall time less its forward pass), first 100 against last 100.
-5. attention: one layer's attention over the paged pool, the two ways a worker can read it
+5. rows: host time per decode pass at 1, 8, 32 and 64 rows (``--rows``): each pass's wall time less its
+   forward pass, every row decoding (48 tokens each, on the checkpoint of parts 1-3).
+6. attention: one layer's attention over the paged pool, the two ways a worker can read it
    (BLOOMQ_ATTENTION): ``gather`` (each row's blocks copied out, then SDPA) and ``flex`` (FlexAttention
    compiled, reading the blocks in place), bloom-560m's heads (16 × 64), rows' blocks scattered over the
    pool: 32 decode rows at short and long contexts, and a 512-token prompt chunk, in pools of two sizes.
    Per pass: building the plan once, then attending once per layer (24 layers); and the largest difference
    between the two outputs.
 
-Parts 1–3 run on a random checkpoint of hidden 512, 12 layers, 8 heads and BLOOM's 250,880-word
+Parts 1–3 and 5 run on a random checkpoint of hidden 512, 12 layers, 8 heads and BLOOM's 250,880-word
 vocabulary (the shape the engine issue was measured on; built once into ``--cache``). Tables are printed
 and appended to bench/RESULTS.md (``--no-record`` to skip).
 """
@@ -213,6 +215,31 @@ def part_host(tiny: LoadedModel, tiny_dir: Path, tokens: int, runs: int = 3) -> 
     return {**found[len(found) // 2], "ratios": [run["ratio"] for run in found]}
 
 
+def part_rows(mid: LoadedModel, mid_dir: Path, sizes: list[int], tokens: int = 48) -> list[dict[str, Any]]:
+    """Per decode pass with ``rows`` rows decoding: the forward pass and the host time around it (a pass's wall
+    time less its forward: scheduling, sampling, bookkeeping), medians over the middle half of the passes
+    (every row decoding by then)."""
+    found = []
+    for rows in sizes:
+        engine = engine_for(mid, mid_dir, max_batch_size=rows)
+        clock = Clock(engine)
+        try:
+            params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, ignore_eos=True)
+            seqs = [engine.submit(text_of(mid, 8, salt), params) for salt in range(rows)]
+            for seq in seqs:
+                seq.done.wait()
+        finally:
+            engine.close()
+        passes = clock.passes
+        middle = range(len(passes) // 4, 3 * len(passes) // 4)
+        forward = statistics.median(passes[i][1] - passes[i][0] for i in middle)
+        host = statistics.median((passes[i + 1][0] - passes[i][0]) - (passes[i][1] - passes[i][0]) for i in middle)
+        found.append({"rows": rows, "forward": forward, "host": host, "share": host / (host + forward),
+                      "tok_s": rows / (host + forward)})
+        print(f"  rows {rows}: forward {forward * 1e3:.1f} ms, host {host * 1e3:.2f} ms", flush=True)
+    return found
+
+
 def part_attention(device: torch.device, dtype: torch.dtype, pools: list[int], layers: int = 24,
                    repeats: int = 5) -> list[dict[str, Any]]:
     """Median seconds of one pass's attention (plan once, ``layers`` attends) each way, per case."""
@@ -321,6 +348,13 @@ def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
                   f"{h['tokens']}-token job with a stop sequence (tiny checkpoint), median of {len(h['ratios'])} "
                   f"runs: first 100 tokens {h['first'] * 1e3:.3f} ms, last 100 {h['last'] * 1e3:.3f} ms: "
                   f"**{h['ratio']:.2f}×** (target ≤ 1.2×; the runs: {ratios}).", ""]
+    if "rows" in found:
+        lines += table("Host time per decode pass (a pass's wall time less its forward pass: scheduling, "
+                       "sampling, bookkeeping), every row decoding; medians over the middle half of the passes "
+                       "(target at 32 rows: ≤ 10 % of the pass).",
+                       ["rows", "forward ms", "host ms", "host share", "tok/s"],
+                       [[r["rows"], f"{r['forward'] * 1e3:.1f}", f"{r['host'] * 1e3:.2f}", f"**{r['share']:.1%}**",
+                         f"{r['tok_s']:.0f}"] for r in found["rows"]])
     if "attention" in found:
         lines += table(f"Attention over the paged pool ({args.dtype}), one pass: the plan built once, then 24 layers' "
                        "attends (16 heads × 64); blocks scattered over the pool. `gather`: rows' blocks copied "
@@ -333,7 +367,8 @@ def render(args: argparse.Namespace, found: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="stall,prefix,kv,host,attention")
+    parser.add_argument("--parts", default="stall,prefix,kv,host,rows,attention")
+    parser.add_argument("--rows", default="1,8,32,64", help="decode rows the rows part tries")
     parser.add_argument("--step-tokens", default="64,128,512", help="budgets the stall part tries")
     parser.add_argument("--kv-blocks", default="16,8", help="block sizes the kv part tries")
     parser.add_argument("--host-tokens", type=int, default=2000)
@@ -351,12 +386,13 @@ def main() -> int:
     ATTENTION["attention"] = args.attention
     found: dict[str, Any] = {}
     runs: list[tuple[str, Callable[[], Any]]] = []
-    if parts & {"stall", "prefix", "kv"}:
+    if parts & {"stall", "prefix", "kv", "rows"}:
         mid_dir = build(args.cache, "bench-bloom-mid", **MID)
         mid = load_model(resolve_model(str(mid_dir)), device, args.dtype)
         budgets, blocks = ([int(b) for b in arg.split(",")] for arg in (args.step_tokens, args.kv_blocks))
         runs += [("stall", lambda: part_stall(mid, mid_dir, budgets)), ("prefix", lambda: part_prefix(mid, mid_dir)),
-                 ("kv", lambda: part_kv(mid, mid_dir, blocks))]
+                 ("kv", lambda: part_kv(mid, mid_dir, blocks)),
+                 ("rows", lambda: part_rows(mid, mid_dir, [int(r) for r in args.rows.split(",")]))]
     if "host" in parts:
         tiny_dir = build(args.cache, "tiny-bloom")
         tiny = load_model(resolve_model(str(tiny_dir)), device, args.dtype)

@@ -634,13 +634,14 @@ def main() -> int:
 
 def parallel_rows(cache: Path, name: str) -> str:
     """Part 4: bench/parallel.py (run as its own program) for each tensor-parallel size the visible GPUs
-    allow (and the heads divide), then int8 and int4 on one GPU, at batch 1, 8, 32."""
+    allow (and the heads divide), then int8 (weight-only and with dynamic activations: which the worker should
+    pick on a GPU) and int4 on one GPU, at batch 1, 8, 32."""
     hidden, layers, heads, vocab = SHAPES[name]
     sizes = [n for n in (1, 2, 4, 8) if n <= torch.cuda.device_count() and heads % n == 0]
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "parallel.md"
         subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--device", "cuda",
-                        "--tp", ",".join(map(str, sizes)), "--quantize", "none,int8,int4", "--hidden", str(hidden),
+                        "--tp", ",".join(map(str, sizes)), "--quantize", "none,int8-weight-only,int8-dynamic,int4", "--hidden", str(hidden),
                         "--layers", str(layers), "--heads", str(heads), "--vocab", str(vocab or 250880),
                         "--cache", str(cache), "--no-record", "--out", str(out)], check=True)
         return f"Part 4: tensor-parallel and quantized decode, {name} shape\n" + out.read_text()

@@ -35,6 +35,7 @@ from config.models import resolve_model  # noqa: E402
 from worker.engine.capacity import EngineConfig, paged_model  # noqa: E402
 from worker.engine.chunk import LAST, NONE, Chunk  # noqa: E402
 from worker.model.group import Group, GroupEnv, follow  # noqa: E402
+from worker.model import quantize  # noqa: E402
 from worker.model.loading import load_model  # noqa: E402
 
 BLOCK = 16
@@ -65,7 +66,10 @@ def _rank(rank: int, world: int, port: int, checkpoint: str, device_type: str, q
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
     spec = resolve_model(checkpoint)
-    loaded = load_model(spec, device, "auto", rank, world, quantization)
+    # int8-weight-only and int8-dynamic force one of the two int8 kinds (int8 alone: the device's own pick).
+    if quantization.startswith("int8-"):
+        quantize.INT8_DYNAMIC[device_type] = quantization == "int8-dynamic"
+    loaded = load_model(spec, device, "auto", rank, world, quantization.split("-")[0])
     group = Group(GroupEnv(rank, world, rank), device, timeout=600) if world > 1 else None
     biggest = max(batches)
     config = EngineConfig(max_batch_size=biggest, block_size=BLOCK,
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--tp", default="1,2", help="tensor-parallel sizes (comma-separated)")
-    parser.add_argument("--quantize", default="none,int8,int4", help="quantizations at TP 1 (comma-separated)")
+    parser.add_argument("--quantize", default="none,int8-weight-only,int8-dynamic,int4",
+                        help="quantizations at TP 1 (comma-separated; int8 alone: the device's own int8 kind)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)

