@@ -24,6 +24,7 @@ MAX_REPETITION_PENALTY = 100.0
 MIN_PROBABILITY_MASS = 1e-6  # top_p and typical_p below this would round to 0 in float32
 MAX_TOP_N_TOKENS = 5  # alternatives reported per generated token (as TGI and OpenAI allow)
 API_JOBS_PATH = "/api/v1/jobs"  # where the web serves job resources
+OPERATOR_FIELDS = ("worker", "worker_instance")  # where a job ran (host, process id): operators' business only
 PAGE_JOBS_PATH = "/jobs"  # where the web serves job pages
 
 
@@ -232,7 +233,7 @@ class Job(BaseModel):
     error: JobError | None = None
     metrics: JobMetrics = Field(default_factory=JobMetrics)
     worker: str | None = None
-    worker_instance: str | None = Field(None, description="The worker process (name and pid) running it.")
+    worker_instance: str | None = Field(None, description="The worker process start (name, pid, boot id) running it.")
     attempts: int = Field(0, description="How many times a worker has started this job.")
     device_faults: int = Field(
         0, description="Times a worker's device failed fatally while running this job (2: failed as a poison job)."
@@ -273,9 +274,12 @@ class Job(BaseModel):
         """Inverse of :meth:`to_json`."""
         return cls.model_validate_json(raw)
 
-    def to_resource(self) -> dict[str, Any]:
-        """The public JSON resource, with links (paths on the web app)."""
+    def to_resource(self, operator: bool = False) -> dict[str, Any]:
+        """The JSON resource, with links (paths on the web app); where it ran (``OPERATOR_FIELDS``) only in
+        an operator's view, null in a user's (the API's answers to other keys, webhook bodies)."""
         body = self.model_dump(mode="json")
+        if not operator:
+            body.update(dict.fromkeys(OPERATOR_FIELDS))
         body["urls"] = {"self": f"{API_JOBS_PATH}/{self.id}", "page": f"{PAGE_JOBS_PATH}/{self.id}"}
         return body
 

@@ -66,11 +66,41 @@ def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, 
     return False
 
 
+# IPv6 ranges that carry an IPv4 address: the IPv4 address is where a packet goes, so it is judged too.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated, still routed by some stacks: the last 32 bits
+# Local-use NAT64 (RFC 8215): the IPv4 address sits where the operator's prefix length puts it, which cannot
+# be known from here: refused whatever it holds.
+UNJUDGEABLE = (ipaddress.ip_network("64:ff9b:1::/48"),)
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``address``, and any IPv4 address it carries (mapped, IPv4-compatible, NAT64, 6to4, Teredo),
+    is a public unicast address."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return True
+    if any(address in network for network in UNJUDGEABLE):
+        return False
+    embedded: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        embedded.append(address.ipv4_mapped)
+    if address.sixtofour is not None:
+        embedded.append(address.sixtofour)
+    if address.teredo is not None:
+        embedded.extend(address.teredo)  # the relay server and the (unobfuscated) client
+    if address in NAT64 or address in IPV4_COMPATIBLE:
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return all(_is_public(inner) for inner in embedded)
+
+
 def check_url(url: str, allow: Iterable[str] = ()) -> list[str]:
     """Refuse anything but http(s) to public addresses, unless the host or its network is allow-listed.
 
     The host is resolved, and every address it resolves to must pass: loopback, link-local, private,
-    reserved, multicast and unspecified addresses are refused (no SSRF into the deployment's network).
+    reserved, multicast and unspecified addresses are refused (no SSRF into the deployment's network), and so
+    is an IPv6 address that carries such an IPv4 address (``_is_public``) or whose IPv4 part cannot be told.
     """
     allow = list(allow)
     parts = urlsplit(url)
@@ -90,7 +120,7 @@ def check_url(url: str, allow: Iterable[str] = ()) -> list[str]:
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
         addresses.append(str(address))
-        if address.is_global and not address.is_multicast:
+        if _is_public(address):
             continue
         if not _allowed(address, host, allow):
             raise WebhookURLError(
@@ -247,7 +277,7 @@ class WebhookSender:
         with _Deadline(self.timeout) as deadline:
             # Checked again at delivery (DNS may have changed since submission), then pinned to what passed.
             addresses = check_url(job.webhook, self.allow)
-            body = json.dumps(job.to_resource(), ensure_ascii=False).encode()
+            body = json.dumps(job.to_resource(operator=False), ensure_ascii=False).encode()  # the user's view
             timestamp = int(time.time())
             headers = {
                 "Content-Type": "application/json",

@@ -17,7 +17,8 @@ class WorkerInfo(BaseModel):
     """What a worker says about itself."""
 
     name: str = Field(description="Node name: model@host.devices")
-    instance: str = Field(description="This process: name and pid. A restarted worker is a new instance.")
+    instance: str = Field(description="This process start: name, pid and a random boot id. A restarted worker "
+                                      "is a new instance, even with the same name and pid.")
     model: str
     source: str = Field("", description="Where it loaded the model from (hub id or directory).")
     max_input_tokens: int = Field(0, description="The model's prompt limit (0: not announced).")

@@ -115,6 +115,21 @@ def test_api_keys_reach_the_web_from_the_shell_and_nothing_is_set_when_the_shell
         assert _interpolated(web[variable], {}) == ""  # read as unset: auth stays off
 
 
+def test_every_port_but_the_webs_is_published_on_loopback_unless_an_address_is_named(compose):
+    # Flower, Prometheus and Grafana show the operator's view (Prometheus scrapes /metrics with an operator
+    # key, unauthenticated itself): only the machine itself reaches them unless an operator opts in.
+    published = {name: service["ports"] for name, service in compose["services"].items() if service.get("ports")}
+    assert set(published) == {"redis", "web", "flower", "prometheus", "grafana"}
+    for name, ports in published.items():
+        for mapping in ports:
+            if name == "web":
+                assert _interpolated(mapping, {}) == "5000:5000"  # the service itself: every interface
+                continue
+            assert _interpolated(mapping, {}).startswith("127.0.0.1:"), name
+            variable = mapping.split("${", 1)[1].split(":-", 1)[0]
+            assert _interpolated(mapping, {variable: "10.0.0.5:7000"}).startswith("10.0.0.5:7000:"), name
+
+
 def test_redis_is_published_on_loopback_unless_an_address_is_named(compose):
     (ports,) = compose["services"]["redis"]["ports"]
     assert _interpolated(ports, {}).startswith("127.0.0.1:")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -14,6 +16,14 @@ from jobs.workers import WorkerDirectory, WorkerInfo
 log = logging.getLogger(__name__)
 
 HEARTBEATS_PER_LIFETIME = 3  # an announcement lives this many heartbeats: a worker is gone after missing them all
+
+
+def process_instance(name: str, pid: int | None = None) -> str:
+    """This process start's instance id: the worker's name, its pid and a random boot id. A restarted container
+    keeps its host name and its supervisor starts the children in the same order, so name and pid repeat; a
+    repeated id would make the jobs of the dead process look like this live one's (the store turns their
+    redelivery away as "already running here", the reapers never take them back)."""
+    return f"{name}:{os.getpid() if pid is None else pid}:{secrets.token_hex(4)}"
 
 
 class Periodic:

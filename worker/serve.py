@@ -33,7 +33,7 @@ from jobs.store import JobStore
 from jobs.webhooks import WebhookSender
 from jobs.workers import WorkerDirectory, WorkerInfo
 from worker.feeder import BatchFeeder, batch_rows
-from worker.liveness import CancelListener, Heartbeat
+from worker.liveness import CancelListener, Heartbeat, process_instance
 from worker.recovery import DeadlineExpiry, OrphanRecovery
 from worker.supervisor import READY_FILE_ENV, RESTARTS_ENV
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     store = JobStore(client, settings.job_retention_seconds)
     app = make_celery(settings)
     directory = WorkerDirectory(client)
-    instance = f"{name}:{os.getpid()}"
+    instance = process_instance(name)
 
     batch_queue = BatchQueue(client)
 

@@ -7,6 +7,7 @@ from jobs.queues import BatchQueue
 from jobs.schema import GenerateParameters, Job, JobStatus, new_job_id, utcnow
 from jobs.store import JobStore
 from jobs.workers import WorkerDirectory, WorkerInfo
+from worker.liveness import process_instance
 from worker.recovery import OrphanRecovery
 
 LOST_DELIVERY_AFTER = 30
@@ -94,6 +95,26 @@ def test_an_orphaned_running_job_is_requeued(redis_client):
     sent = []
     _trusting_reaper(redis_client, store, sent)._reap()
     assert sent == [job.id] and store.get(job.id).status is JobStatus.QUEUED
+
+
+def test_a_process_restarted_with_the_dead_ones_name_and_pid_is_a_new_instance_and_its_jobs_come_back(redis_client):
+    # A container restart keeps the host name and its supervisor starts children in the same order: same name,
+    # same pid. The dead process's jobs must not look like the new one's.
+    store = JobStore(redis_client, 100)
+    job = _job()
+    store.create(job)
+    dead = process_instance("tiny@box.cpu", pid=4242)
+    store.start(job.id, "tiny@box.cpu", dead)
+    again = process_instance("tiny@box.cpu", pid=4242)
+    assert again != dead and again.startswith("tiny@box.cpu:4242:")
+    _announce(redis_client, instance=again)  # the new process is live; the dead one's heartbeat is gone
+    sent = []
+    reaper = _reaper(redis_client, store, sent, clock=Clock(0, 0, *[10 + i for i in range(20)]), instance=again)
+    reaper._reap()
+    reaper._reap()
+    assert sent == [job.id] and store.get(job.id).status is JobStatus.QUEUED  # the reaper took it back
+    restarted = store.start(job.id, "tiny@box.cpu", again)  # its redelivery runs here, not "already running"
+    assert restarted.status is JobStatus.RUNNING and restarted.attempts == 2 and restarted.worker_instance == again
 
 
 def test_a_job_running_long_past_its_deadline_on_a_live_worker_is_failed(redis_client):

@@ -5,6 +5,7 @@ stay within their deadline and byte cap against misbehaving local receivers."""
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import logging
 import socket
@@ -25,6 +26,7 @@ from jobs.webhooks import (
     WebhookSender,
     WebhookTimeout,
     WebhookURLError,
+    check_url,
     verify,
 )
 from tests.support import wait_for
@@ -135,6 +137,41 @@ def test_a_private_address_is_refused_at_delivery_unless_allowed(redis_client, r
     with pytest.raises(WebhookURLError, match="non-public"):
         WebhookSender(store, SECRET).deliver(_delivery(job))
     assert received == []
+
+
+def test_the_body_is_the_users_view_of_the_job_never_where_it_ran(redis_client, receiver):
+    url, received, _ = receiver
+    store = JobStore(redis_client, 100)
+    job = _job_with_hook(store, url)
+    running = store.start(job.id, "tiny@gpu-box-7.gpu3", "tiny@gpu-box-7.gpu3:4242")
+    assert running.worker_instance == "tiny@gpu-box-7.gpu3:4242"
+    WebhookSender(store, SECRET, allow=LOCAL).deliver(_delivery(job, "started"))
+    (hit,) = received
+    body = json.loads(hit["body"])
+    assert body["id"] == job.id and body["status"] == "running"
+    assert (body["worker"], body["worker_instance"]) == (None, None)
+    assert b"gpu-box-7" not in hit["body"]
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "::127.0.0.1",  # IPv4-compatible loopback
+    "::a9fe:a9fe",  # IPv4-compatible 169.254.169.254, the cloud metadata address
+    "::ffff:10.0.0.1",  # IPv4-mapped
+    "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+    "64:ff9b:1::808:808",  # local-use NAT64: where its IPv4 part sits cannot be told
+])
+def test_ipv6_spellings_of_internal_addresses_are_refused_before_any_connection(address):
+    with pytest.raises(WebhookURLError, match="non-public"):
+        check_url(f"https://[{address}]/hook")
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "2001:4860:4860::8888"])
+def test_ipv6_forms_of_public_addresses_still_pass(address):
+    assert check_url(f"https://[{address}]/hook") == [str(ipaddress.ip_address(address))]
 
 
 # -- the outbox is written with the job change -------------------------------------------------------------

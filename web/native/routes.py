@@ -38,15 +38,9 @@ api = Blueprint("api", __name__)
 api.before_request(authenticate_api)
 
 
-OPERATOR_FIELDS = ("worker", "worker_instance")  # where a job ran (host, process id): operators' business
-
-
 def job_resource(job: Job) -> dict[str, Any]:
     """A job as the API shows the caller, with its links; where it ran only to operator keys."""
-    body = job.to_resource()
-    if not is_operator():
-        body.update(dict.fromkeys(OPERATOR_FIELDS))
-    return body
+    return job.to_resource(operator=is_operator())
 
 
 @api.post(f"{PREFIX}/jobs")
