@@ -66,3 +66,19 @@ def test_the_monitoring_profile_runs_prometheus_and_grafana_with_the_files_here(
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = scrape["scrape_configs"]
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["web:5000"]
+
+
+def test_an_alert_fires_for_a_model_with_queued_jobs_and_no_worker_on_metrics_the_web_exports(redis_server):
+    # The web stays ready without workers (its readiness is its own): the alert is where that shows.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounted = dict(volume.split(":")[:2] for volume in compose["services"]["prometheus"]["volumes"])
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (rules_file,) = config["rule_files"]
+    (source,) = [local for local, inside in mounted.items() if inside == rules_file]
+    rules = yaml.safe_load((ROOT / source).read_text())
+    (rule,) = [rule for group in rules["groups"] for rule in group["rules"]
+               if rule["alert"] == "BloomqModelHasQueuedJobsAndNoWorker"]
+    used = set(re.findall(r"bloomq_[a-z_]+", rule["expr"]))
+    assert used == {"bloomq_queue_depth", "bloomq_live_workers"}
+    assert used <= _exported_metrics(redis_server)
+    assert rule["for"] == "5m"

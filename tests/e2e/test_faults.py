@@ -94,7 +94,7 @@ def test_redis_restart_with_aof_loses_no_accepted_job(request, tmp_path_factory,
         time.sleep(2)
         stack.redis.start()
         wait_for(lambda: requests.get(f"{stack.url}/readyz", timeout=10).status_code == 200, timeout=60,
-                 what="the web and the worker to recover")
+                 what="the web to recover (its readiness is Redis answering)")
         for job_id in ids:
             done = wait_for_job(stack.url, job_id, timeout=180)
             assert done["status"] == "succeeded", done

@@ -132,19 +132,26 @@ def test_models_lists_configured_models_with_depth_and_workers(client):
     assert models["tiny-bloom"]["workers"] == 0
 
 
-def test_health_and_readiness_say_why_not_ready(client, app):
+def test_the_web_is_ready_without_workers_and_a_job_submitted_then_waits_in_the_queue(client, app, redis_client):
+    # The front of a queue stays in service while the back is away (workers restarting, loading, scaled away).
     from jobs.workers import WorkerInfo
 
     assert client.get("/healthz").get_json() == {"status": "ok"}
     response = client.get("/readyz")
-    assert response.status_code == 503
-    (reason,) = response.get_json()["reasons"]
-    assert reason["code"] == "no_worker_for_default_model" and "'tiny-bloom'" in reason["message"]
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ready", "reasons": [], "models_without_workers": ["tiny-bloom",
+                                                                                                 "bloom-1b7"]}
+    job = _submit(client, {"inputs": "a"})
+    assert job.status_code == 202 and job.get_json()["status"] == "queued"
+    assert redis_client.llen("bloomq.tiny-bloom") == 1
     directory = app.extensions["bloomq"].directory
-    info = WorkerInfo(name="tiny-bloom@h.cpu", instance="tiny-bloom@h.cpu:1", model="tiny-bloom", host="h",
+    info = WorkerInfo(name="tiny-bloom@h.cpu", instance="tiny-bloom@h.cpu:1:0", model="tiny-bloom", host="h",
                       device="cpu", dtype="float32", pid=1)
     directory.announce(info, ttl_seconds=30)
-    assert client.get("/readyz").get_json() == {"status": "ready", "reasons": []}
+    from tests.support import wait_for
+
+    wait_for(lambda: client.get("/readyz").get_json()["models_without_workers"] == ["bloom-1b7"], timeout=5,
+             what="the live worker to be seen")
 
 
 def test_readiness_is_503_json_when_redis_is_down(redis_server, capsys):

@@ -81,13 +81,16 @@ class Health(BaseModel):
 
 
 class NotReadyReason(BaseModel):
-    code: str = Field(description="redis_unavailable | no_worker_for_default_model")
+    code: str = Field(description="redis_unavailable")
     message: str
 
 
 class Readiness(BaseModel):
     status: str = Field(description="ready | unavailable")
     reasons: list[NotReadyReason]
+    models_without_workers: list[str] = Field(
+        default_factory=list, description="Configured models no live worker serves now (their jobs wait in the "
+        "queue): information, not a reason to be unready.")
 
 
 NATIVE_MODELS: list[tuple[type[BaseModel], str]] = [
@@ -208,7 +211,7 @@ def native_paths() -> dict[str, Any]:
                           **_errors(403, 503)}}},
         "/healthz": {"get": {"operationId": "health", "summary": "The process is up",
                              "responses": {"200": {"description": "Up", **json_content("Health")}}}},
-        "/readyz": {"get": {"operationId": "ready", "summary": "Ready to serve, or why not",
+        "/readyz": {"get": {"operationId": "ready", "summary": "Ready to serve (Redis answers), or why not",
                             "responses": {"200": {"description": "Ready", **json_content("Readiness")},
                                           "503": {"description": "Not ready", **json_content("Readiness")}}}},
     }

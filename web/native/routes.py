@@ -250,22 +250,22 @@ def healthz() -> Response:
 
 @api.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 when Redis answers and a worker serves the default model; else 503 with reason codes.
+    """200 when this web process can serve: it started (its settings are valid) and Redis answers; else 503
+    with reason codes. Workers are the back of the queue, not the front's readiness: while none serves a
+    model (restarting, loading, scaled away) its jobs are accepted and wait, finished results are read,
+    batches downloaded. The configured models with no live worker are listed, for information.
 
     The reasons are for anyone who can reach the probe: a code and a fixed message, never exception text
     (which can name hosts and addresses); the exception goes to the log."""
     svc = current_service()
-    default = svc.registry.default.name
     try:
         svc.store.redis.ping()
-        serving = any(w.model == default for w in svc.live_workers())
+        served = {worker.model for worker in svc.live_workers()}
     except redis.RedisError as exc:
         log.warning("not ready: the job store (Redis) does not answer: %s", exc)
         return _not_ready("redis_unavailable", "the job store does not answer")
-    if not serving:
-        return _not_ready("no_worker_for_default_model",
-                          f"no live worker serves the default model {default!r}; jobs are accepted and wait in its queue")
-    return jsonify({"status": "ready", "reasons": []}), 200
+    waiting = [spec.name for spec in svc.registry.configured if spec.name not in served]
+    return jsonify({"status": "ready", "reasons": [], "models_without_workers": waiting}), 200
 
 
 def _not_ready(code: str, message: str) -> tuple[Response, int]:
