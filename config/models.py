@@ -67,7 +67,7 @@ class ModelSpec:
 
     name: str
     source: str  # a Hugging Face hub id or a local directory
-    dtype: str = "auto"  # "auto" = bf16 on GPUs that support it, else fp16; fp32 on CPU
+    dtype: str = "auto"  # "auto": worker.model.precision (bf16 where the device has it natively, else fp16/fp32)
     max_input_tokens: int = 1024
     max_total_tokens: int = BLOOM_CONTEXT
     shape: ModelShape | None = None  # known for the presets (and local copies of them)
