@@ -7,12 +7,10 @@ TINY_DIR ?= .models/tiny-bloom
 
 .PHONY: install run test test-fast docs docs-serve tiny bench bench-engine bench-peers bench-watchers bench-burst bench-priorities bench-gpu bench-parallel chaos bench-failover redis-server chromium wrk test-system clean
 
-# --no-compile: pip would byte-compile all 1.8 GB of packages (~40 s of CPU); Python compiles the modules
-# that are imported, on first import, instead.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[worker,test,docs]'
+	$(PY) -m pip install --quiet -e '.[worker,test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
